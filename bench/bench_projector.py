@@ -1,0 +1,146 @@
+"""Throughput of Projector.apply_batch against a real PostgreSQL.
+
+    python bench/bench_projector.py [--dsn DSN] [--events 200000] [--batch-sizes 1000,5000,10000] [--workers 1]
+
+Synthetic decoded events (what the Avro codec hands the stream workers), in a
+realistic mix: ~20% each of declarations, registrations, appointments,
+check-ins and doses, plus adverse events, voids and allocations. Subjects get
+1–3 doses, some out of order. Only apply_batch is timed (event generation is
+not). With --workers N, N processes apply batches of their own partitions to
+the same namespace at once, as the stream workers do. Each batch size runs in
+a fresh namespace, dropped afterwards unless --keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import multiprocessing as mp
+import os
+import random
+import sys
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from projections.projector import Projector  # noqa: E402
+
+PROVINCES = [f"{c:02d}" for c in (1, 79, 48, 92, 31, 75, 74, 26, 27, 38, 40, 44, 46, 56, 60, 80, 83, 87, 89, 91)]
+VACCINES = ["astrazeneca", "pfizer", "moderna", "sinopharm", "janssen"]
+T0 = datetime(2021, 6, 1, tzinfo=timezone.utc)
+
+
+def subject(i: int) -> str:
+    return hashlib.sha256(f"citizen-{i}".encode()).hexdigest()
+
+
+def generate(n: int, seed: int, n_subjects: int) -> list[dict]:
+    """n events; partition-local, as one worker would consume them."""
+    rng = random.Random(seed)
+    rand = rng.random
+    out: list[dict] = []
+    recent: list[str] = []
+    for i in range(n):
+        r = rand()
+        sid = subject(seed * 10_000_000 + rng.randrange(n_subjects))
+        prov = PROVINCES[int(rand() * len(PROVINCES))]
+        ms = int(T0.timestamp() * 1000) + rng.randrange(90 * 86_400_000)
+        eid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        if r < 0.2:
+            et, p = "HealthDeclarationSubmitted", {
+                "symptoms": ["fever"] if rand() < 0.1 else [], "contact_with_confirmed_case": False, "channel": "app"}
+        elif r < 0.4:
+            et, p = "VaccinationRegistered", {
+                "birth_year": 1950 + rng.randrange(50), "sex": "female", "priority_group": "general", "channel": "app"}
+        elif r < 0.6:
+            et, p = "AppointmentScheduled", {
+                "appointment_id": eid[:8], "site_id": f"site-{prov}-{rng.randrange(50)}", "slot_start": ms,
+                "slot_end": ms + 1_800_000, "dose_number": 1}
+        elif r < 0.79:
+            et, p = "CheckedIn", {"site_id": f"site-{prov}-{rng.randrange(50)}", "appointment_id": None}
+        elif r < 0.97:
+            et, p = "DoseAdministered", {
+                "site_id": f"site-{prov}-{rng.randrange(50)}", "vaccine": VACCINES[int(rand() * 5)],
+                "lot_number": "L42", "dose_number": 1 + int(rand() * 2), "vaccinator_id": None}
+            recent.append(eid)
+            if len(recent) > 5000:
+                recent = recent[-2500:]
+        elif r < 0.985:
+            et, p = "AdverseEventReported", {
+                "severity": "serious" if rand() < 0.05 else "mild", "dose_event_id": None, "symptoms": ["fever"]}
+        elif r < 0.995 and recent:
+            et, p, sid = "RecordVoided", {"voided_event_id": rng.choice(recent), "reason": "entered in error"}, None
+        else:
+            et, p, sid = "VaccineAllocated", {
+                "allocation_id": eid[:12], "vaccine": VACCINES[int(rand() * 5)], "doses": 1000 * (1 + rng.randrange(900)),
+                "recipient": "province_health"}, None
+        out.append({
+            "event_id": eid, "event_type": et, "occurred_at": ms, "province_code": prov, "source": "bench",
+            "subject_id": sid, "trace_id": None, "payload": p,
+        })
+    return out
+
+
+def worker(dsn: str, namespace: str, partition: int, n: int, batch: int, n_subjects: int, start, results) -> None:
+    events = generate(n, seed=partition + 1, n_subjects=n_subjects)
+    msgs = [("health.events", partition, i, e) for i, e in enumerate(events)]
+    projector = Projector(dsn, namespace)
+    start.wait()
+    t0 = time.perf_counter()
+    for i in range(0, len(msgs), batch):
+        projector.apply_batch(msgs[i:i + batch], "bench")
+    results.put((partition, n, time.perf_counter() - t0, projector.retries))
+    projector.close()
+
+
+def run(dsn: str, batch: int, events: int, workers: int, n_subjects: int, keep: bool) -> float:
+    namespace = f"bench_{batch}_{os.getpid()}"
+    setup = Projector(dsn, namespace)
+    setup.drop_schema()
+    setup.ensure_schema()
+    ctx = mp.get_context("fork")
+    start, results = ctx.Barrier(workers + 1), ctx.Queue()
+    per = events // workers
+    procs = [ctx.Process(target=worker, args=(dsn, namespace, p, per, batch, n_subjects // workers, start, results))
+             for p in range(workers)]
+    for p in procs:
+        p.start()
+    start.wait()
+    t0 = time.perf_counter()
+    out = [results.get() for _ in procs]
+    wall = time.perf_counter() - t0
+    for p in procs:
+        p.join()
+    retries = sum(r[3] for r in out)
+    rate = per * workers / wall
+    print(f"batch {batch:>6}: {per * workers:>8} events by {workers} worker(s) in {wall:6.2f}s = "
+          f"{rate:>9,.0f} events/s  (retried batches: {retries})", flush=True)
+    if not keep:
+        setup.drop_schema()
+    setup.close()
+    return rate
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dsn", default=None, help="PostgreSQL DSN (default: NHDP settings)")
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--batch-sizes", default="1000,5000,10000")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--subjects", type=int, default=100_000, help="distinct subjects (doses per subject ≈ doses/subjects)")
+    ap.add_argument("--keep", action="store_true", help="keep the namespaces for inspection")
+    args = ap.parse_args()
+    dsn = args.dsn
+    if dsn is None:
+        from nhdp.settings import get_settings
+
+        dsn = get_settings().postgres_url
+    for size in (int(s) for s in args.batch_sizes.split(",")):
+        run(dsn, size, args.events, args.workers, args.subjects, args.keep)
+
+
+if __name__ == "__main__":
+    main()

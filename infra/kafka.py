@@ -1,0 +1,188 @@
+"""Kafka 4.x, KRaft, one node, run from Maven Central jars with the JVM."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from string import Template
+
+from infra.process import Managed, ServiceError
+from nhdp.settings import Settings
+
+HERE = Path(__file__).resolve().parent
+POM = HERE / "pom.xml"
+TEMPLATES = HERE / "templates"
+
+# The G1 flags of Kafka's own start script; heap from settings (512m locally).
+JVM_FLAGS = [
+    "-XX:+UseG1GC",
+    "-XX:MaxGCPauseMillis=20",
+    "-XX:InitiatingHeapOccupancyPercent=35",
+    "-XX:+ExplicitGCInvokesConcurrent",
+    "-Djava.awt.headless=true",
+]
+
+TOPIC_EVENTS = "health.events"
+TOPIC_DLQ = "health.events.dlq"
+
+
+def province_topic(code: str) -> str:
+    return f"province.{code}.events"
+
+
+class PrerequisiteError(ServiceError):
+    """A tool the local stack needs is not installed; the message says how to install it."""
+
+
+def require_tool(name: str, debian_package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise PrerequisiteError(
+            f"`{name}` is not installed; the local Kafka needs it. "
+            f"On Debian/Ubuntu: sudo apt-get install -y {debian_package}"
+        )
+    return path
+
+
+def kafka_dir(settings: Settings) -> Path:
+    return settings.data_dir / "kafka"
+
+
+def ensure_jars(settings: Settings) -> Path:
+    """Resolve the broker jars once into the cache folder; later runs reuse them."""
+    jars = settings.jar_dir
+    if any(jars.glob("kafka_2.13-*.jar")) and any(jars.glob("log4j-core-*.jar")):
+        return jars
+    require_tool("java", "openjdk-17-jre-headless")
+    mvn = require_tool("mvn", "maven")
+    jars.mkdir(parents=True, exist_ok=True)
+    cmd = [mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies", f"-Dnhdp.jars={jars}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not any(jars.glob("kafka_2.13-*.jar")):
+        raise ServiceError(
+            f"kafka: resolving jars failed.\n  command: {' '.join(cmd)}\n"
+            f"  last lines:\n{(proc.stdout + proc.stderr)[-3000:]}"
+        )
+    return jars
+
+
+def _java_cmd(settings: Settings, main: str, *args: str, heap: str | None = None) -> list[str]:
+    java = require_tool("java", "openjdk-17-jre-headless")
+    logs = settings.log_dir
+    cmd = [java]
+    if heap:
+        cmd += [f"-Xms{heap}", f"-Xmx{heap}", *JVM_FLAGS]
+    cmd += [
+        f"-Dlog4j2.configurationFile={TEMPLATES / 'kafka-log4j2.properties'}",
+        f"-Dkafka.logs.dir={logs}",
+        "-cp",
+        f"{settings.jar_dir}/*",
+        main,
+        *args,
+    ]
+    return cmd
+
+
+def write_config(settings: Settings) -> Path:
+    base = kafka_dir(settings)
+    base.mkdir(parents=True, exist_ok=True)
+    text = Template((TEMPLATES / "kafka-server.properties.tmpl").read_text()).substitute(
+        host=settings.kafka_host,
+        port=settings.kafka_port,
+        controller_port=settings.kafka_controller_port,
+        client_protocol="PLAINTEXT",
+        client_security="PLAINTEXT",
+        security_extra="",
+        log_dirs=base / "data",
+        partitions=settings.kafka_partitions,
+    )
+    path = base / "server.properties"
+    path.write_text(text)
+    return path
+
+
+def format_storage(settings: Settings, config: Path) -> None:
+    """Format once; the broker refuses unformatted storage."""
+    if (kafka_dir(settings) / "data" / "meta.properties").exists():
+        return
+    uuid = subprocess.run(
+        _java_cmd(settings, "kafka.tools.StorageTool", "random-uuid"), capture_output=True, text=True
+    )
+    cluster_id = uuid.stdout.strip().splitlines()[-1] if uuid.returncode == 0 and uuid.stdout.strip() else ""
+    if not cluster_id:
+        raise ServiceError(f"kafka: StorageTool random-uuid failed:\n{uuid.stderr[-2000:]}")
+    cmd = _java_cmd(settings, "kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id, "-c", str(config))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ServiceError(
+            f"kafka: formatting storage failed.\n  command: {' '.join(cmd)}\n  output:\n{(proc.stdout + proc.stderr)[-3000:]}"
+        )
+
+
+def metadata_ok(bootstrap: str, timeout_ms: int = 2000) -> bool:
+    """Ready means a metadata request succeeds, not just an open port."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms, client_id="nhdp-ready"
+    )
+    try:
+        admin.list_topics()
+        return True
+    finally:
+        admin.close()
+
+
+def service(settings: Settings) -> Managed:
+    config = kafka_dir(settings) / "server.properties"
+    return Managed(
+        name="kafka",
+        run_dir=settings.run_dir,
+        log_dir=settings.log_dir,
+        command=_java_cmd(settings, "kafka.Kafka", str(config), heap=settings.kafka_heap)
+        if shutil.which("java")
+        else ["java", "kafka.Kafka", str(config)],
+        marker=str(config),
+        ready=lambda: metadata_ok(settings.kafka_bootstrap_servers),
+        port=settings.kafka_port,
+        url=f"kafka://{settings.kafka_bootstrap_servers}",
+        data_path=kafka_dir(settings),
+    )
+
+
+def prepare(settings: Settings) -> None:
+    ensure_jars(settings)
+    format_storage(settings, write_config(settings))
+
+
+def ensure_topics(settings: Settings, province_codes: list[str]) -> None:
+    """Create the contract's topics if missing (idempotent)."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers, client_id="nhdp-setup")
+    try:
+        existing = set(admin.list_topics())
+        forever = {"retention.ms": "-1", "retention.bytes": "-1"}
+        wanted = [
+            NewTopic(TOPIC_EVENTS, settings.kafka_partitions, 1, topic_configs=forever),
+            NewTopic(TOPIC_DLQ, 1, 1, topic_configs=forever),
+        ] + [NewTopic(province_topic(c), 1, 1, topic_configs=forever) for c in province_codes]
+        missing = [t for t in wanted if t.name not in existing]
+        if missing:
+            try:
+                admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass  # a concurrent `up` won the race; the topics exist either way
+    finally:
+        admin.close()
+
+
+if __name__ == "__main__":  # pragma: no cover - debugging aid
+    from nhdp.settings import get_settings
+
+    prepare(get_settings())
+    print(service(get_settings()).command, file=sys.stderr)

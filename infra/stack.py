@@ -1,0 +1,140 @@
+"""The local stack: what `nhdp up` starts, in order, and how it is torn down.
+
+Order matters and is the dependency order: PostgreSQL (registry storage,
+projections) → Kafka → ClickHouse → schema registry (needs PostgreSQL) →
+stream workers and API (need all of the above). `down` walks it backwards.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from infra import clickhouse, kafka, postgres
+from infra.process import Managed
+from nhdp.settings import Settings
+
+
+@dataclass
+class Step:
+    service: Managed
+    prepare: Callable[[], None] = lambda: None
+    after_ready: Callable[[], None] = lambda: None
+
+
+def python_service(settings: Settings, name: str, module: str, *args: str, ready, port=None, url=None) -> Managed:
+    """A service of ours, run with this interpreter; the data folder in argv is its marker."""
+    return Managed(
+        name=name,
+        run_dir=settings.run_dir,
+        log_dir=settings.log_dir,
+        command=[sys.executable, "-m", module, *args, "--nhdp-data", str(settings.data_dir.resolve())],
+        marker=f"--nhdp-data {settings.data_dir.resolve()}",
+        ready=ready,
+        port=port,
+        url=url,
+        env=settings.as_env(),
+    )
+
+
+def _http_ok(url: str) -> bool:
+    import httpx
+
+    return httpx.get(url, timeout=2.0).status_code == 200
+
+
+def registry_service(settings: Settings) -> Managed:
+    return python_service(
+        settings,
+        "registry",
+        "schemas.registry",
+        "--host", settings.registry_host,
+        "--port", str(settings.registry_port),
+        ready=lambda: _http_ok(f"{settings.registry_url}/subjects"),
+        port=settings.registry_port,
+        url=settings.registry_url,
+    )
+
+
+def province_codes() -> list[str]:
+    from schemas.reference import province_codes as codes
+
+    return codes()
+
+
+def steps(settings: Settings) -> list[Step]:
+    out: list[Step] = []
+    if settings.local_postgres:
+        out.append(Step(postgres.service(settings), lambda: postgres.prepare(settings), lambda: postgres.ensure_database(settings)))
+    out.append(
+        Step(kafka.service(settings), lambda: kafka.prepare(settings), lambda: kafka.ensure_topics(settings, province_codes()))
+    )
+    if settings.local_clickhouse_server:
+        out.append(
+            Step(clickhouse.server_service(settings), lambda: None, lambda: clickhouse.ensure_database(settings))
+        )
+    out.append(Step(registry_service(settings), lambda: None, lambda: register_catalog(settings)))
+    return out
+
+
+def register_catalog(settings: Settings) -> None:
+    from schemas.codec import Codec
+    from schemas.registry_client import RegistryClient
+
+    Codec(RegistryClient(settings.registry_url)).register_catalog()
+
+
+def up(settings: Settings, on_ready: Callable[[Managed, int, bool], None] = lambda *a: None) -> None:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    for step in steps(settings):
+        if step.service.pid() is None:
+            step.prepare()
+        pid, started = step.service.start(settings.start_timeout_s)
+        step.after_ready()
+        on_ready(step.service, pid, started)
+
+
+def down(settings: Settings) -> list[str]:
+    stopped = []
+    for step in reversed(steps(settings)):
+        if step.service.stop():
+            stopped.append(step.service.name)
+    return stopped
+
+
+def status(settings: Settings) -> list[dict]:
+    rows = [step.service.status() for step in steps(settings)]
+    url = settings.analytics_url()
+    if url.startswith("chdb://"):
+        from infra.process import dir_size
+        from pathlib import Path
+
+        path = Path(url.removeprefix("chdb://"))
+        rows.append(
+            {"service": "chdb", "state": "embedded", "pid": None, "port": None, "url": url,
+             "data_bytes": dir_size(path) if path.exists() else 0, "log": None}
+        )
+    return rows
+
+
+def endpoints(settings: Settings) -> dict[str, str]:
+    return {
+        "kafka": settings.kafka_bootstrap_servers,
+        "postgres": settings.postgres_url,
+        "clickhouse": settings.analytics_url(),
+        "registry": settings.registry_url,
+        "api": settings.api_url,
+    }
+
+
+def reset(settings: Settings) -> None:
+    """Stop everything and wipe local data; the jar cache survives (it is not data)."""
+    down(settings)
+    if not settings.data_dir.exists():
+        return
+    for child in settings.data_dir.iterdir():
+        if child.name == "cache":
+            continue
+        shutil.rmtree(child) if child.is_dir() else child.unlink()

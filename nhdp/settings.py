@@ -1,0 +1,144 @@
+"""The one configuration object. Every endpoint is read from NHDP_* variables.
+
+Every default points at the local stack that `nhdp up` starts, so a fresh
+checkout needs no configuration at all; production sets the variables.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+# Known to everyone who reads this file, so refused outside the local stack.
+LOCAL_DEV_SECRET = "nhdp-local-development-secret-not-for-production"
+
+
+class ConfigError(RuntimeError):
+    """A setting is missing or unsafe; the message says which and why."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NHDP_", extra="ignore")
+
+    # "local": the stack started by `nhdp up`. Anything else is a real deployment.
+    env: str = "local"
+    data_dir: Path = CHECKOUT / ".nhdp"
+
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    kafka_controller_port: int = 9093
+    kafka_heap: str = "512m"
+    kafka_partitions: int = 6
+
+    # Unset: the embedded PostgreSQL 18 in the data folder, on this port.
+    postgres_dsn: str | None = None
+    postgres_port: int = 5433
+    postgres_db: str = "nhdp"
+
+    # Unset: a local clickhouse-server if one is installed, else embedded chDB.
+    clickhouse_url: str | None = None
+    clickhouse_port: int = 9500
+    clickhouse_http_port: int = 8523
+    clickhouse_db: str = "nhdp"
+
+    registry_host: str = "127.0.0.1"
+    registry_port: int = 8081
+    registry_url_override: str | None = Field(default=None, alias="NHDP_REGISTRY_URL")
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+
+    pseudonym_secret: str = LOCAL_DEV_SECRET
+
+    # Resolved Kafka jars; defaults to <data_dir>/cache. Tests share the checkout's cache.
+    jar_cache: Path | None = None
+
+    # Start-up budget for each service before `nhdp up` gives up and shows its log.
+    start_timeout_s: float = 60.0
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_secret(self) -> "Settings":
+        if self.env != "local" and self.pseudonym_secret in ("", LOCAL_DEV_SECRET):
+            raise ConfigError(
+                "NHDP_PSEUDONYM_SECRET must be set to a private value when NHDP_ENV is "
+                f"{self.env!r}: the local default would make subject ids reversible by anyone"
+            )
+        return self
+
+    # -- derived endpoints -------------------------------------------------
+    @property
+    def kafka_port(self) -> int:
+        return int(self.kafka_bootstrap_servers.split(",")[0].rsplit(":", 1)[1])
+
+    @property
+    def kafka_host(self) -> str:
+        return self.kafka_bootstrap_servers.split(",")[0].rsplit(":", 1)[0]
+
+    @property
+    def local_postgres(self) -> bool:
+        return self.postgres_dsn is None
+
+    @property
+    def postgres_url(self) -> str:
+        if self.postgres_dsn:
+            return self.postgres_dsn
+        return f"postgresql://nhdp@127.0.0.1:{self.postgres_port}/{self.postgres_db}"
+
+    @property
+    def postgres_admin_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.postgres_port}/postgres"
+
+    @property
+    def registry_url(self) -> str:
+        return self.registry_url_override or f"http://{self.registry_host}:{self.registry_port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.api_host}:{self.api_port}"
+
+    def analytics_url(self) -> str:
+        """`clickhouse://host:port/db` or `chdb:///path`, resolving the local default."""
+        if self.clickhouse_url:
+            return self.clickhouse_url
+        from infra.clickhouse import server_binary
+
+        if server_binary() is not None:
+            return f"clickhouse://127.0.0.1:{self.clickhouse_port}/{self.clickhouse_db}"
+        return f"chdb://{(self.data_dir / 'chdb').resolve()}"
+
+    @property
+    def local_clickhouse_server(self) -> bool:
+        return self.clickhouse_url is None and urlparse(self.analytics_url()).scheme == "clickhouse"
+
+    def as_env(self) -> dict[str, str]:
+        """These settings as NHDP_* variables, for the child processes we start."""
+        env = {}
+        for name, value in self.model_dump(by_alias=False).items():
+            if value is None:
+                continue
+            key = "NHDP_REGISTRY_URL" if name == "registry_url_override" else f"NHDP_{name.upper()}"
+            env[key] = str(value)
+        return env
+
+    # -- local folders ----------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def jar_dir(self) -> Path:
+        return self.jar_cache or self.data_dir / "cache" / "kafka-jars"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

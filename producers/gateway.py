@@ -1,0 +1,251 @@
+"""`POST /v1/events`: validate, pseudonymise, deduplicate, publish, then answer.
+
+The answer comes only after Kafka has acknowledged (acks=all) every accepted
+event, so "accepted" means durable. Re-sends are recognised by event_id in a
+bounded PostgreSQL table (`gateway.seen_events`):
+
+- the ids of a request are *reserved* by inserting them inside one
+  transaction that stays open while Kafka acknowledges. A concurrent request
+  carrying the same id blocks on that uncommitted row, then sees it: an event
+  is never published twice by two racing requests;
+- ids whose publish failed are deleted before commit, and a crash aborts the
+  transaction, so a failed publish never leaves an id that would make the
+  retry look like a duplicate (no loss);
+- the same id with different content is a conflict, rejected with its reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+import psycopg
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import ORJSONResponse
+from prometheus_client import Counter, Histogram
+from psycopg_pool import ConnectionPool
+
+from nhdp.settings import Settings
+from producers.pseudonym import Pseudonymiser
+from producers.sdk import EventProducer, PublishError
+from schemas.models import to_avro_record, validate_event
+
+log = logging.getLogger("nhdp.gateway")
+
+MAX_EVENTS = 10_000
+MAX_BODY_BYTES = 32 * 1024 * 1024
+RETRY_AFTER_S = 5
+SEEN_RETENTION = "7 days"
+
+EVENTS = Counter("nhdp_gateway_events_total", "Events posted to the gateway, by outcome", ["outcome"])
+REQUEST_SECONDS = Histogram(
+    "nhdp_gateway_request_seconds", "POST /v1/events latency",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+DDL = """
+CREATE SCHEMA IF NOT EXISTS gateway;
+CREATE TABLE IF NOT EXISTS gateway.seen_events (
+    event_id     uuid PRIMARY KEY,
+    content_hash bytea NOT NULL,
+    accepted_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS seen_events_accepted_at ON gateway.seen_events (accepted_at);
+"""
+
+
+def content_hash(event: dict[str, Any]) -> bytes:
+    return hashlib.sha256(orjson.dumps(event, option=orjson.OPT_SORT_KEYS)).digest()[:16]
+
+
+class Gateway:
+    """The gateway's state: one producer, one pool, one pseudonymiser."""
+
+    def __init__(self, settings: Settings, producer: EventProducer | None = None):
+        self.settings = settings
+        self.pseudonymiser = Pseudonymiser.from_settings(settings)
+        self.pool = ConnectionPool(settings.postgres_url, min_size=1, max_size=16, open=True)
+        with self.pool.connection() as conn:
+            conn.execute(DDL)
+        # Fail fast when Kafka is down: a 503 in seconds beats a blocked request.
+        self.producer = producer or EventProducer(
+            settings, source="gateway", delivery_timeout_ms=15_000, max_block_ms=5_000
+        )
+        self._pruned_at = 0.0
+        self._prune_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.producer.close()
+        self.pool.close()
+
+    def prune(self) -> None:
+        """Keep the re-send record bounded; at most once an hour."""
+        with self._prune_lock:
+            if time.monotonic() - self._pruned_at < 3600:
+                return
+            self._pruned_at = time.monotonic()
+        with self.pool.connection() as conn:
+            conn.execute(f"DELETE FROM gateway.seen_events WHERE accepted_at < now() - interval '{SEEN_RETENTION}'")
+
+    # -- the request -------------------------------------------------------------
+    def ingest(self, events: list[Any], trace_id: str | None) -> tuple[int, dict[str, Any]]:
+        rejected: list[dict[str, Any]] = []
+        candidates: list[tuple[int, str, bytes, dict]] = []  # index, event_id, hash, avro record
+        first_by_id: dict[str, bytes] = {}
+        duplicates = 0
+        for i, raw in enumerate(events):
+            validated, errors = validate_event(raw)
+            event_id = raw.get("event_id") if isinstance(raw, dict) and isinstance(raw.get("event_id"), str) else None
+            if errors:
+                rejected.append({"index": i, "event_id": event_id, "errors": errors})
+                continue
+            event_id = str(validated.event_id)
+            h = content_hash(raw)
+            seen = first_by_id.get(event_id)
+            if seen is not None:
+                if seen == h:
+                    duplicates += 1
+                else:
+                    rejected.append({"index": i, "event_id": event_id, "errors": [
+                        "event_id: repeated in this request with different content"]})
+                continue
+            first_by_id[event_id] = h
+            citizen_id = validated.payload.get("citizen_id")
+            subject_id = self.pseudonymiser.subject_id(citizen_id) if citizen_id else None
+            record = to_avro_record(validated, subject_id)
+            if trace_id and not record.get("trace_id"):
+                record["trace_id"] = trace_id
+            candidates.append((i, event_id, h, record))
+
+        accepted = 0
+        if candidates:
+            if not self.producer._producer.bootstrap_connected():
+                # Nothing reserved, nothing published: the whole request can be retried as is.
+                return 503, {"error": "Kafka is unavailable; nothing from this request was published. "
+                             f"Retry after {RETRY_AFTER_S} s."}
+            try:
+                accepted, dup, conflicts, failure = self._publish_once(candidates, trace_id)
+            except psycopg.OperationalError as exc:
+                return 503, {"error": f"PostgreSQL is unavailable ({exc.__class__.__name__}); "
+                             f"nothing from this request was published. Retry after {RETRY_AFTER_S} s."}
+            duplicates += dup
+            rejected.extend(conflicts)
+            if failure is not None:
+                EVENTS.labels("accepted").inc(accepted)
+                return 503, {
+                    "error": f"Kafka did not acknowledge {failure} event(s); they were not accepted. "
+                    f"{accepted} event(s) were. Re-send the whole request after {RETRY_AFTER_S} s: "
+                    "the accepted ones will be answered as duplicates, not published twice.",
+                    "accepted": accepted,
+                }
+        rejected.sort(key=lambda r: r["index"])
+        EVENTS.labels("accepted").inc(accepted)
+        EVENTS.labels("duplicate").inc(duplicates)
+        EVENTS.labels("rejected").inc(len(rejected))
+        return 200, {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}
+
+    def _publish_once(self, candidates, trace_id):
+        """Reserve ids, publish the new ones, keep the reservations Kafka acknowledged."""
+        ids = [c[1] for c in candidates]
+        hashes = [c[2] for c in candidates]
+        order = sorted(range(len(ids)), key=ids.__getitem__)  # one lock order for every request
+        with self.pool.connection() as conn, conn.transaction():
+            new = {
+                str(r[0])
+                for r in conn.execute(
+                    "INSERT INTO gateway.seen_events (event_id, content_hash) "
+                    "SELECT * FROM unnest(%s::uuid[], %s::bytea[]) "
+                    "ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+                    ([ids[k] for k in order], [hashes[k] for k in order]),
+                )
+            }
+            old = [c for c in candidates if c[1] not in new]
+            known = {}
+            if old:
+                known = {
+                    str(r[0]): bytes(r[1])
+                    for r in conn.execute(
+                        "SELECT event_id, content_hash FROM gateway.seen_events WHERE event_id = ANY(%s::uuid[])",
+                        ([c[1] for c in old],),
+                    )
+                }
+            duplicates = 0
+            conflicts = []
+            for i, event_id, h, _ in old:
+                if known.get(event_id) == h:
+                    duplicates += 1
+                else:
+                    conflicts.append({"index": i, "event_id": event_id, "errors": [
+                        "event_id: already accepted with different content; a correction is a "
+                        "RecordVoided of the original plus a new event with a new event_id"]})
+            to_publish = [c for c in candidates if c[1] in new]
+            try:
+                self.producer.publish_many([c[3] for c in to_publish], trace_id=trace_id)
+            except PublishError as exc:
+                failed_ids = [to_publish[i][1] for i in exc.failed]
+                conn.execute("DELETE FROM gateway.seen_events WHERE event_id = ANY(%s::uuid[])", (failed_ids,))
+                return len(to_publish) - len(failed_ids), duplicates, conflicts, len(failed_ids)
+        return len(to_publish), duplicates, conflicts, None
+
+
+router = APIRouter()
+
+
+def _error(status: int, message: str, **extra) -> ORJSONResponse:
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return ORJSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+
+
+@router.post(
+    "/v1/events",
+    summary="Publish a batch of events",
+    description=(
+        f"A JSON array of up to {MAX_EVENTS:,} events (DESIGN §2). Each event is validated; the valid "
+        "ones are written durably to Kafka (acks=all) before the answer. Answer: "
+        '`{"accepted": n, "duplicates": n, "rejected": [{"index": i, "event_id": …, "errors": ["field: reason"]}]}`. '
+        "400: body not a JSON array; 413: too large; 503 + Retry-After: Kafka or PostgreSQL unavailable."
+    ),
+)
+async def post_events(request: Request):
+    started = time.perf_counter()
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        return _error(413, f"body is {int(length):,} bytes; the limit is {MAX_BODY_BYTES:,}")
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        return _error(413, f"body is {len(body):,} bytes; the limit is {MAX_BODY_BYTES:,}")
+    try:
+        events = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return _error(400, f"body is not valid JSON: {exc}")
+    if not isinstance(events, list):
+        return _error(400, f"body must be a JSON array of events, not a JSON {type(events).__name__}")
+    if len(events) > MAX_EVENTS:
+        return _error(413, f"{len(events):,} events in one request; the limit is {MAX_EVENTS:,}")
+    gateway: Gateway = request.app.state.gateway
+    from starlette.concurrency import run_in_threadpool
+
+    status, answer = await run_in_threadpool(gateway.ingest, events, request.headers.get("x-trace-id"))
+    REQUEST_SECONDS.observe(time.perf_counter() - started)
+    if status == 503:
+        return _error(503, answer.pop("error"), **answer)
+    return ORJSONResponse(answer, status_code=status)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.gateway = Gateway(settings)
+        try:
+            yield
+        finally:
+            app.state.gateway.close()
+
+    app = FastAPI(title="NHDP gateway", lifespan=lifespan, default_response_class=ORJSONResponse)
+    app.include_router(router)
+    return app

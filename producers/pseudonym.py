@@ -1,0 +1,32 @@
+"""Pseudonymisation at the edge: citizen_id → subject_id.
+
+subject_id = hex(HMAC-SHA256(secret, citizen_id)). Keyed, so nobody without
+the platform secret can confirm a guessed national id against a subject_id
+(a plain hash of a 9- or 12-digit number is reversible by enumeration).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+
+from nhdp.settings import Settings
+
+CITIZEN_ID = re.compile(r"^(?:\d{9}|\d{12})$")
+
+
+class Pseudonymiser:
+    def __init__(self, secret: str):
+        if not secret:
+            raise ValueError("pseudonymisation secret is empty")
+        self._key = secret.encode()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Pseudonymiser":
+        return cls(settings.pseudonym_secret)
+
+    def subject_id(self, citizen_id: str) -> str:
+        if not CITIZEN_ID.match(citizen_id):
+            raise ValueError("citizen_id must be 9 or 12 digits")
+        return hmac.new(self._key, citizen_id.encode(), hashlib.sha256).hexdigest()

@@ -1,0 +1,126 @@
+"""Producer SDK: the one way internal services put events on `health.events`.
+
+- kafka-python's idempotent producer with acks=all, so a broker-side retry
+  never writes a message twice and an ack means every in-sync replica has it;
+- keyed by subject_id (allocation_id for allocations, the target for voids),
+  so one citizen's events stay in one partition, in order;
+- lz4-compressed batches: Python pays per call, the broker per byte;
+- `publish_many` returns only when every event is acknowledged, or raises
+  `PublishError` naming exactly the events that were not.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from kafka import KafkaProducer
+from kafka.errors import KafkaError
+
+from infra.kafka import TOPIC_EVENTS
+from nhdp.settings import Settings
+from schemas.codec import Codec
+from schemas.registry_client import RegistryClient
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where an event landed in the log."""
+
+    partition: int
+    offset: int
+
+
+class PublishError(RuntimeError):
+    """Some events were not acknowledged. `failed` maps index → reason; the rest were."""
+
+    def __init__(self, failed: dict[int, str], event_ids: Sequence[str], positions: dict[int, Position]):
+        self.failed = failed
+        self.positions = positions
+        names = ", ".join(f"#{i} {event_ids[i]} ({reason})" for i, reason in list(failed.items())[:10])
+        more = f" and {len(failed) - 10} more" if len(failed) > 10 else ""
+        super().__init__(f"{len(failed)} of {len(event_ids)} events were not acknowledged by Kafka: {names}{more}")
+
+
+def partition_key(record: dict[str, Any]) -> bytes:
+    et = record["event_type"]
+    if et == "VaccineAllocated":
+        return record["payload"]["allocation_id"].encode()
+    if record.get("subject_id"):
+        return record["subject_id"].encode()
+    if et == "RecordVoided":
+        return record["payload"]["voided_event_id"].encode()
+    return record["event_id"].encode()
+
+
+class EventProducer:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        codec: Codec | None = None,
+        source: str = "nhdp-sdk",
+        topic: str = TOPIC_EVENTS,
+        delivery_timeout_ms: int = 30_000,
+        max_block_ms: int = 10_000,
+        **producer_config: Any,
+    ):
+        self.topic = topic
+        self.source = source
+        self.codec = codec or Codec(RegistryClient(settings.registry_url))
+        self.codec.register_catalog()
+        config = dict(
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            client_id=f"nhdp-{source}",
+            acks="all",
+            enable_idempotence=True,
+            compression_type="lz4",
+            linger_ms=5,
+            batch_size=512 * 1024,
+            buffer_memory=256 * 1024 * 1024,
+            max_in_flight_requests_per_connection=5,
+            request_timeout_ms=min(10_000, delivery_timeout_ms),
+            delivery_timeout_ms=delivery_timeout_ms,
+            max_block_ms=max_block_ms,
+        )
+        config.update(producer_config)
+        self._producer = KafkaProducer(**config)
+
+    def publish_many(self, records: Sequence[dict[str, Any]], *, trace_id: str | None = None) -> list[Position]:
+        """Encode and publish Avro-ready records; block until every one is acknowledged."""
+        if not records:
+            return []
+        values = self.codec.encode_many([(r["event_type"], r) for r in records])
+        trace = (trace_id or uuid.uuid4().hex).encode()
+        source = self.source.encode()
+        futures = []
+        failed: dict[int, str] = {}
+        for i, (record, value) in enumerate(zip(records, values)):
+            headers = [("trace_id", (record.get("trace_id") or "").encode() or trace), ("source", source)]
+            try:
+                futures.append(
+                    (i, self._producer.send(self.topic, key=partition_key(record), value=value, headers=headers))
+                )
+            except KafkaError as exc:  # buffer full or no metadata within max_block_ms
+                failed[i] = f"{type(exc).__name__}: {exc}"
+        self._producer.flush()
+        positions: dict[int, Position] = {}
+        for i, fut in futures:
+            try:
+                meta = fut.get(timeout=0)
+                positions[i] = Position(meta.partition, meta.offset)
+            except Exception as exc:  # noqa: BLE001 - each future's own failure, reported by index
+                failed[i] = f"{type(exc).__name__}: {exc}"
+        if failed:
+            raise PublishError(failed, [r["event_id"] for r in records], positions)
+        return [positions[i] for i in range(len(records))]
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._producer.close(timeout=timeout)
+
+    def __enter__(self) -> "EventProducer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,1 @@
+"""Read models, sinks and the query API built from the event log."""

@@ -1,0 +1,664 @@
+"""PostgreSQL projections of the event log, with the tracking record (DESIGN §4, §7).
+
+    projector = Projector(pool)                 # tables in schema "proj"
+    projector.ensure_schema()
+    start = projector.positions("nhdp-projections")   # seek each partition to offset + 1
+    result = projector.apply_batch([(topic, partition, offset, event), ...], "nhdp-projections")
+    projector.wait_for({("health.events", 0): 41}, timeout=10)
+
+One transaction per batch
+-------------------------
+`apply_batch` changes every projection *and* the tracking record (the last
+applied offset per (consumer_group, topic, partition)) in one transaction, as
+pyeventsourcing's ProcessRecorder does. A message at or below the recorded
+offset was already applied and is skipped, so redelivery after a crash or a
+rebalance changes nothing: effectively once without Kafka's exactly-once.
+
+The work is set-based: the batch is COPYed into temporary tables, then a fixed
+number of statements (independent of the batch size) do the rest:
+
+1. lock the batch's tracking rows and read their offsets (fences out a zombie
+   worker that still holds the same partition);
+2. upsert the facts into `events` (keyed by event_id; a duplicate does nothing);
+3. upsert the voids' targets into `events` (sets `voided_by`; a void that comes
+   first leaves a placeholder row the target later fills in, already voided);
+4. lock the touched subjects, then recompute each one's dose state from its
+   valid doses and record the change in people_(fully_)vaccinated;
+5. add the net counter deltas, in key order, and store the new offsets.
+
+Why it is race-free under READ COMMITTED, with several workers at once
+-------------------------------------------------------------------------
+* A target and its void may be applied concurrently by workers of different
+  partitions (a void has no subject key). Both write the target's `events` row
+  with INSERT … ON CONFLICT DO UPDATE, so the second waits for the first to
+  commit and then sees its effect: the void sees the arrived target and
+  retracts it; the target sees the void and contributes nothing.
+* A subject's state is recomputed under a row lock on its `subjects` row, by a
+  statement issued *after* the lock is granted, so it sees every committed dose
+  and void of that subject. Whoever commits last computes from everything.
+* Counters are only ever incremented (value = value + delta), in key order.
+* Locks are taken in one order (tracking, events, subjects, counters), each
+  set sorted. The facts and voids statements each lock `events` rows in
+  event_id order, but one after the other, so a rare deadlock is possible;
+  it and serialization failures are retried with the whole batch.
+
+Decisions the figures depend on
+--------------------------------
+* Determinism: nothing reads the wall clock; a replay from offset 0 into
+  another namespace rebuilds the same counters and subject states.
+* The earliest dose is the least (occurred_at, event_id), event_id compared as
+  a uuid (= its canonical lower-case text).
+* A RecordVoided that targets another RecordVoided has no effect on figures,
+  and nothing is ever un-voided. A void of an event that never arrives, or of
+  an event that has no figures (appointment, check-in), changes nothing.
+* Several voids of one event: the first to commit is recorded in `voided_by`.
+* Re-sending an event_id is a retry (DESIGN §2): the first arrival's content
+  is kept and later copies are ignored even if their content differs.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import psycopg
+from psycopg import errors, sql
+
+# Stored event types; the codes are part of the table contents.
+DECLARATION, REGISTRATION, DOSE, ADVERSE, ALLOCATION, APPOINTMENT, CHECK_IN = 1, 2, 3, 4, 5, 6, 7
+ETYPES = {
+    "HealthDeclarationSubmitted": DECLARATION,
+    "VaccinationRegistered": REGISTRATION,
+    "DoseAdministered": DOSE,
+    "AdverseEventReported": ADVERSE,
+    "VaccineAllocated": ALLOCATION,
+    "AppointmentScheduled": APPOINTMENT,
+    "CheckedIn": CHECK_IN,
+}
+VOID = "RecordVoided"
+
+# Every stored figure, in the counters table as (province, figure, key).
+SCALAR_FIGURES = (
+    "registrations",
+    "declarations",
+    "declarations_with_symptoms",
+    "doses_administered",
+    "people_vaccinated",
+    "people_fully_vaccinated",
+    "doses_allocated",
+    "adverse_events",
+    "serious_adverse_events",
+)
+KEYED_FIGURES = ("doses_by_number", "doses_by_vaccine")
+
+RETRYABLE = (errors.DeadlockDetected, errors.SerializationFailure)
+MAX_ATTEMPTS = 8
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_US = timedelta(microseconds=1)
+_NAMESPACE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    applied: int  # messages applied now (skipped and duplicates excluded)
+    skipped_offsets: int  # messages at or below the recorded offset: applied before
+    duplicates: int  # event_ids already applied, or repeated within the batch
+
+
+class InvalidEvent(ValueError):
+    """An event the projector cannot read; raised before anything is written.
+
+    The worker should dead-letter that message and apply the rest again.
+    """
+
+    def __init__(self, topic: str, partition: int, offset: int, reason: str):
+        super().__init__(f"{topic}[{partition}]@{offset}: {reason}")
+        self.topic, self.partition, self.offset, self.reason = topic, partition, offset, reason
+
+
+def _micros(value: Any) -> int:
+    """occurred_at as integer microseconds since the epoch.
+
+    Accepts an aware datetime (a stock Confluent deserializer) or epoch
+    milliseconds (schemas.codec's default).
+    """
+    if isinstance(value, int):
+        return value * 1000
+    if value.tzinfo is None:
+        raise ValueError("occurred_at has no time zone")
+    return (value - _EPOCH) // _US
+
+
+def _uuid(value: Any) -> str:
+    return value.lower() if isinstance(value, str) else str(value)
+
+
+# -- SQL -----------------------------------------------------------------------
+# {ns} is replaced by the quoted schema name once, in Projector.__init__.
+
+SCHEMA_SQL = """
+CREATE SCHEMA IF NOT EXISTS {ns};
+
+CREATE TABLE IF NOT EXISTS {ns}.tracking (
+    consumer_group text NOT NULL,
+    topic text NOT NULL,
+    partition integer NOT NULL,
+    "offset" bigint NOT NULL,  -- the last offset applied (seek to offset + 1)
+    PRIMARY KEY (consumer_group, topic, partition)
+);
+
+-- One row per event_id seen, as a fact or as a void's target. Compact: only
+-- what retraction and per-subject recomputation need. etype IS NULL means
+-- only a void has arrived so far (a placeholder the target fills in).
+CREATE TABLE IF NOT EXISTS {ns}.events (
+    event_id uuid PRIMARY KEY,
+    etype smallint,
+    province text,
+    occurred_at timestamptz,
+    subject_id text,           -- doses only
+    vaccine text,              -- doses and allocations
+    dose_number smallint,
+    site_id text,
+    flag boolean,              -- declaration: symptoms non-empty; adverse: serious
+    amount bigint,             -- allocation: doses
+    allocation_id text,
+    recipient text,
+    voided_by uuid             -- the RecordVoided that voided it
+);
+CREATE INDEX IF NOT EXISTS events_doses_by_subject ON {ns}.events (subject_id) WHERE etype = 3;
+
+-- Per-subject dose state, derived from the subject's valid doses; the row is
+-- also the lock that serialises recomputation of one subject.
+CREATE TABLE IF NOT EXISTS {ns}.subjects (
+    subject_id text PRIMARY KEY,
+    province text,             -- of the earliest valid dose; NULL: no valid dose
+    first_dose uuid,           -- event_id of the earliest valid dose
+    valid_doses integer NOT NULL DEFAULT 0,
+    voided_doses integer NOT NULL DEFAULT 0,
+    fully boolean NOT NULL DEFAULT false
+) WITH (fillfactor = 80);
+
+-- Every figure of DESIGN §4 per province; key is '' for unkeyed figures.
+CREATE TABLE IF NOT EXISTS {ns}.counters (
+    province text NOT NULL,
+    figure text NOT NULL,
+    key text NOT NULL,
+    value bigint NOT NULL,
+    PRIMARY KEY (province, figure, key)
+) WITH (fillfactor = 50);
+
+CREATE OR REPLACE VIEW {ns}.allocations AS
+    SELECT event_id, allocation_id, province, vaccine, amount AS doses, recipient, occurred_at,
+           voided_by IS NOT NULL AS voided
+    FROM {ns}.events WHERE etype = 5;
+
+CREATE OR REPLACE VIEW {ns}.valid_doses AS
+    SELECT subject_id, event_id, occurred_at, province, vaccine, dose_number, site_id
+    FROM {ns}.events WHERE etype = 3 AND voided_by IS NULL;
+"""
+
+# Session-local staging tables, emptied at each commit.
+TEMP_SQL = """
+CREATE TEMP TABLE IF NOT EXISTS _p_facts (
+    event_id uuid, etype smallint, province text, occurred_us bigint, subject_id text,
+    vaccine text, dose_number smallint, site_id text, flag boolean, amount bigint,
+    allocation_id text, recipient text
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS _p_voids (target uuid, void_id uuid) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS _p_changes (
+    sign smallint, etype smallint, province text, vaccine text, dose_number smallint,
+    flag boolean, amount bigint, subject_id text
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS _p_people (province text, figure text, delta integer) ON COMMIT DELETE ROWS;
+"""
+
+FACT_COLUMNS = (
+    "event_id, etype, province, occurred_us, subject_id, vaccine, dose_number, site_id, "
+    "flag, amount, allocation_id, recipient"
+)
+
+LOCK_TRACKING_SQL = """
+INSERT INTO {ns}.tracking AS t (consumer_group, topic, partition, "offset")
+SELECT %(group)s, k.topic, k.partition, -1
+FROM unnest(%(topics)s::text[], %(partitions)s::int[]) AS k(topic, partition)
+ORDER BY k.topic, k.partition
+ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET "offset" = t."offset"
+RETURNING t.topic, t.partition, t."offset"
+"""
+
+# sign 1: the fact counts now; sign 0: it arrived already voided.
+UPSERT_FACTS_SQL = """
+WITH up AS (
+    INSERT INTO {ns}.events AS e (event_id, etype, province, occurred_at, subject_id, vaccine,
+                                  dose_number, site_id, flag, amount, allocation_id, recipient)
+    SELECT event_id, etype, province, timestamptz 'epoch' + occurred_us * interval '1 microsecond',
+           subject_id, vaccine, dose_number, site_id, flag, amount, allocation_id, recipient
+    FROM _p_facts ORDER BY event_id
+    ON CONFLICT (event_id) DO UPDATE SET
+        etype = excluded.etype, province = excluded.province, occurred_at = excluded.occurred_at,
+        subject_id = excluded.subject_id, vaccine = excluded.vaccine,
+        dose_number = excluded.dose_number, site_id = excluded.site_id, flag = excluded.flag,
+        amount = excluded.amount, allocation_id = excluded.allocation_id, recipient = excluded.recipient
+    WHERE e.etype IS NULL
+    RETURNING e.voided_by IS NULL AS live, e.etype, e.province, e.vaccine, e.dose_number, e.flag, e.amount
+)
+INSERT INTO _p_changes (sign, etype, province, vaccine, dose_number, flag, amount)
+SELECT CASE WHEN live THEN 1 ELSE 0 END, etype, province, vaccine, dose_number, flag, amount FROM up
+"""
+
+# A void of an arrived fact retracts it (sign -1); of anything else it only
+# records itself, for the target to find.
+UPSERT_VOIDS_SQL = """
+WITH up AS (
+    INSERT INTO {ns}.events AS e (event_id, voided_by)
+    SELECT target, void_id FROM _p_voids ORDER BY target
+    ON CONFLICT (event_id) DO UPDATE SET voided_by = excluded.voided_by
+    WHERE e.voided_by IS NULL
+    RETURNING e.etype, e.province, e.vaccine, e.dose_number, e.flag, e.amount, e.subject_id
+)
+INSERT INTO _p_changes (sign, etype, province, vaccine, dose_number, flag, amount, subject_id)
+SELECT -1, etype, province, vaccine, dose_number, flag, amount, subject_id FROM up
+WHERE etype IS NOT NULL
+RETURNING subject_id
+"""
+
+LOCK_SUBJECTS_SQL = """
+INSERT INTO {ns}.subjects (subject_id) SELECT unnest(%(subjects)s::text[]) ON CONFLICT DO NOTHING;
+"""
+LOCK_SUBJECTS_SQL_2 = """
+SELECT count(*) FROM (
+    SELECT 1 FROM {ns}.subjects WHERE subject_id = ANY(%(subjects)s::text[])
+    ORDER BY subject_id FOR UPDATE
+) locked
+"""
+
+# Must run after LOCK_SUBJECTS: its snapshot then includes every committed
+# change to these subjects' doses.
+RECOMPUTE_SUBJECTS_SQL = """
+WITH cur AS MATERIALIZED (
+    SELECT s.subject_id, s.province AS old_prov, s.first_dose AS old_first, s.valid_doses AS old_n,
+           s.voided_doses AS old_nv, s.fully AS old_fully,
+           d.first_prov, d.first_dose, d.n, d.nv, (d.n >= 2 OR coalesce(d.janssen, false)) AS fully
+    FROM {ns}.subjects s
+    CROSS JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE e.voided_by IS NULL) AS n,
+               count(*) FILTER (WHERE e.voided_by IS NOT NULL) AS nv,
+               bool_or(e.vaccine = 'janssen') FILTER (WHERE e.voided_by IS NULL) AS janssen,
+               (array_agg(e.province ORDER BY e.occurred_at, e.event_id)
+                    FILTER (WHERE e.voided_by IS NULL))[1] AS first_prov,
+               (array_agg(e.event_id ORDER BY e.occurred_at, e.event_id)
+                    FILTER (WHERE e.voided_by IS NULL))[1] AS first_dose
+        FROM {ns}.events e
+        WHERE e.subject_id = s.subject_id AND e.etype = 3
+    ) d
+    WHERE s.subject_id = ANY(%(subjects)s::text[])
+), changed AS MATERIALIZED (
+    SELECT * FROM cur
+    WHERE (old_prov, old_first, old_n, old_nv, old_fully) IS DISTINCT FROM (first_prov, first_dose, n, nv, fully)
+), upd AS (
+    UPDATE {ns}.subjects s
+    SET province = c.first_prov, first_dose = c.first_dose, valid_doses = c.n,
+        voided_doses = c.nv, fully = c.fully
+    FROM changed c
+    WHERE s.subject_id = c.subject_id AND s.subject_id = ANY(%(subjects)s::text[])
+)
+INSERT INTO _p_people (province, figure, delta)
+SELECT v.province, v.figure, v.delta
+FROM changed c CROSS JOIN LATERAL (VALUES
+    (c.old_prov, 'people_vaccinated', -1),
+    (c.first_prov, 'people_vaccinated', 1),
+    (CASE WHEN c.old_fully THEN c.old_prov END, 'people_fully_vaccinated', -1),
+    (CASE WHEN c.fully THEN c.first_prov END, 'people_fully_vaccinated', 1)
+) AS v(province, figure, delta)
+WHERE v.province IS NOT NULL
+"""
+
+# Aggregate first (a few hundred groups per batch), then unpivot into figures.
+APPLY_COUNTERS_SQL = """
+INSERT INTO {ns}.counters AS c (province, figure, key, value)
+SELECT province, figure, key, sum(v)
+FROM (
+    SELECT g.province, f.figure, f.key, f.v
+    FROM (
+        SELECT etype, province, vaccine, dose_number, flag,
+               sum(sign) AS n, sum(CASE WHEN flag THEN sign ELSE 0 END) AS nflag, sum(sign * amount) AS amount
+        FROM _p_changes WHERE sign <> 0
+        GROUP BY etype, province, vaccine, dose_number, flag
+    ) g
+    CROSS JOIN LATERAL (VALUES
+        (CASE WHEN g.etype = 1 THEN 'declarations' END, '', g.n),
+        (CASE WHEN g.etype = 1 THEN 'declarations_with_symptoms' END, '', g.nflag),
+        (CASE WHEN g.etype = 2 THEN 'registrations' END, '', g.n),
+        (CASE WHEN g.etype = 3 THEN 'doses_administered' END, '', g.n),
+        (CASE WHEN g.etype = 3 THEN 'doses_by_number' END, g.dose_number::text, g.n),
+        (CASE WHEN g.etype = 3 THEN 'doses_by_vaccine' END, g.vaccine, g.n),
+        (CASE WHEN g.etype = 4 THEN 'adverse_events' END, '', g.n),
+        (CASE WHEN g.etype = 4 THEN 'serious_adverse_events' END, '', g.nflag),
+        (CASE WHEN g.etype = 5 THEN 'doses_allocated' END, '', g.amount)
+    ) AS f(figure, key, v)
+    WHERE f.figure IS NOT NULL
+    UNION ALL
+    SELECT province, figure, '', delta FROM _p_people
+) d
+GROUP BY province, figure, key
+HAVING sum(v) <> 0
+ORDER BY province, figure, key
+ON CONFLICT (province, figure, key) DO UPDATE SET value = c.value + excluded.value
+"""
+
+STORE_TRACKING_SQL = """
+UPDATE {ns}.tracking AS t SET "offset" = k.off
+FROM unnest(%(topics)s::text[], %(partitions)s::int[], %(offsets)s::bigint[]) AS k(topic, partition, off)
+WHERE t.consumer_group = %(group)s AND t.topic = k.topic AND t.partition = k.partition
+"""
+
+
+def _format(template: str, ns: str) -> str:
+    return template.replace("{ns}", ns)
+
+
+# -- the batch, prepared in Python ---------------------------------------------
+
+
+def _prepare(messages: Sequence[tuple[str, int, int, Mapping[str, Any] | None]]) -> list[tuple]:
+    """One entry per message: (key, offset, event_id, fact_row, void_row, dose_subject).
+
+    Independent of the database, so a retried transaction reuses it. Raises
+    InvalidEvent before anything is written.
+    """
+    out = []
+    append = out.append
+    etypes = ETYPES
+    for topic, partition, offset, ev in messages:
+        key = (topic, partition)
+        if ev is None:  # consumed but nothing to apply (e.g. dead-lettered)
+            append((key, offset, None, None, None, None))
+            continue
+        try:
+            event_id = _uuid(ev["event_id"])
+            event_type = ev["event_type"]
+            etype = etypes.get(event_type)
+            p = ev["payload"]
+            if etype is None:
+                if event_type == VOID:
+                    append((key, offset, event_id, None, (_uuid(p["voided_event_id"]), event_id), None))
+                else:  # a type added after this projector: nothing to count
+                    append((key, offset, event_id, None, None, None))
+                continue
+            prov = ev["province_code"]
+            us = _micros(ev["occurred_at"])
+            if etype == DOSE:
+                subject = ev["subject_id"]
+                if not subject:
+                    raise ValueError("DoseAdministered without subject_id")
+                row = (event_id, DOSE, prov, us, subject, p["vaccine"], p["dose_number"], p["site_id"],
+                       None, None, None, None)
+                append((key, offset, event_id, row, None, subject))
+                continue
+            if etype == DECLARATION:
+                row = (event_id, etype, prov, us, None, None, None, None, bool(p["symptoms"]), None, None, None)
+            elif etype == REGISTRATION or etype == APPOINTMENT or etype == CHECK_IN:
+                row = (event_id, etype, prov, us, None, None, None, None, None, None, None, None)
+            elif etype == ADVERSE:
+                row = (event_id, etype, prov, us, None, None, None, None, p["severity"] == "serious",
+                       None, None, None)
+            else:  # ALLOCATION
+                row = (event_id, etype, prov, us, None, p["vaccine"], None, None, None, int(p["doses"]),
+                       p["allocation_id"], p["recipient"])
+            append((key, offset, event_id, row, None, None))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise InvalidEvent(topic, partition, offset, f"{type(e).__name__}: {e}") from e
+    return out
+
+
+# -- connections -----------------------------------------------------------------
+
+
+class _Connections:
+    """A psycopg_pool pool, a connection factory, or a DSN string."""
+
+    def __init__(self, source: Any):
+        self._pool = source if hasattr(source, "connection") and not isinstance(source, psycopg.Connection) else None
+        if self._pool is None:
+            if isinstance(source, str):
+                dsn = source
+                self._factory: Callable[[], psycopg.Connection] = lambda: psycopg.connect(dsn)
+            elif callable(source):
+                self._factory = source
+            else:
+                raise TypeError("Projector needs a psycopg_pool pool, a connection factory or a DSN")
+            self._local = threading.local()
+            self._all: list[psycopg.Connection] = []
+            self._lock = threading.Lock()
+
+    def get(self):
+        """A context manager yielding an idle connection (autocommit off)."""
+        if self._pool is not None:
+            return self._pool.connection()
+        return _ThreadConnection(self)
+
+    def _thread_conn(self) -> psycopg.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.broken:
+            conn = self._factory()
+            conn.autocommit = False
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    def close(self) -> None:
+        if self._pool is None:
+            with self._lock:
+                for c in self._all:
+                    c.close()
+                self._all.clear()
+
+
+class _ThreadConnection:
+    def __init__(self, owner: _Connections):
+        self._owner = owner
+
+    def __enter__(self) -> psycopg.Connection:
+        self._conn = self._owner._thread_conn()
+        return self._conn
+
+    def __exit__(self, *exc) -> None:
+        if not self._conn.closed and self._conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            self._conn.rollback()
+
+
+# -- the projector ---------------------------------------------------------------
+
+
+class Projector:
+    """The PostgreSQL projections of DESIGN §4 in schema `namespace`."""
+
+    def __init__(self, pool_or_conn_factory: Any, namespace: str = "proj"):
+        if not _NAMESPACE.match(namespace):
+            raise ValueError(f"namespace {namespace!r}: use lower-case letters, digits and _ (a PostgreSQL schema name)")
+        self.namespace = namespace
+        self.retries = 0  # batch transactions retried after a deadlock or serialization failure
+        self._conns = _Connections(pool_or_conn_factory)
+        ns = sql.Identifier(namespace).as_string()
+        self._sql = {
+            name: _format(text, ns)
+            for name, text in {
+                "schema": SCHEMA_SQL,
+                "lock_tracking": LOCK_TRACKING_SQL,
+                "upsert_facts": UPSERT_FACTS_SQL,
+                "upsert_voids": UPSERT_VOIDS_SQL,
+                "lock_subjects": LOCK_SUBJECTS_SQL,
+                "lock_subjects_2": LOCK_SUBJECTS_SQL_2,
+                "recompute": RECOMPUTE_SUBJECTS_SQL,
+                "counters": APPLY_COUNTERS_SQL,
+                "store_tracking": STORE_TRACKING_SQL,
+                "positions": f'SELECT topic, partition, "offset" FROM {ns}.tracking WHERE consumer_group = %s',
+                "all_positions": f'SELECT topic, partition, max("offset") FROM {ns}.tracking GROUP BY 1, 2',
+            }.items()
+        }
+
+    # -- schema ----------------------------------------------------------------
+    def ensure_schema(self) -> None:
+        """Create the namespace's tables if missing; safe to call from every worker at once."""
+        with self._conns.get() as conn:
+            with conn.transaction():
+                # CREATE … IF NOT EXISTS is not safe against a concurrent twin.
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("nhdp.projections." + self.namespace,))
+                conn.execute(self._sql["schema"])
+
+    def drop_schema(self) -> None:
+        """Drop the namespace and everything in it (a finished replay, a test)."""
+        with self._conns.get() as conn:
+            with conn.transaction():
+                conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(self.namespace)))
+
+    def close(self) -> None:
+        """Close connections this projector opened itself (not a pool's)."""
+        self._conns.close()
+
+    # -- tracking record ---------------------------------------------------------
+    def positions(self, consumer_group: str) -> dict[tuple[str, int], int]:
+        """The last applied offset per (topic, partition); a worker resumes at offset + 1."""
+        with self._conns.get() as conn:
+            with conn.transaction():
+                rows = conn.execute(self._sql["positions"], (consumer_group,)).fetchall()
+        return {(t, p): o for t, p, o in rows}
+
+    def wait_for(
+        self,
+        positions: Mapping[tuple[str, int], int],
+        timeout: float = 10.0,
+        consumer_group: str | None = None,
+        poll_interval: float = 0.02,
+    ) -> None:
+        """Block until every (topic, partition) has been applied up to its offset.
+
+        Raises TimeoutError naming the partitions still behind. Without a
+        consumer_group, any group that applied the position counts.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            if consumer_group is None:
+                with self._conns.get() as conn:
+                    with conn.transaction():
+                        rows = conn.execute(self._sql["all_positions"]).fetchall()
+                done = {(t, p): o for t, p, o in rows}
+            else:
+                done = self.positions(consumer_group)
+            behind = {k: (v, done.get(k)) for k, v in positions.items() if done.get(k, -1) < v}
+            if not behind:
+                return
+            if time.monotonic() >= deadline:
+                detail = ", ".join(f"{t}[{p}] at {have} < {want}" for (t, p), (want, have) in sorted(behind.items()))
+                raise TimeoutError(f"projections in {self.namespace!r} not caught up after {timeout}s: {detail}")
+            time.sleep(poll_interval)
+
+    # -- applying ----------------------------------------------------------------
+    def apply_batch(
+        self, messages: Sequence[tuple[str, int, int, Mapping[str, Any] | None]], consumer_group: str
+    ) -> BatchResult:
+        """Apply decoded events and record their offsets, in one transaction.
+
+        messages: (topic, partition, offset, event) in any order; event may be
+        None for a message that was consumed but has nothing to apply (it still
+        moves the recorded offset). Raises InvalidEvent for an unreadable event
+        before writing anything.
+        """
+        if not messages:
+            return BatchResult(0, 0, 0)
+        prepared = _prepare(messages)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                with self._conns.get() as conn:
+                    with conn.transaction():
+                        return self._apply(conn, prepared, consumer_group)
+            except RETRYABLE:
+                if attempt >= MAX_ATTEMPTS:
+                    raise
+                self.retries += 1
+                time.sleep(random.uniform(0, 0.01 * 2**attempt))
+
+    def _apply(self, conn: psycopg.Connection, prepared: list[tuple], group: str) -> BatchResult:
+        q = self._sql
+        keys = sorted({m[0] for m in prepared})
+        cur = conn.cursor()
+        cur.execute(
+            q["lock_tracking"],
+            {"group": group, "topics": [k[0] for k in keys], "partitions": [k[1] for k in keys]},
+        )
+        stored = {(t, p): o for t, p, o in cur.fetchall()}
+
+        new_offsets: dict[tuple[str, int], int] = {}
+        facts: list[tuple] = []
+        voids: dict[str, str] = {}
+        dose_subjects: set[str] = set()
+        seen: set[str] = set()
+        skipped = in_batch_dups = applicable = 0
+        for key, offset, event_id, row, void, subject in prepared:
+            if offset <= stored[key]:
+                skipped += 1
+                continue
+            if offset > new_offsets.get(key, -1):
+                new_offsets[key] = offset
+            if event_id is None:
+                continue
+            if event_id in seen:
+                in_batch_dups += 1
+                continue
+            seen.add(event_id)
+            applicable += 1
+            if row is not None:
+                facts.append(row)
+                if subject is not None:
+                    dose_subjects.add(subject)
+            elif void is not None:
+                target, void_id = void
+                if target not in voids or void_id < voids[target]:
+                    voids[target] = void_id
+
+        if not new_offsets:
+            return BatchResult(0, skipped, 0)
+
+        cur.execute(TEMP_SQL)
+        not_new = 0
+        if facts:
+            with cur.copy(f"COPY _p_facts ({FACT_COLUMNS}) FROM STDIN") as copy:
+                write = copy.write_row
+                for row in facts:
+                    write(row)
+            cur.execute(q["upsert_facts"])
+            not_new = len(facts) - cur.rowcount
+        if voids:
+            with cur.copy("COPY _p_voids (target, void_id) FROM STDIN") as copy:
+                for item in voids.items():
+                    copy.write_row(item)
+            cur.execute(q["upsert_voids"])
+            dose_subjects.update(s for (s,) in cur.fetchall() if s is not None)
+        if dose_subjects:
+            subjects = sorted(dose_subjects)
+            cur.execute(q["lock_subjects"], {"subjects": subjects})
+            cur.execute(q["lock_subjects_2"], {"subjects": subjects})
+            cur.execute(q["recompute"], {"subjects": subjects})
+        ks = sorted(new_offsets)
+        cur.execute(
+            q["store_tracking"],
+            {
+                "group": group,
+                "topics": [k[0] for k in ks],
+                "partitions": [k[1] for k in ks],
+                "offsets": [new_offsets[k] for k in ks],
+            },
+        )
+        if facts or voids:
+            cur.execute(q["counters"])  # last: counter rows are shared by every worker
+        return BatchResult(applicable - not_new, skipped, in_batch_dups + not_new)

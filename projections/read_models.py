@@ -1,0 +1,252 @@
+"""Queries over the PostgreSQL projections (projections.projector) for the API.
+
+Every summary is read from the `counters` table (one small query over at most
+a few thousand rows), never by aggregating events, so the national summary
+stays fast under many concurrent clients. Figures are named as in DESIGN §4.
+
+`populations` maps province code to its 2019 population; None means the
+reference data (schemas.reference). coverage_pct and full_coverage_pct are
+computed here, at read time, rounded to 6 decimals.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+import psycopg
+from psycopg import sql
+
+from projections.projector import KEYED_FIGURES, SCALAR_FIGURES
+from schemas.reference import provinces
+
+# The order of the figures in every summary.
+FIGURES = (
+    "registrations",
+    "declarations",
+    "declarations_with_symptoms",
+    "doses_administered",
+    "doses_by_number",
+    "doses_by_vaccine",
+    "people_vaccinated",
+    "people_fully_vaccinated",
+    "coverage_pct",
+    "full_coverage_pct",
+    "doses_allocated",
+    "doses_remaining",
+    "adverse_events",
+    "serious_adverse_events",
+)
+
+
+def _ns(namespace: str) -> sql.Identifier:
+    return sql.Identifier(namespace)
+
+
+def _populations(populations: Mapping[str, int] | None) -> dict[str, int]:
+    if populations is None:
+        return {code: p.population for code, p in provinces().items()}
+    return dict(populations)
+
+
+def _pct(part: int, whole: int | None) -> float:
+    return round(part / whole * 100, 6) if whole else 0.0
+
+
+def _summary(values: Mapping[tuple[str, str], int], population: int | None) -> dict[str, Any]:
+    """Figures from {(figure, key): value}."""
+    out: dict[str, Any] = {f: int(values.get((f, ""), 0)) for f in SCALAR_FIGURES}
+    for f in KEYED_FIGURES:
+        keyed = {k: int(v) for (fig, k), v in values.items() if fig == f and v}
+        order = (lambda k: (len(k), k)) if f == "doses_by_number" else (lambda k: k)
+        out[f] = {k: keyed[k] for k in sorted(keyed, key=order)}
+    out["coverage_pct"] = _pct(out["people_vaccinated"], population)
+    out["full_coverage_pct"] = _pct(out["people_fully_vaccinated"], population)
+    out["doses_remaining"] = out["doses_allocated"] - out["doses_administered"]
+    return {f: out[f] for f in FIGURES}
+
+
+def _province_dict(code: str, values: Mapping[tuple[str, str], int], pops: Mapping[str, int]) -> dict[str, Any]:
+    ref = provinces().get(code)
+    population = pops.get(code, ref.population if ref else None)
+    return {
+        "province_code": code,
+        "name": ref.name_vi if ref else code,
+        "population": population,
+        **_summary(values, population),
+    }
+
+
+def national_summary(
+    conn: psycopg.Connection, namespace: str = "proj", populations: Mapping[str, int] | None = None
+) -> dict[str, Any]:
+    """Every figure for the nation (the sum over provinces), plus its population."""
+    pops = _populations(populations)
+    rows = conn.execute(
+        sql.SQL("SELECT figure, key, sum(value)::bigint FROM {}.counters GROUP BY figure, key").format(_ns(namespace))
+    ).fetchall()
+    population = sum(pops.values())
+    return {"population": population, **_summary({(f, k): v for f, k, v in rows}, population)}
+
+
+def province_summary(
+    conn: psycopg.Connection, namespace: str, code: str, populations: Mapping[str, int] | None = None
+) -> dict[str, Any] | None:
+    """Every figure for one province; None for a code that is not a province."""
+    pops = _populations(populations)
+    if code not in provinces() and code not in pops:
+        return None
+    rows = conn.execute(
+        sql.SQL("SELECT figure, key, value FROM {}.counters WHERE province = %s").format(_ns(namespace)), (code,)
+    ).fetchall()
+    return _province_dict(code, {(f, k): v for f, k, v in rows}, pops)
+
+
+def all_provinces(
+    conn: psycopg.Connection, namespace: str = "proj", populations: Mapping[str, int] | None = None
+) -> list[dict[str, Any]]:
+    """The summary of every province (all 63, zeros where nothing happened), by code."""
+    pops = _populations(populations)
+    by_province: dict[str, dict[tuple[str, str], int]] = {}
+    rows = conn.execute(
+        sql.SQL("SELECT province, figure, key, value FROM {}.counters WHERE value <> 0").format(_ns(namespace))
+    ).fetchall()
+    for province, figure, key, value in rows:
+        by_province.setdefault(province, {})[(figure, key)] = value
+    codes = sorted(set(provinces()) | set(pops))
+    return [_province_dict(code, by_province.get(code, {}), pops) for code in codes]
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def citizen_record(conn: psycopg.Connection, namespace: str, subject_id: str) -> dict[str, Any] | None:
+    """One subject's valid doses, by (occurred_at, event_id); None if no dose of theirs was ever seen."""
+    ns = _ns(namespace)
+    state = conn.execute(
+        sql.SQL(
+            "SELECT province, first_dose, valid_doses, voided_doses, fully FROM {}.subjects WHERE subject_id = %s"
+        ).format(ns),
+        (subject_id,),
+    ).fetchone()
+    if state is None:
+        return None
+    doses = conn.execute(
+        sql.SQL(
+            "SELECT event_id, occurred_at, province, vaccine, dose_number, site_id FROM {}.events "
+            "WHERE subject_id = %s AND etype = 3 AND voided_by IS NULL ORDER BY occurred_at, event_id"
+        ).format(ns),
+        (subject_id,),
+    ).fetchall()
+    province, first_dose, _valid, voided, fully = state
+    return {
+        "subject_id": subject_id,
+        "doses": [
+            {
+                "event_id": str(e),
+                "occurred_at": _iso(t),
+                "province_code": p,
+                "vaccine": v,
+                "dose_number": n,
+                "site_id": s,
+            }
+            for e, t, p, v, n, s in doses
+        ],
+        "valid_doses": len(doses),
+        "voided_doses": voided,
+        "vaccinated": bool(doses),
+        "fully_vaccinated": fully,
+        # where people_vaccinated counts this subject: the earliest valid dose's province
+        "counted_in_province": province,
+        "earliest_dose_event_id": str(first_dose) if first_dose else None,
+    }
+
+
+# -- comparing two namespaces (nhdp replay --verify) ------------------------------
+
+_COUNTER_DIFF = """
+SELECT coalesce(a.province, b.province), coalesce(a.figure, b.figure), coalesce(a.key, b.key),
+       coalesce(a.value, 0), coalesce(b.value, 0)
+FROM {a}.counters a FULL JOIN {b}.counters b USING (province, figure, key)
+WHERE coalesce(a.value, 0) <> coalesce(b.value, 0)
+ORDER BY 1, 2, 3
+"""
+
+# A subject row with no doses left is the same state as no row at all.
+_SUBJECT_DIFF = """
+SELECT coalesce(a.subject_id, b.subject_id),
+       a.province, a.first_dose, coalesce(a.valid_doses, 0), coalesce(a.voided_doses, 0), coalesce(a.fully, false),
+       b.province, b.first_dose, coalesce(b.valid_doses, 0), coalesce(b.voided_doses, 0), coalesce(b.fully, false)
+FROM {a}.subjects a FULL JOIN {b}.subjects b USING (subject_id)
+WHERE (a.province, a.first_dose, coalesce(a.valid_doses, 0), coalesce(a.voided_doses, 0), coalesce(a.fully, false))
+      IS DISTINCT FROM
+      (b.province, b.first_dose, coalesce(b.valid_doses, 0), coalesce(b.voided_doses, 0), coalesce(b.fully, false))
+ORDER BY 1
+LIMIT %(limit)s
+"""
+
+# Arrived facts, their content and whether they are voided. A placeholder
+# (a void whose target never came) has no figures, so it is not compared.
+_EVENT_COLUMNS = ("etype", "province", "occurred_at", "subject_id", "vaccine", "dose_number", "site_id",
+                  "flag", "amount", "allocation_id", "recipient")
+_EVENT_DIFF = """
+SELECT coalesce(a.event_id, b.event_id), {a_cols}, a.voided_by IS NOT NULL, {b_cols}, b.voided_by IS NOT NULL
+FROM (SELECT * FROM {a}.events WHERE etype IS NOT NULL) a
+FULL JOIN (SELECT * FROM {b}.events WHERE etype IS NOT NULL) b USING (event_id)
+WHERE ({a_cols}, a.voided_by IS NOT NULL) IS DISTINCT FROM ({b_cols}, b.voided_by IS NOT NULL)
+ORDER BY 1
+LIMIT %(limit)s
+"""
+
+
+def _figure_name(figure: str, key: str) -> str:
+    return f"{figure}[{key}]" if key else figure
+
+
+def diff_namespaces(conn: psycopg.Connection, a: str, b: str, limit: int = 1000) -> list[str]:
+    """Differences between the projections of namespaces a and b, one line each.
+
+    Compares every counter (per province and figure), every subject's dose
+    state and every stored fact (content and voided or not). Offsets are not
+    compared: a replay runs under its own consumer group. At most `limit`
+    lines per kind of row.
+    """
+    ids = {"a": _ns(a), "b": _ns(b)}
+    out: list[str] = []
+    rows = conn.execute(sql.SQL(_COUNTER_DIFF).format(**ids)).fetchall()
+    national: dict[str, list[int]] = {}
+    for province, figure, key, va, vb in rows[:limit]:
+        out.append(f"province {province} {_figure_name(figure, key)}: {a}={va} {b}={vb}")
+    for province, figure, key, va, vb in rows:
+        n = national.setdefault(_figure_name(figure, key), [0, 0])
+        n[0] += va
+        n[1] += vb
+    for name, (va, vb) in sorted(national.items()):
+        if va != vb:
+            out.append(f"national {name}: {a}={va} {b}={vb}")
+
+    for sid, *vals in conn.execute(sql.SQL(_SUBJECT_DIFF).format(**ids), {"limit": limit}).fetchall():
+        sa, sb = vals[:5], vals[5:]
+        parts = [
+            f"{name}: {a}={x} {b}={y}"
+            for name, x, y in zip(("province", "earliest_dose", "valid_doses", "voided_doses", "fully"), sa, sb)
+            if x != y
+        ]
+        out.append(f"subject {sid} " + "; ".join(parts))
+
+    cols_a = sql.SQL(", ").join(sql.SQL("a.") + sql.Identifier(c) for c in _EVENT_COLUMNS)
+    cols_b = sql.SQL(", ").join(sql.SQL("b.") + sql.Identifier(c) for c in _EVENT_COLUMNS)
+    q = sql.SQL(_EVENT_DIFF).format(a_cols=cols_a, b_cols=cols_b, **ids)
+    n = len(_EVENT_COLUMNS) + 1
+    for eid, *vals in conn.execute(q, {"limit": limit}).fetchall():
+        ea, eb = vals[:n], vals[n:]
+        if ea[0] is None or eb[0] is None:
+            missing = a if ea[0] is None else b
+            out.append(f"event {eid}: missing in {missing}")
+            continue
+        parts = [
+            f"{name}: {a}={x} {b}={y}" for name, x, y in zip((*_EVENT_COLUMNS, "voided"), ea, eb) if x != y
+        ]
+        out.append(f"event {eid} " + "; ".join(parts))
+    return out

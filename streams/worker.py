@@ -1,0 +1,182 @@
+"""The stream worker: `health.events` → DLQ, province topics, PostgreSQL projections.
+
+One Faust agent reads the log in batches. For each batch:
+
+1. messages at or below the partition's tracking offset are dropped: they
+   were applied before a restart or rebalance;
+2. each message is decoded (codec) and checked; a failure goes to
+   `health.events.dlq` with its reason and origin in headers;
+3. every good event is copied byte for byte to `province.<code>.events`;
+4. the good events and the batch's last offsets are applied to the
+   projections in ONE PostgreSQL transaction (the tracking record).
+
+Steps 2–3 are acknowledged by Kafka before step 4 commits, so a crash in
+between re-sends them (at least once; consumers dedupe by event_id) but
+never loses them. Step 4 is effectively once because the offsets commit with
+the state. Faust's own committed offsets are not trusted: on assignment the
+worker seeks every partition to tracking offset + 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import faust
+from prometheus_client import Counter, Histogram
+
+from infra.kafka import TOPIC_DLQ, TOPIC_EVENTS, province_topic
+from nhdp.settings import Settings
+from schemas.catalog import CITIZEN_EVENT_TYPES
+from schemas.codec import Codec, CodecError
+from schemas.reference import provinces
+from schemas.registry_client import RegistryClient
+
+log = logging.getLogger("nhdp.worker")
+
+BATCH_SIZE = 5000
+BATCH_WITHIN_S = 0.5
+GROUP = "nhdp-projector"
+
+PROCESSED = Counter("nhdp_worker_events_total", "Events handled by the worker", ["outcome"])
+BATCH_SECONDS = Histogram("nhdp_worker_batch_seconds", "Time to route and project one batch")
+
+
+def semantic_error(event: dict[str, Any]) -> str | None:
+    """Checks a decodable event must still pass; the gateway enforces them too."""
+    et = event.get("event_type")
+    if event.get("province_code") not in provinces():
+        return f"province_code: unknown province {event.get('province_code')!r}"
+    if et in CITIZEN_EVENT_TYPES and not event.get("subject_id"):
+        return f"subject_id: missing on a {et}"
+    if et == "RecordVoided" and event["payload"].get("voided_event_id") == event.get("event_id"):
+        return "payload.voided_event_id: an event cannot void itself"
+    return None
+
+
+class Router:
+    """Decide, per message, DLQ or projection; pure apart from the codec's schema cache."""
+
+    def __init__(self, codec: Codec):
+        self.codec = codec
+
+    def split(self, values: list[bytes]) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
+        good, bad = [], []
+        for i, result in enumerate(self.codec.decode_many_lenient(values)):
+            if isinstance(result, CodecError):
+                bad.append((i, f"undecodable: {result}"))
+                continue
+            reason = semantic_error(result)
+            if reason:
+                bad.append((i, f"invalid: {reason}"))
+            else:
+                good.append((i, result))
+        return good, bad
+
+
+def create_app(settings: Settings, *, namespace: str = "proj", group: str = GROUP) -> faust.App:
+    from projections.projector import Projector
+    from psycopg_pool import ConnectionPool
+
+    app = faust.App(
+        group,
+        broker=f"kafka://{settings.kafka_bootstrap_servers}",
+        store="memory://",
+        web_enabled=False,
+        topic_allow_declare=False,  # the contract's topics are created by `nhdp up`
+        topic_disable_leader=True,
+        topic_partitions=settings.kafka_partitions,
+        broker_commit_every=BATCH_SIZE,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        producer_compression_type="lz4",
+        stream_buffer_maxsize=4 * BATCH_SIZE,
+    )
+    events = app.topic(TOPIC_EVENTS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    pool = ConnectionPool(settings.postgres_url, min_size=1, max_size=2, open=False)
+    state: dict[str, Any] = {}
+
+    def projector() -> Projector:
+        if "projector" not in state:
+            pool.open()
+            state["projector"] = Projector(pool, namespace=namespace)
+            state["projector"].ensure_schema()
+            state["router"] = Router(Codec(RegistryClient(settings.registry_url)))
+        return state["projector"]
+
+    @app.on_partitions_assigned.connect
+    async def seek_to_tracking(app_, assigned, **kwargs):
+        # The tracking record, not Faust's committed offset, says where we are.
+        positions = await asyncio.to_thread(lambda: projector().positions(group))
+        for tp in assigned:
+            if tp.topic == TOPIC_EVENTS:
+                await app.consumer.seek(tp, positions.get((tp.topic, tp.partition), -1) + 1)
+
+    @app.agent(events)
+    async def project(stream):
+        async for batch in stream.take_events(BATCH_SIZE, within=BATCH_WITHIN_S):
+            started = time.perf_counter()
+            await handle_batch(app, batch)
+            BATCH_SECONDS.observe(time.perf_counter() - started)
+
+    async def handle_batch(app_: faust.App, batch: list) -> None:
+        proj = projector()
+        router: Router = state["router"]
+        msgs = [e.message for e in batch]
+        good, bad = await asyncio.to_thread(router.split, [m.value for m in msgs])
+        sends = []
+        for i, reason in bad:
+            m = msgs[i]
+            headers = list(m.headers or []) + [
+                ("dlq_reason", reason.encode()),
+                ("source_topic", m.topic.encode()),
+                ("source_partition", str(m.partition).encode()),
+                ("source_offset", str(m.offset).encode()),
+            ]
+            sends.append(await app_.producer.send(TOPIC_DLQ, m.key, m.value, None, None, headers))
+        for i, event in good:
+            m = msgs[i]
+            sends.append(
+                await app_.producer.send(province_topic(event["province_code"]), m.key, m.value, None, None, m.headers)
+            )
+        if sends:
+            await asyncio.gather(*sends)
+        applied = [(msgs[i].topic, msgs[i].partition, msgs[i].offset, event) for i, event in good]
+        # Offsets of DLQ'd messages must be tracked too, or a restart would re-route them.
+        marks = [(msgs[i].topic, msgs[i].partition, msgs[i].offset, None) for i, _ in bad]
+        await apply_with_retry(proj, applied + marks)
+        PROCESSED.labels("projected").inc(len(good))
+        PROCESSED.labels("dlq").inc(len(bad))
+
+    async def apply_with_retry(proj, messages) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await asyncio.to_thread(proj.apply_batch, messages, group)
+                return
+            except Exception as exc:  # noqa: BLE001 - PostgreSQL down: back-pressure, never skip
+                log.warning("projection batch failed (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    from nhdp.settings import get_settings
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--nhdp-data" in argv:  # the process manager's marker, not Faust's
+        k = argv.index("--nhdp-data")
+        del argv[k : k + 2]
+    app = create_app(get_settings())
+    sys.argv = ["nhdp-worker", "worker", "-l", "warn", *argv]
+    app.main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Session fixtures: the real local stack, once per test run, on ports of its own.
+
+The stack lives in a temporary data folder and is stopped at the end of the
+run even after a failure, so a test run never touches (or collides with) the
+developer's own `nhdp up` stack on the default ports.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from nhdp import settings as settings_mod
+from nhdp.settings import CHECKOUT, Settings
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def stack_env(data_dir: Path) -> dict[str, str]:
+    """NHDP_* variables for a private stack in data_dir on free ports."""
+    kafka, controller, pg, ch, ch_http, registry, api = free_ports(7)
+    return {
+        "NHDP_DATA_DIR": str(data_dir),
+        "NHDP_JAR_CACHE": str(CHECKOUT / ".nhdp" / "cache" / "kafka-jars"),
+        "NHDP_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{kafka}",
+        "NHDP_KAFKA_CONTROLLER_PORT": str(controller),
+        "NHDP_POSTGRES_PORT": str(pg),
+        "NHDP_CLICKHOUSE_PORT": str(ch),
+        "NHDP_CLICKHOUSE_HTTP_PORT": str(ch_http),
+        "NHDP_REGISTRY_PORT": str(registry),
+        "NHDP_API_PORT": str(api),
+    }
+
+
+@pytest.fixture(scope="session")
+def stack_settings(tmp_path_factory) -> Settings:
+    """A running local stack: PostgreSQL, Kafka, ClickHouse (if installed), registry."""
+    from infra import stack
+
+    if os.environ.get("CI") == "true":
+        from infra.clickhouse import server_binary
+
+        if server_binary() is None:
+            pytest.fail("CI needs clickhouse-server for the native-protocol tests: apt-get install -y clickhouse-server")
+
+    env = stack_env(tmp_path_factory.mktemp("stack"))
+    for name in [k for k in os.environ if k.startswith("NHDP_")]:
+        os.environ.pop(name)
+    os.environ.update(env)
+    settings_mod.get_settings.cache_clear()
+    settings = Settings()
+    try:
+        stack.up(settings)
+        yield settings
+    finally:
+        stack.down(settings)
