@@ -26,6 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import psycopg  # noqa: E402
+
 from projections.projector import Projector  # noqa: E402
 
 PROVINCES = [f"{c:02d}" for c in (1, 79, 48, 92, 31, 75, 74, 26, 27, 38, 40, 44, 46, 56, 60, 80, 83, 87, 89, 91)]
@@ -84,16 +86,28 @@ def generate(n: int, seed: int, n_subjects: int) -> list[dict]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process on this machine (0 if not visible)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def worker(dsn: str, namespace: str, partition: int, n: int, batch: int, n_subjects: int, start, results) -> None:
     events = generate(n, seed=partition + 1, n_subjects=n_subjects)
     msgs = [("health.events", partition, i, e) for i, e in enumerate(events)]
-    projector = Projector(dsn, namespace)
+    conn = psycopg.connect(dsn)
+    projector = Projector(lambda: conn, namespace)
+    backend = conn.info.backend_pid
     start.wait()
-    t0 = time.perf_counter()
+    t0, py0, pg0 = time.perf_counter(), time.process_time(), cpu_seconds(backend)
     for i in range(0, len(msgs), batch):
         projector.apply_batch(msgs[i:i + batch], "bench")
-    results.put((partition, n, time.perf_counter() - t0, projector.retries))
-    projector.close()
+    wall = time.perf_counter() - t0
+    results.put((partition, n, wall, projector.retries, time.process_time() - py0, cpu_seconds(backend) - pg0))
+    conn.close()
 
 
 def run(dsn: str, batch: int, events: int, workers: int, n_subjects: int, keep: bool) -> float:
@@ -115,9 +129,12 @@ def run(dsn: str, batch: int, events: int, workers: int, n_subjects: int, keep: 
     for p in procs:
         p.join()
     retries = sum(r[3] for r in out)
+    py_cpu, pg_cpu = sum(r[4] for r in out), sum(r[5] for r in out)
     rate = per * workers / wall
-    print(f"batch {batch:>6}: {per * workers:>8} events by {workers} worker(s) in {wall:6.2f}s = "
-          f"{rate:>9,.0f} events/s  (retried batches: {retries})", flush=True)
+    total = per * workers
+    print(f"batch {batch:>6}: {total:>8} events by {workers} worker(s) in {wall:6.2f}s = {rate:>8,.0f} events/s; "
+          f"CPU per 100k events: python {py_cpu / total * 1e5:.2f}s, postgres {pg_cpu / total * 1e5:.2f}s "
+          f"(= {total / (py_cpu + pg_cpu):,.0f} events per CPU-second); retried batches: {retries}", flush=True)
     if not keep:
         setup.drop_schema()
     setup.close()

@@ -58,6 +58,26 @@ def registry_service(settings: Settings) -> Managed:
     )
 
 
+def worker_service(settings: Settings, name: str = "worker") -> Managed:
+    from streams.worker import ready_path
+
+    svc = python_service(settings, name, "streams.worker", ready=lambda: False)
+    svc.ready = lambda: (pid := svc.pid()) is not None and ready_path(settings, pid).exists()
+    return svc
+
+
+def api_service(settings: Settings) -> Managed:
+    return python_service(
+        settings,
+        "api",
+        "nhdp.cli",
+        "api",
+        ready=lambda: _http_ok(f"{settings.api_url}/v1/national/summary"),
+        port=settings.api_port,
+        url=settings.api_url,
+    )
+
+
 def province_codes() -> list[str]:
     from schemas.reference import province_codes as codes
 
@@ -76,6 +96,8 @@ def steps(settings: Settings) -> list[Step]:
             Step(clickhouse.server_service(settings), lambda: None, lambda: clickhouse.ensure_database(settings))
         )
     out.append(Step(registry_service(settings), lambda: None, lambda: register_catalog(settings)))
+    out.append(Step(worker_service(settings)))
+    out.append(Step(api_service(settings)))
     return out
 
 

@@ -97,6 +97,135 @@ def cmd_demo(args) -> int:
     return demo.run(get_settings(), console)
 
 
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console,
+    )
+
+
+def cmd_simulate(args) -> int:
+    import time
+    from pathlib import Path
+
+    from producers.simulator import simulate
+
+    settings = get_settings()
+    sim = simulate(args.scenario, seed=args.seed, scale=args.scale, days=args.days, daily_doses=args.daily_doses)
+    out = Path(args.out or settings.data_dir / "simulations" / f"{args.scenario}-seed{args.seed}-x{args.scale:g}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "expected.json").write_bytes(orjson.dumps(sim.expected(), option=orjson.OPT_INDENT_2))
+    total = sim.total_events
+    published, started = 0, time.perf_counter()
+    if args.via == "gateway":
+        from producers.client import GatewayClient, Tally
+
+        client, tally = GatewayClient(settings.api_url), Tally()
+        send = lambda batch: tally.add(client.post(batch, tally))  # noqa: E731
+    else:
+        from producers.pseudonym import Pseudonymiser
+        from producers.sdk import EventProducer
+
+        producer = EventProducer(settings, source="simulator")
+        pseudonymiser = Pseudonymiser.from_settings(settings)
+        send = lambda batch: producer.publish_json(batch, pseudonymiser)  # noqa: E731
+    with _progress() as progress:
+        task = progress.add_task(f"{args.scenario} via {args.via}", total=total, rate="")
+        for batch in sim.batches(args.batch):
+            send(batch)
+            published += len(batch)
+            rate = published / (time.perf_counter() - started)
+            progress.update(task, advance=len(batch), rate=f"{rate:,.0f} ev/s")
+    elapsed = time.perf_counter() - started
+    if args.via == "gateway":
+        client.close()
+        if tally.rejected:
+            err.print(f"[red]{len(tally.rejected)} events rejected[/]; first: {escape(str(tally.rejected[0]))}")
+            return 1
+        console.print(f"gateway: {tally.accepted:,} accepted, {tally.duplicates:,} duplicates, {tally.retries} retries")
+    else:
+        producer.close()
+    console.print(
+        f"published {published:,} events in {elapsed:.1f}s ({published / max(elapsed, 1e-9):,.0f} events/s); "
+        f"expected figures: {out / 'expected.json'}"
+    )
+    return 0
+
+
+def cmd_import(args) -> int:
+    """Post a JSON-lines file through the gateway; every line ends accepted, duplicate or in the reject file."""
+    import os
+    from pathlib import Path
+
+    from producers.client import GatewayClient, Tally
+
+    settings = get_settings()
+    src = Path(args.file)
+    rejects_path = Path(args.rejects or f"{src}.rejects.jsonl")
+    client, tally = GatewayClient(settings.api_url), Tally()
+    local_rejects: list[dict] = []
+    lines = 0
+    with open(src, "rb") as f, _progress() as progress:
+        task = progress.add_task(f"import {src.name}", total=os.path.getsize(src), rate="")
+        batch: list = []
+        line_of: list[int] = []
+
+        def flush():
+            if batch:
+                answer = client.post(batch, tally)
+                tally.accepted += answer["accepted"]
+                tally.duplicates += answer["duplicates"]
+                for r in answer["rejected"]:
+                    tally.rejected.append({**r, "line": line_of[r["index"]]})
+                batch.clear()
+                line_of.clear()
+
+        for lineno, raw in enumerate(f, 1):
+            lines += 1
+            progress.update(task, advance=len(raw))
+            if not raw.strip():
+                continue
+            try:
+                batch.append(orjson.loads(raw))
+                line_of.append(lineno)
+            except orjson.JSONDecodeError as exc:
+                local_rejects.append({"line": lineno, "errors": [f"line: not valid JSON: {exc}"]})
+            if len(batch) >= args.batch:
+                flush()
+        flush()
+    client.close()
+    rejected = local_rejects + [{"line": r["line"], "event_id": r.get("event_id"), "errors": r["errors"]} for r in tally.rejected]
+    rejected.sort(key=lambda r: r["line"])
+    with open(rejects_path, "wb") as out:
+        for r in rejected:
+            out.write(orjson.dumps(r) + b"\n")
+    console.print(
+        f"{lines:,} lines: {tally.accepted:,} accepted, {tally.duplicates:,} duplicates, "
+        f"{len(rejected):,} rejected (reasons in {rejects_path})"
+    )
+    return 1 if rejected else 0
+
+
+def cmd_worker(args) -> int:
+    from streams.worker import main as worker_main
+
+    worker_main(args.rest)
+    return 0
+
+
+def cmd_api(args) -> int:
+    import uvicorn
+
+    from projections.api import create_app
+
+    settings = get_settings()
+    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level="warning",
+                access_log=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nhdp", description="NHDP national health-data platform")
     sub = p.add_subparsers(dest="command", required=True)
@@ -109,6 +238,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     r.set_defaults(fn=cmd_reset)
     sub.add_parser("demo", help="stack up, then the demo").set_defaults(fn=cmd_demo)
+    sim = sub.add_parser("simulate", help="generate a campaign and publish it")
+    sim.add_argument("--scenario", choices=["hcmc-2021-06", "national"], default="hcmc-2021-06")
+    sim.add_argument("--seed", type=int, default=2021)
+    sim.add_argument("--scale", type=float, default=1.0, help="fraction of the scenario's people and doses")
+    sim.add_argument("--days", type=int, default=1, help="national: number of days")
+    sim.add_argument("--daily-doses", type=int, default=1_400_000, help="national: doses per day")
+    sim.add_argument("--via", choices=["sdk", "gateway"], default="sdk")
+    sim.add_argument("--batch", type=int, default=5000)
+    sim.add_argument("--out", help="folder for expected.json (default under the data folder)")
+    sim.set_defaults(fn=cmd_simulate)
+    imp = sub.add_parser("import", help="post a JSON-lines file through the gateway")
+    imp.add_argument("file")
+    imp.add_argument("--rejects", help="where to write rejected lines with reasons (default FILE.rejects.jsonl)")
+    imp.add_argument("--batch", type=int, default=5000)
+    imp.set_defaults(fn=cmd_import)
+    w = sub.add_parser("worker", help="run a stream worker (Faust) in the foreground")
+    w.add_argument("rest", nargs=argparse.REMAINDER)
+    w.set_defaults(fn=cmd_worker)
+    api = sub.add_parser("api", help="run the gateway and query API in the foreground")
+    api.add_argument("--nhdp-data", help=argparse.SUPPRESS)  # the process manager's marker
+    api.set_defaults(fn=cmd_api)
     return p
 
 

@@ -31,9 +31,9 @@ from prometheus_client import Counter, Histogram
 from psycopg_pool import ConnectionPool
 
 from nhdp.settings import Settings
-from producers.pseudonym import Pseudonymiser
+from producers.pseudonym import Pseudonymiser, edge_record
 from producers.sdk import EventProducer, PublishError
-from schemas.models import to_avro_record, validate_event
+from schemas.models import validate_event
 
 log = logging.getLogger("nhdp.gateway")
 
@@ -115,9 +115,7 @@ class Gateway:
                         "event_id: repeated in this request with different content"]})
                 continue
             first_by_id[event_id] = h
-            citizen_id = validated.payload.get("citizen_id")
-            subject_id = self.pseudonymiser.subject_id(citizen_id) if citizen_id else None
-            record = to_avro_record(validated, subject_id)
+            record = edge_record(validated, self.pseudonymiser)
             if trace_id and not record.get("trace_id"):
                 record["trace_id"] = trace_id
             candidates.append((i, event_id, h, record))

@@ -30,3 +30,12 @@ class Pseudonymiser:
         if not CITIZEN_ID.match(citizen_id):
             raise ValueError("citizen_id must be 9 or 12 digits")
         return hmac.new(self._key, citizen_id.encode(), hashlib.sha256).hexdigest()
+
+
+def edge_record(validated, pseudonymiser: Pseudonymiser) -> dict:
+    """A validated JSON-form event as the Avro record that may leave the edge:
+    citizen_id replaced by its subject_id, nothing else changed."""
+    from schemas.models import to_avro_record
+
+    citizen_id = validated.payload.get("citizen_id")
+    return to_avro_record(validated, pseudonymiser.subject_id(citizen_id) if citizen_id else None)

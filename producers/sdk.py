@@ -116,6 +116,25 @@ class EventProducer:
             raise PublishError(failed, [r["event_id"] for r in records], positions)
         return [positions[i] for i in range(len(records))]
 
+    def publish_json(self, events: Sequence[dict[str, Any]], pseudonymiser, *, trace_id: str | None = None) -> list[Position]:
+        """Validate and pseudonymise JSON-form events, then publish them all or none.
+
+        Invalid input raises ValueError naming every bad event and reason before
+        anything is sent: internal producers get the gateway's checks too."""
+        from producers.pseudonym import edge_record
+        from schemas.models import validate_event
+
+        records, problems = [], []
+        for i, raw in enumerate(events):
+            validated, errors = validate_event(raw)
+            if errors:
+                problems.append(f"#{i} {raw.get('event_id') if isinstance(raw, dict) else ''}: {'; '.join(errors)}")
+            else:
+                records.append(edge_record(validated, pseudonymiser))
+        if problems:
+            raise ValueError(f"{len(problems)} invalid event(s), nothing published: " + " | ".join(problems[:20]))
+        return self.publish_many(records, trace_id=trace_id)
+
     def close(self, timeout: float = 10.0) -> None:
         self._producer.close(timeout=timeout)
 

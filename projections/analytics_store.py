@@ -20,7 +20,9 @@ Decimal → Decimal, Enum → str. One rule is ours: every DateTime comes back a
 an aware datetime in UTC, because chDB drops the time zone from DateTime types
 in Native output while the server keeps it. On insert, a DateTime column takes
 an aware datetime, a naive one meaning UTC if the column is DateTime('UTC'), or
-int epoch seconds (fastest).
+int epoch seconds, which skips a time-zone conversion per value and is the
+fastest (bench/bench_analytics_store.py). An insert is one block, so
+one part per partition it touches: keep batches to 10k-100k rows.
 
 Parameters are substituted here, on the client, the same way for both engines
 (ClickHouse 18.16 has no server-side parameters): write `%(name)s` and pass a
@@ -30,19 +32,31 @@ Python type is written.
 The SQL both engines accept (DESIGN §6: Debian's 18.16 and chDB 26.x)
 -------------------------------------------------------------------
 Works on both: MergeTree and ReplacingMergeTree(ver) with PARTITION BY/ORDER BY,
-FINAL, argMin/argMax, uniqExact, countIf/sumIf, toDate(t, 'Asia/Ho_Chi_Minh'),
-toStartOfDay(t, tz), arrays (has, length, arrayJoin), Nullable, UUID, tuples,
-`IN (…)` with a tuple, LIMIT n BY, WITH TOTALS, subqueries.
-Avoid (18.16 rejects or differs): LowCardinality columns (experimental there,
-needs allow_experimental_low_cardinality_type), DateTime64, Map, Bool and the
-true/false literals (use UInt8 and 1/0), FILTER (WHERE …) (use countIf),
-WITH FILL, window functions, TTL, column CODECs, `IN [list]` (use a tuple),
-`IN ()` (quote() writes an empty sequence as `(NULL)`, which matches nothing on
-both), `has([], x)` on an untyped empty array, and `SELECT *` over a JOIN (18.16
-also returns the right-hand key). Don't alias an expression with the name of a
-column it reads: 26.x's analyzer resolves such names differently. Pass an
-explicit time zone to every date function; plain DateTime columns follow the
-server's time zone (UTC in the local stack, maybe not in production).
+FINAL, SYSTEM STOP/START MERGES, argMin/argMax (also over a tuple, e.g.
+argMin(province_code, (occurred_at, event_id))), uniqExact, countIf/sumIf,
+toDate(t, 'Asia/Ho_Chi_Minh'), toStartOfDay(t, tz), arrays (has, length,
+ARRAY JOIN), Nullable, UUID, Decimal, tuples, `IN (…)` with a tuple, LIMIT n BY,
+HAVING, subqueries.
+
+Avoid, because 18.16 rejects it: LowCardinality columns (experimental there),
+DateTime64, Map, Bool and the true/false literals (use UInt8 and 1/0),
+FILTER (WHERE …) (use countIf), WITH FILL, window functions, TTL, column
+CODECs, `IN [list]` (use a tuple), `IN ()` (quote() writes an empty sequence as
+`(NULL)`, which matches nothing on both), `has([], x)` on an untyped empty array.
+
+Avoid, because the engines silently differ:
+* GROUP BY/ORDER BY a position (`ORDER BY 1`): 26.x reads the first column,
+  18.16 the constant 1, leaving rows unsorted.
+* WITH TOTALS: the driver appends the totals row, chDB's Native output drops it.
+* `SELECT *` over a JOIN: 18.16 also returns the right-hand key.
+* Counting raw rows of a ReplacingMergeTree: duplicates sit in unmerged parts
+  on both, but 26.x (optimize_on_insert) collapses those within one insert and
+  18.16 keeps them. Count through FINAL, or GROUP BY the key with argMax.
+* Date functions without a time zone: plain DateTime columns follow the
+  session's zone (UTC here and in the local server, maybe not in production).
+  Pass the zone, and declare columns DateTime('UTC').
+Also, on both: an alias that reuses a column's name (`sum(x) AS x`) replaces
+that column everywhere in the query, WHERE included.
 
 Ownership of a chDB folder
 --------------------------
@@ -63,12 +77,16 @@ open, though several sessions on the same folder are fine. So the rule is:
 * Within the owning process, each ChdbStore has its own chDB session (they run
   concurrently) and they share the one lock; it is released when the last
   store on the folder is closed. Opening a different folder while one is open
-  raises AnalyticsStoreError.
+  raises AnalyticsStoreError. A test module that opens chDB in-process should
+  close it at the module's end, so the next module may open its own folder.
+* A child forked after the store was opened inherits the lock (and a broken
+  copy of chDB): start worker processes first, then open the store.
 """
 
 from __future__ import annotations
 
 import fcntl
+import gc
 import json
 import math
 import os
@@ -76,6 +94,7 @@ import re
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from datetime import date, datetime, timezone
 from decimal import Decimal
 from enum import Enum
@@ -236,6 +255,19 @@ def _insert_target(table: str, columns: Sequence[str]) -> tuple[str, str]:
     return qtable, ", ".join(_quote_name(c) for c in columns)
 
 
+@contextmanager
+def _collector_paused():
+    """Bulk encoding allocates millions of objects, which sets off full collections
+    that find nothing to free; pausing the collector doubles the insert rate."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def _transpose(columns: Sequence[str], rows: Sequence[Sequence]) -> list[list]:
     """Rows → one fresh list per column (the driver's encoders rewrite them in place)."""
     width = len(columns)
@@ -353,16 +385,18 @@ class NativeStore:
         if not rows:
             return 0
         qtable, qcolumns = _insert_target(table, columns)
-        data = _transpose(columns, rows)
         sql = f"INSERT INTO {qtable} ({qcolumns}) VALUES"
-        with self._lock:
-            try:
+        try:
+            with self._lock, _collector_paused():
+                data = _transpose(columns, rows)
                 return int(self._client.execute(sql, data, columnar=True, types_check=False))
-            except Exception as exc:
-                error = self._error(exc, sql)
-                if not _is_server_side(exc):
-                    error = self._explain_bad_rows(table, qtable, columns, rows) or error
-                raise error from exc
+        except AnalyticsStoreError:
+            raise
+        except Exception as exc:
+            error = self._error(exc, sql)
+            if not _is_server_side(exc):
+                error = self._explain_bad_rows(table, qtable, columns, rows) or error
+            raise error from exc
 
     def _explain_bad_rows(self, table: str, qtable: str, columns: Sequence[str], rows) -> AnalyticsStoreError | None:
         """The driver failed to encode the rows; say which column, as the chDB engine does."""
@@ -635,10 +669,12 @@ class ChdbStore:
         missing = [c for c in columns if c.strip("`") not in types]
         if missing:
             raise AnalyticsStoreError(f"chDB: table {table} has no column(s) {missing}", engine=self.engine)
-        data = _transpose(columns, rows)
         columns_with_types = [(c, types[c.strip("`")]) for c in columns]
         try:
-            block = _native().encode(columns_with_types, data)
+            with _collector_paused():
+                block = _native().encode(columns_with_types, _transpose(columns, rows))
+        except AnalyticsStoreError:
+            raise
         except Exception:
             why = _native().explain(columns_with_types, rows)
             raise AnalyticsStoreError(f"chDB: rows for {table} do not fit: {why}", engine=self.engine) from None
@@ -673,6 +709,13 @@ class ChdbStore:
 
     def __exit__(self, *exc):
         self.close()
+
+    def __del__(self):
+        # A store dropped without close() must not keep the folder owned for the process's life.
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def __repr__(self):
         return f"<ChdbStore {self.path} database={self.database}>"

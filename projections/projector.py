@@ -71,15 +71,13 @@ import psycopg
 from psycopg import errors, sql
 
 # Stored event types; the codes are part of the table contents.
-DECLARATION, REGISTRATION, DOSE, ADVERSE, ALLOCATION, APPOINTMENT, CHECK_IN = 1, 2, 3, 4, 5, 6, 7
+DECLARATION, REGISTRATION, DOSE, ADVERSE, ALLOCATION = 1, 2, 3, 4, 5
 ETYPES = {
     "HealthDeclarationSubmitted": DECLARATION,
     "VaccinationRegistered": REGISTRATION,
     "DoseAdministered": DOSE,
     "AdverseEventReported": ADVERSE,
     "VaccineAllocated": ALLOCATION,
-    "AppointmentScheduled": APPOINTMENT,
-    "CheckedIn": CHECK_IN,
 }
 VOID = "RecordVoided"
 
@@ -174,15 +172,21 @@ CREATE TABLE IF NOT EXISTS {ns}.events (
 );
 CREATE INDEX IF NOT EXISTS events_doses_by_subject ON {ns}.events (subject_id) WHERE etype = 3;
 
--- Per-subject dose state, derived from the subject's valid doses; the row is
--- also the lock that serialises recomputation of one subject.
+-- Per-subject dose state, a function of the subject's valid doses. The row is
+-- also the lock that serialises changes to one subject.
 CREATE TABLE IF NOT EXISTS {ns}.subjects (
     subject_id text PRIMARY KEY,
     province text,             -- of the earliest valid dose; NULL: no valid dose
-    first_dose uuid,           -- event_id of the earliest valid dose
-    valid_doses integer NOT NULL DEFAULT 0,
-    voided_doses integer NOT NULL DEFAULT 0,
-    fully boolean NOT NULL DEFAULT false
+    first_at timestamptz,      -- the earliest valid dose: (first_at, first_dose)
+    first_dose uuid,
+    valid_doses integer NOT NULL,
+    janssen boolean NOT NULL,  -- has a valid janssen dose
+    fully boolean NOT NULL,
+    -- the counted (province, fully) before the last upsert, so that one
+    -- INSERT … ON CONFLICT can also return the change (RETURNING has no OLD
+    -- before PostgreSQL 18). Not part of the state.
+    prev_province text,
+    prev_fully boolean
 ) WITH (fillfactor = 80);
 
 -- Every figure of DESIGN §4 per province; key is '' for unkeyed figures.
@@ -214,7 +218,7 @@ CREATE TEMP TABLE IF NOT EXISTS _p_facts (
 CREATE TEMP TABLE IF NOT EXISTS _p_voids (target uuid, void_id uuid) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS _p_changes (
     sign smallint, etype smallint, province text, vaccine text, dose_number smallint,
-    flag boolean, amount bigint, subject_id text
+    flag boolean, amount bigint, subject_id text, event_id uuid, occurred_at timestamptz
 ) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS _p_people (province text, figure text, delta integer) ON COMMIT DELETE ROWS;
 """
@@ -233,7 +237,8 @@ ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET "offset" = t."offse
 RETURNING t.topic, t.partition, t."offset"
 """
 
-# sign 1: the fact counts now; sign 0: it arrived already voided.
+# sign 1: the fact counts now; sign 0: it arrived already voided. A duplicate
+# (etype already set) is not returned.
 UPSERT_FACTS_SQL = """
 WITH up AS (
     INSERT INTO {ns}.events AS e (event_id, etype, province, occurred_at, subject_id, vaccine,
@@ -247,10 +252,13 @@ WITH up AS (
         dose_number = excluded.dose_number, site_id = excluded.site_id, flag = excluded.flag,
         amount = excluded.amount, allocation_id = excluded.allocation_id, recipient = excluded.recipient
     WHERE e.etype IS NULL
-    RETURNING e.voided_by IS NULL AS live, e.etype, e.province, e.vaccine, e.dose_number, e.flag, e.amount
+    RETURNING e.voided_by IS NULL AS live, e.etype, e.province, e.vaccine, e.dose_number, e.flag, e.amount,
+              e.subject_id, e.event_id, e.occurred_at
 )
-INSERT INTO _p_changes (sign, etype, province, vaccine, dose_number, flag, amount)
-SELECT CASE WHEN live THEN 1 ELSE 0 END, etype, province, vaccine, dose_number, flag, amount FROM up
+INSERT INTO _p_changes (sign, etype, province, vaccine, dose_number, flag, amount, subject_id, event_id, occurred_at)
+SELECT CASE WHEN live THEN 1 ELSE 0 END, etype, province, vaccine, dose_number, flag, amount,
+       subject_id, event_id, occurred_at
+FROM up
 """
 
 # A void of an arrived fact retracts it (sign -1); of anything else it only
@@ -269,53 +277,91 @@ WHERE etype IS NOT NULL
 RETURNING subject_id
 """
 
-LOCK_SUBJECTS_SQL = """
-INSERT INTO {ns}.subjects (subject_id) SELECT unnest(%(subjects)s::text[]) ON CONFLICT DO NOTHING;
-"""
-LOCK_SUBJECTS_SQL_2 = """
-SELECT count(*) FROM (
-    SELECT 1 FROM {ns}.subjects WHERE subject_id = ANY(%(subjects)s::text[])
-    ORDER BY subject_id FOR UPDATE
-) locked
+# New valid doses merge into a subject's state without reading its other
+# doses: the earliest is the least (occurred_at, event_id) of the old earliest
+# and the batch's, counts add up. ON CONFLICT DO UPDATE merges into the latest
+# committed row under its lock, so concurrent merges (and recomputations, which
+# hold the same lock) compose. The subjects whose doses this batch retracts
+# join with nothing to add: one pass takes every subject lock of the batch, in
+# subject_id order, so two batches cannot deadlock on subjects.
+MERGE_DOSES_SQL = """
+WITH d AS (
+    SELECT subject_id, count(*) AS n, bool_or(vaccine = 'janssen') AS janssen,
+           (array_agg(occurred_at ORDER BY occurred_at, event_id))[1] AS first_at,
+           (array_agg(event_id ORDER BY occurred_at, event_id))[1] AS first_dose,
+           (array_agg(province ORDER BY occurred_at, event_id))[1] AS province
+    FROM _p_changes WHERE sign = 1 AND etype = 3
+    GROUP BY subject_id
+), b AS (
+    SELECT * FROM d
+    UNION ALL
+    SELECT r.subject_id, 0, false, NULL::timestamptz, NULL::uuid, NULL::text
+    FROM unnest(%(retracted)s::text[]) AS r(subject_id)
+    WHERE r.subject_id NOT IN (SELECT subject_id FROM d)
+), up AS (
+    INSERT INTO {ns}.subjects AS s (subject_id, province, first_at, first_dose, valid_doses, janssen, fully,
+                                    prev_province, prev_fully)
+    SELECT subject_id, province, first_at, first_dose, n, janssen, n >= 2 OR janssen, NULL, false
+    FROM b ORDER BY subject_id
+    ON CONFLICT (subject_id) DO UPDATE SET
+        prev_province = s.province,
+        prev_fully = s.fully,
+        province = CASE WHEN s.first_at IS NULL OR (excluded.first_at, excluded.first_dose) < (s.first_at, s.first_dose)
+                        THEN excluded.province ELSE s.province END,
+        first_dose = CASE WHEN s.first_at IS NULL OR (excluded.first_at, excluded.first_dose) < (s.first_at, s.first_dose)
+                          THEN excluded.first_dose ELSE s.first_dose END,
+        first_at = CASE WHEN s.first_at IS NULL OR (excluded.first_at, excluded.first_dose) < (s.first_at, s.first_dose)
+                        THEN excluded.first_at ELSE s.first_at END,
+        valid_doses = s.valid_doses + excluded.valid_doses,
+        janssen = s.janssen OR excluded.janssen,
+        fully = s.valid_doses + excluded.valid_doses >= 2 OR s.janssen OR excluded.janssen
+    RETURNING s.prev_province, s.prev_fully, s.province, s.fully
+)
+INSERT INTO _p_people (province, figure, delta)
+SELECT v.province, v.figure, v.delta
+FROM up CROSS JOIN LATERAL (VALUES
+    (up.prev_province, 'people_vaccinated', -1),
+    (up.province, 'people_vaccinated', 1),
+    (CASE WHEN up.prev_fully THEN up.prev_province END, 'people_fully_vaccinated', -1),
+    (CASE WHEN up.fully THEN up.province END, 'people_fully_vaccinated', 1)
+) AS v(province, figure, delta)
+WHERE v.province IS NOT NULL
+  AND (up.prev_province IS DISTINCT FROM up.province OR up.prev_fully IS DISTINCT FROM up.fully)
 """
 
-# Must run after LOCK_SUBJECTS: its snapshot then includes every committed
-# change to these subjects' doses.
+# A retraction can remove the earliest dose, so the subject's state is
+# recomputed from its valid doses. Must run after MERGE_DOSES has locked these
+# subjects: a statement issued after the lock is granted sees every committed
+# change to their doses.
 RECOMPUTE_SUBJECTS_SQL = """
 WITH cur AS MATERIALIZED (
-    SELECT s.subject_id, s.province AS old_prov, s.first_dose AS old_first, s.valid_doses AS old_n,
-           s.voided_doses AS old_nv, s.fully AS old_fully,
-           d.first_prov, d.first_dose, d.n, d.nv, (d.n >= 2 OR coalesce(d.janssen, false)) AS fully
+    SELECT s.subject_id, s.province AS old_prov, s.fully AS old_fully,
+           d.first_prov, d.first_at, d.first_dose, d.n, coalesce(d.janssen, false) AS janssen
     FROM {ns}.subjects s
     CROSS JOIN LATERAL (
-        SELECT count(*) FILTER (WHERE e.voided_by IS NULL) AS n,
-               count(*) FILTER (WHERE e.voided_by IS NOT NULL) AS nv,
-               bool_or(e.vaccine = 'janssen') FILTER (WHERE e.voided_by IS NULL) AS janssen,
-               (array_agg(e.province ORDER BY e.occurred_at, e.event_id)
-                    FILTER (WHERE e.voided_by IS NULL))[1] AS first_prov,
-               (array_agg(e.event_id ORDER BY e.occurred_at, e.event_id)
-                    FILTER (WHERE e.voided_by IS NULL))[1] AS first_dose
+        SELECT count(*) AS n,
+               bool_or(e.vaccine = 'janssen') AS janssen,
+               (array_agg(e.province ORDER BY e.occurred_at, e.event_id))[1] AS first_prov,
+               (array_agg(e.occurred_at ORDER BY e.occurred_at, e.event_id))[1] AS first_at,
+               (array_agg(e.event_id ORDER BY e.occurred_at, e.event_id))[1] AS first_dose
         FROM {ns}.events e
-        WHERE e.subject_id = s.subject_id AND e.etype = 3
+        WHERE e.subject_id = s.subject_id AND e.etype = 3 AND e.voided_by IS NULL
     ) d
     WHERE s.subject_id = ANY(%(subjects)s::text[])
-), changed AS MATERIALIZED (
-    SELECT * FROM cur
-    WHERE (old_prov, old_first, old_n, old_nv, old_fully) IS DISTINCT FROM (first_prov, first_dose, n, nv, fully)
 ), upd AS (
     UPDATE {ns}.subjects s
-    SET province = c.first_prov, first_dose = c.first_dose, valid_doses = c.n,
-        voided_doses = c.nv, fully = c.fully
-    FROM changed c
+    SET province = c.first_prov, first_at = c.first_at, first_dose = c.first_dose, valid_doses = c.n,
+        janssen = c.janssen, fully = c.n >= 2 OR c.janssen, prev_province = c.old_prov, prev_fully = c.old_fully
+    FROM cur c
     WHERE s.subject_id = c.subject_id AND s.subject_id = ANY(%(subjects)s::text[])
 )
 INSERT INTO _p_people (province, figure, delta)
 SELECT v.province, v.figure, v.delta
-FROM changed c CROSS JOIN LATERAL (VALUES
+FROM cur c CROSS JOIN LATERAL (VALUES
     (c.old_prov, 'people_vaccinated', -1),
     (c.first_prov, 'people_vaccinated', 1),
     (CASE WHEN c.old_fully THEN c.old_prov END, 'people_fully_vaccinated', -1),
-    (CASE WHEN c.fully THEN c.first_prov END, 'people_fully_vaccinated', 1)
+    (CASE WHEN c.n >= 2 OR c.janssen THEN c.first_prov END, 'people_fully_vaccinated', 1)
 ) AS v(province, figure, delta)
 WHERE v.province IS NOT NULL
 """
@@ -327,10 +373,10 @@ SELECT province, figure, key, sum(v)
 FROM (
     SELECT g.province, f.figure, f.key, f.v
     FROM (
-        SELECT etype, province, vaccine, dose_number, flag,
+        SELECT etype, province, vaccine, dose_number,
                sum(sign) AS n, sum(CASE WHEN flag THEN sign ELSE 0 END) AS nflag, sum(sign * amount) AS amount
         FROM _p_changes WHERE sign <> 0
-        GROUP BY etype, province, vaccine, dose_number, flag
+        GROUP BY etype, province, vaccine, dose_number
     ) g
     CROSS JOIN LATERAL (VALUES
         (CASE WHEN g.etype = 1 THEN 'declarations' END, '', g.n),
@@ -389,7 +435,10 @@ def _prepare(messages: Sequence[tuple[str, int, int, Mapping[str, Any] | None]])
             if etype is None:
                 if event_type == VOID:
                     append((key, offset, event_id, None, (_uuid(p["voided_event_id"]), event_id), None))
-                else:  # a type added after this projector: nothing to count
+                else:
+                    # AppointmentScheduled, CheckedIn (or a type added later): no
+                    # figure depends on it, so it is not stored, and neither its
+                    # duplicates nor its voids need bookkeeping.
                     append((key, offset, event_id, None, None, None))
                 continue
             prov = ev["province_code"]
@@ -404,7 +453,7 @@ def _prepare(messages: Sequence[tuple[str, int, int, Mapping[str, Any] | None]])
                 continue
             if etype == DECLARATION:
                 row = (event_id, etype, prov, us, None, None, None, None, bool(p["symptoms"]), None, None, None)
-            elif etype == REGISTRATION or etype == APPOINTMENT or etype == CHECK_IN:
+            elif etype == REGISTRATION:
                 row = (event_id, etype, prov, us, None, None, None, None, None, None, None, None)
             elif etype == ADVERSE:
                 row = (event_id, etype, prov, us, None, None, None, None, p["severity"] == "serious",
@@ -495,8 +544,7 @@ class Projector:
                 "lock_tracking": LOCK_TRACKING_SQL,
                 "upsert_facts": UPSERT_FACTS_SQL,
                 "upsert_voids": UPSERT_VOIDS_SQL,
-                "lock_subjects": LOCK_SUBJECTS_SQL,
-                "lock_subjects_2": LOCK_SUBJECTS_SQL_2,
+                "merge_doses": MERGE_DOSES_SQL,
                 "recompute": RECOMPUTE_SUBJECTS_SQL,
                 "counters": APPLY_COUNTERS_SQL,
                 "store_tracking": STORE_TRACKING_SQL,
@@ -638,17 +686,17 @@ class Projector:
                     write(row)
             cur.execute(q["upsert_facts"])
             not_new = len(facts) - cur.rowcount
+        retracted: set[str] = set()
         if voids:
             with cur.copy("COPY _p_voids (target, void_id) FROM STDIN") as copy:
                 for item in voids.items():
                     copy.write_row(item)
             cur.execute(q["upsert_voids"])
-            dose_subjects.update(s for (s,) in cur.fetchall() if s is not None)
-        if dose_subjects:
-            subjects = sorted(dose_subjects)
-            cur.execute(q["lock_subjects"], {"subjects": subjects})
-            cur.execute(q["lock_subjects_2"], {"subjects": subjects})
-            cur.execute(q["recompute"], {"subjects": subjects})
+            retracted = {s for (s,) in cur.fetchall() if s is not None}
+        if dose_subjects or retracted:
+            cur.execute(q["merge_doses"], {"retracted": sorted(retracted)})  # takes the subject locks
+        if retracted:
+            cur.execute(q["recompute"], {"subjects": sorted(retracted)})
         ks = sorted(new_offsets)
         cur.execute(
             q["store_tracking"],

@@ -123,23 +123,22 @@ def _iso(t: datetime) -> str:
 
 def citizen_record(conn: psycopg.Connection, namespace: str, subject_id: str) -> dict[str, Any] | None:
     """One subject's valid doses, by (occurred_at, event_id); None if no dose of theirs was ever seen."""
-    ns = _ns(namespace)
-    state = conn.execute(
+    rows = conn.execute(
         sql.SQL(
-            "SELECT province, first_dose, valid_doses, voided_doses, fully FROM {}.subjects WHERE subject_id = %s"
-        ).format(ns),
-        (subject_id,),
-    ).fetchone()
-    if state is None:
-        return None
-    doses = conn.execute(
-        sql.SQL(
-            "SELECT event_id, occurred_at, province, vaccine, dose_number, site_id FROM {}.events "
-            "WHERE subject_id = %s AND etype = 3 AND voided_by IS NULL ORDER BY occurred_at, event_id"
-        ).format(ns),
+            "SELECT event_id, occurred_at, province, vaccine, dose_number, site_id, voided_by IS NOT NULL "
+            "FROM {}.events WHERE subject_id = %s AND etype = 3 ORDER BY occurred_at, event_id"
+        ).format(_ns(namespace)),
         (subject_id,),
     ).fetchall()
-    province, first_dose, _valid, voided, fully = state
+    if not rows:
+        return None
+    # One statement, one snapshot: the state is derived here from the same rows
+    # (it equals the subjects row, which is the same function of them).
+    doses = [r[:6] for r in rows if not r[6]]
+    voided = len(rows) - len(doses)
+    province = doses[0][2] if doses else None
+    first_dose = doses[0][0] if doses else None
+    fully = len(doses) >= 2 or any(d[3] == "janssen" for d in doses)
     return {
         "subject_id": subject_id,
         "doses": [
@@ -173,18 +172,24 @@ WHERE coalesce(a.value, 0) <> coalesce(b.value, 0)
 ORDER BY 1, 2, 3
 """
 
-# A subject row with no doses left is the same state as no row at all.
+# A subject row with no valid dose is the same state as no row at all (whether
+# a row exists depends on arrival order). prev_* are not state.
+_SUBJECT_STATE = ("province", "first_at", "first_dose", "valid_doses", "janssen", "fully")
 _SUBJECT_DIFF = """
-SELECT coalesce(a.subject_id, b.subject_id),
-       a.province, a.first_dose, coalesce(a.valid_doses, 0), coalesce(a.voided_doses, 0), coalesce(a.fully, false),
-       b.province, b.first_dose, coalesce(b.valid_doses, 0), coalesce(b.voided_doses, 0), coalesce(b.fully, false)
+SELECT coalesce(a.subject_id, b.subject_id), {a_cols}, {b_cols}
 FROM {a}.subjects a FULL JOIN {b}.subjects b USING (subject_id)
-WHERE (a.province, a.first_dose, coalesce(a.valid_doses, 0), coalesce(a.voided_doses, 0), coalesce(a.fully, false))
-      IS DISTINCT FROM
-      (b.province, b.first_dose, coalesce(b.valid_doses, 0), coalesce(b.voided_doses, 0), coalesce(b.fully, false))
+WHERE ({a_cols}) IS DISTINCT FROM ({b_cols})
 ORDER BY 1
 LIMIT %(limit)s
 """
+
+
+def _subject_cols(alias: str) -> sql.Composable:
+    cols = [sql.SQL(f"{alias}.") + sql.Identifier(c) for c in _SUBJECT_STATE]
+    cols[3] = sql.SQL("coalesce({}, 0)").format(cols[3])
+    cols[4] = sql.SQL("coalesce({}, false)").format(cols[4])
+    cols[5] = sql.SQL("coalesce({}, false)").format(cols[5])
+    return sql.SQL(", ").join(cols)
 
 # Arrived facts, their content and whether they are voided. A placeholder
 # (a void whose target never came) has no figures, so it is not compared.
@@ -226,13 +231,11 @@ def diff_namespaces(conn: psycopg.Connection, a: str, b: str, limit: int = 1000)
         if va != vb:
             out.append(f"national {name}: {a}={va} {b}={vb}")
 
-    for sid, *vals in conn.execute(sql.SQL(_SUBJECT_DIFF).format(**ids), {"limit": limit}).fetchall():
-        sa, sb = vals[:5], vals[5:]
-        parts = [
-            f"{name}: {a}={x} {b}={y}"
-            for name, x, y in zip(("province", "earliest_dose", "valid_doses", "voided_doses", "fully"), sa, sb)
-            if x != y
-        ]
+    q = sql.SQL(_SUBJECT_DIFF).format(a_cols=_subject_cols("a"), b_cols=_subject_cols("b"), **ids)
+    n = len(_SUBJECT_STATE)
+    for sid, *vals in conn.execute(q, {"limit": limit}).fetchall():
+        sa, sb = vals[:n], vals[n:]
+        parts = [f"{name}: {a}={x} {b}={y}" for name, x, y in zip(_SUBJECT_STATE, sa, sb) if x != y]
         out.append(f"subject {sid} " + "; ".join(parts))
 
     cols_a = sql.SQL(", ").join(sql.SQL("a.") + sql.Identifier(c) for c in _EVENT_COLUMNS)

@@ -33,6 +33,13 @@ _ONE_US = timedelta(microseconds=1)
 _DAYS_SHIFT = date(1970, 1, 1).toordinal()
 INT_MIN, INT_MAX = -(1 << 31), (1 << 31) - 1
 LONG_MIN, LONG_MAX = -(1 << 63), (1 << 63) - 1
+# Logical types of the spec we do not generate code for; unknown names are
+# ignored, as the spec says.
+_SPEC_LOGICAL = frozenset({
+    "decimal", "big-decimal", "uuid", "date", "time-millis", "time-micros", "timestamp-millis",
+    "timestamp-micros", "timestamp-nanos", "local-timestamp-millis", "local-timestamp-micros",
+    "local-timestamp-nanos", "duration",
+})
 # Cap for arrays/maps whose items may encode to zero bytes (e.g. array of null),
 # where the remaining length cannot bound the count.
 MAX_EMPTY_ITEMS = 1 << 16
@@ -202,7 +209,7 @@ class _Gen:
         consts = dict(self.consts)
         names = ", ".join(consts)
         src = [f"def _factory({names}):", f"    def {fname}({params}):"]
-        src += self.lines
+        src += self.lines or ["        pass"]
         src.append(f"    return {fname}")
         code = compile("\n".join(src) + "\n", f"<avro {fname} {label}>", "exec")
         ns: dict[str, Any] = {}
@@ -325,34 +332,38 @@ class _Decoder:
         self.logical_types = logical_types
 
     def varint(self, t: str, ind: int, kind: str = "long", table: str = "ZZ") -> None:
-        """Read a zig-zag varint into t; single-byte values go through a table."""
+        """Read a zig-zag varint into t.
+
+        One-byte values go through a table; longer ones (timestamps are 6 bytes,
+        a 64-char subject_id's length 2) through code unrolled up to the 10-byte
+        maximum, which is about twice as fast as a loop in CPython.
+        """
         e, g = self.g.emit, self.g
-        b, n, s = g.var("b"), g.var("n"), g.var("s")
+        b, n = g.var("b"), g.var("n")
         e(ind, f"{b} = buf[pos]")
-        e(ind, "pos += 1")
         e(ind, f"if {b} < 0x80:")
         e(ind + 1, f"{t} = {table}[{b}]")
+        e(ind + 1, "pos += 1")
         e(ind, "else:")
         e(ind + 1, f"{n} = {b} & 0x7F")
-        e(ind + 1, f"{s} = 7")
-        e(ind + 1, "while True:")
-        e(ind + 2, f"{b} = buf[pos]")
-        e(ind + 2, "pos += 1")
-        e(ind + 2, f"{n} |= ({b} & 0x7F) << {s}")
-        e(ind + 2, f"if {b} < 0x80:")
-        e(ind + 3, "break")
-        e(ind + 2, f"{s} += 7")
-        e(ind + 2, f"if {s} > 63:")
-        e(ind + 3, "raise CorruptData('varint longer than 10 bytes')")
+        level = ind + 1
+        for k in range(1, 10):
+            e(level, f"{b} = buf[pos + {k}]")
+            e(level, f"{n} |= ({b} & 0x7F) << {7 * k}")
+            e(level, f"if {b} < 0x80:")
+            e(level + 1, f"pos += {k + 1}")
+            e(level, "else:")
+            level += 1
+        e(level, "raise CorruptData('varint longer than 10 bytes')")
         e(ind + 1, f"if {n} >> 64:")
         e(ind + 2, "raise CorruptData('varint exceeds 64 bits')")
         e(ind + 1, f"{t} = ({n} >> 1) ^ -({n} & 1)")
         if table == "LEN":
             e(ind + 1, f"if {t} < 0:")
             e(ind + 2, f"{t} = NEGATIVE")
-        if kind == "int":
-            e(ind, f"if {t} < INT_MIN or {t} > INT_MAX:")
-            e(ind + 1, f"raise CorruptData(f'int value {{{t}}} out of the 32-bit range')")
+        if kind == "int":  # one-byte values are always in range
+            e(ind + 1, f"if {t} < INT_MIN or {t} > INT_MAX:")
+            e(ind + 2, f"raise CorruptData(f'int value {{{t}}} out of the 32-bit range')")
 
     def length(self, t: str, ind: int, what: str) -> str:
         """Read a byte length into t, check it against what is left; return end var.
@@ -463,9 +474,10 @@ class _Decoder:
         if not lt or not self.logical_types:
             return
         tmpl = _READ_LOGICAL.get((w["type"], lt))
-        if tmpl is None:
+        if tmpl is not None:
+            self.g.emit(ind, tmpl.format(t=t))
+        elif lt in _SPEC_LOGICAL:
             raise Unsupported(f"logical type {lt} on {w['type']}")
-        self.g.emit(ind, tmpl.format(t=t))
 
     def block_loop(self, wi: dict, ri: dict | None, t: str, ind: int, is_map: bool) -> None:
         g, e = self.g, self.g.emit
@@ -670,13 +682,13 @@ class _Encoder:
         g, e = self.g, self.g.emit
         typ = n["type"]
         lt = n.get("logical")
-        if lt:
-            conv = _WRITE_LOGICAL.get((typ, lt))
-            if conv is None:
-                raise Unsupported(f"logical type {lt} on {typ}")
+        conv = _WRITE_LOGICAL.get((typ, lt)) if lt else None
+        if conv is not None:
             plain = "str" if typ == "string" else "int"
             e(ind, f"if {v}.__class__ is not {plain}:")
             e(ind + 1, f"{v} = {conv}({v})")
+        elif lt in _SPEC_LOGICAL:
+            raise Unsupported(f"logical type {lt} on {typ}")
         if typ == "null":
             e(ind, f"if {v} is not None:")
             e(ind + 1, f"raise TypeError('expected null, got ' + type({v}).__name__)")

@@ -10,9 +10,14 @@ not know are decoded as written.
 
 Speed: the per-schema work (fetching, parsing, resolving) happens once; the
 per-message work is straight-line Python generated for the schema
-(:mod:`schemas.avro_codegen`), about twice as fast as fastavro's generic
-reader/writer. Batch calls append into one bytearray and look the schema up
-only when the type changes between consecutive messages.
+(:mod:`schemas.avro_codegen`), 2-4x faster than fastavro's generic
+reader/writer and checked against it by the tests. It is strict where fastavro
+is lax (booleans other than 0/1, negative or multi-byte enum/union indexes,
+bytes left over), which only garbage trips. Batch calls append into one bytearray and look the schema up
+only when the type changes between consecutive messages. Batch decodes pause
+the cyclic garbage collector while they run (``pause_gc``): a 10k batch builds
+20k dicts, which made CPython's collector re-scan the growing batch and cost
+25-35% of decode time. Decoded records hold no cycles, so nothing waits on it.
 
 Logical types: decoding returns ``occurred_at``/``slot_*`` as epoch
 milliseconds (int) and uuids as str by default. Building datetime and UUID
@@ -30,6 +35,7 @@ instead of dead-lettering good messages.
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import struct
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
@@ -212,6 +218,7 @@ class Codec:
         as an old producer or consumer, e.g. ``{"DoseAdministered": v1}``.
     logical_types: decode timestamps/uuids to datetime/UUID (see module doc).
     cache: a pre-filled :class:`SchemaCache` (see :meth:`with_known_schemas`).
+    pause_gc: pause the cyclic GC during decode_many/decode_many_lenient (see module doc).
     """
 
     def __init__(
@@ -221,7 +228,9 @@ class Codec:
         schemas: Mapping[str, dict[str, Any]] | None = None,
         logical_types: bool = False,
         cache: SchemaCache | None = None,
+        pause_gc: bool = True,
     ) -> None:
+        self.pause_gc = pause_gc
         self.cache = cache if cache is not None else SchemaCache(registry)
         if registry is not None and self.cache.registry is None:
             self.cache.registry = registry
@@ -307,12 +316,12 @@ class Codec:
         try:
             dec = compile_decoder(writer, reader, logical_types=self.logical_types)
         except ResolutionError as e:
-            dec = _failing_decoder(f"cannot resolve writer schema id {schema_id} to this reader's {name}: {e}")
+            dec = _failing_decoder(f"cannot resolve the writer schema to this reader's {name}: {e}")
         except Exception:  # Unsupported, or a schema the generator chokes on
             try:
                 dec = _fastavro_decoder(writer, reader, self.logical_types)
             except Exception as e:
-                dec = _failing_decoder(f"writer schema id {schema_id} is unusable: {type(e).__name__}: {e}")
+                dec = _failing_decoder(f"the writer schema is unusable: {type(e).__name__}: {e}")
         self._decoders[data[:HEADER_SIZE]] = dec
         return dec
 
@@ -402,6 +411,16 @@ class Codec:
 
     def decode_many(self, messages: Sequence[bytes] | Iterable[bytes]) -> list[dict[str, Any]]:
         """Decode a batch; one bad message raises CodecError naming its index."""
+        paused = self.pause_gc and gc.isenabled()
+        if paused:
+            gc.disable()
+        try:
+            return self._decode_many(messages)
+        finally:
+            if paused:
+                gc.enable()
+
+    def _decode_many(self, messages: Iterable[bytes]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         append = out.append
         decoders = self._decoders
@@ -427,6 +446,16 @@ class Codec:
     def decode_many_lenient(self, messages: Iterable[bytes]) -> list[dict[str, Any] | CodecError]:
         """Decode a batch; each item is the record or the CodecError for that
         message (for the dead-letter path). An unreachable registry still raises."""
+        paused = self.pause_gc and gc.isenabled()
+        if paused:
+            gc.disable()
+        try:
+            return self._decode_many_lenient(messages)
+        finally:
+            if paused:
+                gc.enable()
+
+    def _decode_many_lenient(self, messages: Iterable[bytes]) -> list[dict[str, Any] | CodecError]:
         out: list[dict[str, Any] | CodecError] = []
         append = out.append
         decoders = self._decoders

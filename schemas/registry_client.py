@@ -62,14 +62,12 @@ class RegistryClient:
         backoff_s: float = 0.2,
         client: httpx.Client | None = None,
     ) -> None:
+        """client: an httpx.Client to share (its headers are not changed; the
+        requests carry the registry content type themselves)."""
         self.base_url = base_url.rstrip("/")
         self._retries = max(0, retries)
         self._backoff_s = backoff_s
-        self._http = client or httpx.Client(
-            base_url=self.base_url,
-            timeout=timeout,
-            headers={"Accept": CONTENT_TYPE, "Content-Type": CONTENT_TYPE},
-        )
+        self._http = client or httpx.Client(timeout=timeout)
         self._owns_http = client is None
         self._lock = threading.Lock()
         self._ids: dict[tuple[str, str], int] = {}  # (subject, canonical schema) -> id
@@ -137,12 +135,15 @@ class RegistryClient:
 
     def _request(self, method: str, path: str, payload: Any = None) -> Any:
         content = json.dumps(payload).encode() if payload is not None else None
+        headers = {"Accept": CONTENT_TYPE}
+        if content is not None:
+            headers["Content-Type"] = CONTENT_TYPE
         last: RegistryError | None = None
         for attempt in range(self._retries + 1):
             if attempt:
                 time.sleep(self._backoff_s * (2 ** (attempt - 1)))
             try:
-                resp = self._http.request(method, path, content=content)
+                resp = self._http.request(method, self.base_url + path, content=content, headers=headers)
             except httpx.TransportError as e:
                 last = RegistryError(f"registry {self.base_url} unreachable ({method} {path}): {e!r}")
                 continue

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -76,7 +77,9 @@ class Router:
         return good, bad
 
 
-def create_app(settings: Settings, *, namespace: str = "proj", group: str = GROUP) -> faust.App:
+def create_app(
+    settings: Settings, *, namespace: str = "proj", group: str = GROUP, ready_file: Path | None = None
+) -> faust.App:
     from projections.projector import Projector
     from psycopg_pool import ConnectionPool
 
@@ -113,6 +116,8 @@ def create_app(settings: Settings, *, namespace: str = "proj", group: str = GROU
         for tp in assigned:
             if tp.topic == TOPIC_EVENTS:
                 await app.consumer.seek(tp, positions.get((tp.topic, tp.partition), -1) + 1)
+        if ready_file is not None:
+            ready_file.write_text(str(sorted(tp.partition for tp in assigned if tp.topic == TOPIC_EVENTS)))
 
     @app.agent(events)
     async def project(stream):
@@ -161,7 +166,13 @@ def create_app(settings: Settings, *, namespace: str = "proj", group: str = GROU
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
+    app.projector = projector  # type: ignore[attr-defined]
     return app
+
+
+def ready_path(settings: Settings, pid: int) -> Path:
+    """Written once the worker holds partitions: how `nhdp up` knows it is ready."""
+    return settings.run_dir / f"worker-{pid}.assigned"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -173,7 +184,11 @@ def main(argv: list[str] | None = None) -> None:
     if "--nhdp-data" in argv:  # the process manager's marker, not Faust's
         k = argv.index("--nhdp-data")
         del argv[k : k + 2]
-    app = create_app(get_settings())
+    import os
+
+    settings = get_settings()
+    app = create_app(settings, ready_file=ready_path(settings, os.getpid()))
+    app.projector()  # fail fast, before joining the group, if PostgreSQL or the registry is wrong
     sys.argv = ["nhdp-worker", "worker", "-l", "warn", *argv]
     app.main()
 

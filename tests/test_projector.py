@@ -142,6 +142,31 @@ def reference(events: list[dict]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def reference_subjects(events: list[dict]) -> dict[str, tuple]:
+    """{subject: (province of the earliest valid dose, its event_id, valid doses, fully)}."""
+    unique: dict[str, dict] = {}
+    for e in events:
+        unique.setdefault(e["event_id"].lower(), e)
+    voided = {e["payload"]["voided_event_id"].lower() for e in unique.values() if e["event_type"] == "RecordVoided"}
+    doses_of: dict[str, list[dict]] = defaultdict(list)
+    for eid, e in unique.items():
+        if e["event_type"] == "DoseAdministered" and eid not in voided:
+            doses_of[e["subject_id"]].append(e)
+    out = {}
+    for subject, doses in doses_of.items():
+        first = min(doses, key=lambda e: (e["occurred_at"], uuid.UUID(e["event_id"])))
+        fully = len(doses) >= 2 or any(d["payload"]["vaccine"] == "janssen" for d in doses)
+        out[subject] = (first["province_code"], first["event_id"], len(doses), fully)
+    return out
+
+
+def projected_subjects(conn: psycopg.Connection, namespace: str) -> dict[str, tuple]:
+    rows = conn.execute(
+        f"SELECT subject_id, province, first_dose, valid_doses, fully FROM {namespace}.subjects WHERE valid_doses > 0"
+    ).fetchall()
+    return {s: (p, str(f), n, fully) for s, p, f, n, fully in rows}
+
+
 def projected(conn: psycopg.Connection, namespace: str) -> dict[str, dict[str, Any]]:
     """The projection's figures in reference() form, read through read_models."""
     out = {}
@@ -158,6 +183,7 @@ def projected(conn: psycopg.Connection, namespace: str) -> dict[str, dict[str, A
 def check(conn, namespace, events):
     got, want = projected(conn, namespace), reference(events)
     assert got == want
+    assert projected_subjects(conn, namespace) == reference_subjects(events)
     # national = sum over provinces
     nat = read_models.national_summary(conn, namespace, None)
     for k in SCALARS:
@@ -634,6 +660,87 @@ def test_concurrent_workers_give_the_reference_figures(dsn, conn, seed):
     finally:
         setup.drop_schema()
         setup.close()
+
+
+# -- races, made deterministic --------------------------------------------------------
+# A statement trigger on counters (the last write of a batch) makes one worker
+# sleep while it holds every lock of its batch, uncommitted; the other worker
+# then runs into exactly that window.
+
+SLOW = "slow-worker"
+
+
+def _slow_down(conn, namespace: str, seconds: float = 0.6) -> None:
+    conn.execute(f"""
+        CREATE FUNCTION {namespace}.slow() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF current_setting('application_name') = '{SLOW}' THEN PERFORM pg_sleep({seconds}); END IF;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER slow BEFORE INSERT ON {namespace}.counters
+            FOR EACH STATEMENT EXECUTE FUNCTION {namespace}.slow();
+    """)
+
+
+def _in_slow_window(conn) -> None:
+    for _ in range(500):
+        if conn.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = %s AND wait_event = 'PgSleep'",
+                        (SLOW,)).fetchone():
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError("the slow worker never reached its window")
+
+
+def _race(dsn, conn, namespace, slow_batch, fast_batch) -> None:
+    slow = Projector(lambda: psycopg.connect(dsn, application_name=SLOW), namespace)
+    fast = Projector(dsn, namespace)
+    errors = []
+
+    def run():
+        try:
+            slow.apply_batch(slow_batch, GROUP)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    _in_slow_window(conn)
+    fast.apply_batch(fast_batch, GROUP)
+    t.join(30)
+    slow.close()
+    fast.close()
+    assert not errors, errors
+
+
+@pytest.mark.parametrize("slow", ["target", "void"])
+def test_void_racing_its_target(proj, conn, dsn, slow):
+    _slow_down(conn, proj.namespace)
+    d = dose("a", "79", minutes=1)
+    r = registration("79")
+    keep = dose("a", "01", minutes=5)
+    Feed(proj).apply([keep], partition=9)
+    targets = [(TOPIC, 0, 0, d), (TOPIC, 0, 1, r)]
+    voids = [(TOPIC, 1, 0, void(d)), (TOPIC, 1, 1, void(r))]
+    if slow == "target":
+        _race(dsn, conn, proj.namespace, targets, voids)
+    else:
+        _race(dsn, conn, proj.namespace, voids, targets)
+    check(conn, proj.namespace, [keep, d, r, voids[0][3], voids[1][3]])
+    assert projected(conn, proj.namespace) == {
+        "01": {"doses_administered": 1, "people_vaccinated": 1, "doses_by_number": {"1": 1},
+               "doses_by_vaccine": {"pfizer": 1}}}
+
+
+def test_recomputation_waits_for_a_concurrent_dose(proj, conn, dsn):
+    """A void's recomputation of a subject must see a dose committed while it waited."""
+    _slow_down(conn, proj.namespace)
+    d0 = dose("a", "01", minutes=1)
+    Feed(proj).apply([d0], partition=9)
+    d1 = dose("a", "79", minutes=5, number=2)
+    # the dose's worker holds subject "a", uncommitted, when the void's worker recomputes it
+    _race(dsn, conn, proj.namespace, [(TOPIC, 0, 0, d1)], [(TOPIC, 1, 0, void(d0))])
+    check(conn, proj.namespace, [d0, d1, void(d0)])
+    assert projected_subjects(conn, proj.namespace) == {"a": ("79", d1["event_id"], 1, False)}
 
 
 # -- replay comparison ------------------------------------------------------------------

@@ -316,6 +316,13 @@ def cutoffs(sim, events) -> list[datetime | None]:
     ]
     for v in first_dose_voids[:3]:
         cuts += [t(v), t(v) + timedelta(seconds=1)]  # the void counts only strictly before as_of
+    # just after two doses of one person at the same instant in two provinces: the tie-break decides
+    at: dict[tuple[str, datetime], set[str]] = {}
+    for e in events:
+        if e["event_type"] == "DoseAdministered":
+            at.setdefault((e["payload"]["citizen_id"], t(e)), set()).add(e["province_code"])
+    ties = sorted(ts for (_, ts), provs in at.items() if len(provs) > 1)
+    cuts += [ts + timedelta(seconds=1) for ts in ties[:2]]
     return cuts
 
 

@@ -1,0 +1,172 @@
+"""The HTTP API: the gateway (POST /v1/events) plus the query endpoints of DESIGN §5.
+
+Live summaries read the PostgreSQL counters (one small query each); the
+citizen record reads the per-subject state. Errors are JSON with a message.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import ORJSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Gauge, generate_latest
+from psycopg_pool import ConnectionPool
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from infra.kafka import TOPIC_DLQ, TOPIC_EVENTS
+from nhdp.settings import Settings
+from producers.gateway import Gateway
+from producers.gateway import router as gateway_router
+from projections import read_models
+from schemas.reference import provinces
+from streams.worker import GROUP
+
+NAMESPACE = "proj"
+SUBJECT_ID = re.compile(r"^[0-9a-f]{64}$")
+
+LAG = Gauge("nhdp_consumer_lag", "Messages of health.events not yet applied to the projections", ["partition"])
+APPLIED = Gauge("nhdp_events_processed", "Messages of health.events applied to the projections (tracking record)")
+DLQ = Gauge("nhdp_dlq_messages", "Messages on health.events.dlq")
+
+
+def _error(status: int, message: str) -> ORJSONResponse:
+    return ORJSONResponse({"error": message}, status_code=status)
+
+
+class Queries:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.pool = ConnectionPool(settings.postgres_url, min_size=2, max_size=20, open=True)
+        self.populations = {code: p.population for code, p in provinces().items()}
+
+    def run(self, fn, *args):
+        with self.pool.connection() as conn:
+            return fn(conn, NAMESPACE, *args)
+
+    def lag(self) -> tuple[dict[int, int], int, int]:
+        """(lag per partition, applied, dlq size) from Kafka's end offsets and the tracking record."""
+        from kafka import KafkaConsumer, TopicPartition
+
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                f'SELECT partition, "offset" FROM {NAMESPACE}.tracking WHERE consumer_group = %s AND topic = %s',
+                (GROUP, TOPIC_EVENTS),
+            ).fetchall()
+        done = {p: o for p, o in rows}
+        consumer = KafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap_servers, request_timeout_ms=5000)
+        try:
+            parts = [TopicPartition(TOPIC_EVENTS, p) for p in sorted(consumer.partitions_for_topic(TOPIC_EVENTS) or [])]
+            ends = consumer.end_offsets(parts + [TopicPartition(TOPIC_DLQ, 0)])
+        finally:
+            consumer.close()
+        lag = {tp.partition: ends[tp] - (done.get(tp.partition, -1) + 1) for tp in parts}
+        return lag, sum(done.get(tp.partition, -1) + 1 for tp in parts), ends[TopicPartition(TOPIC_DLQ, 0)]
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def create_app(settings: Settings, *, with_gateway: bool = True) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.queries = Queries(settings)
+        if with_gateway:
+            app.state.gateway = Gateway(settings)
+        try:
+            yield
+        finally:
+            app.state.queries.close()
+            if with_gateway:
+                app.state.gateway.close()
+
+    app = FastAPI(
+        title="NHDP API",
+        description="Gateway for producers and live figures for the national technology center and provinces.",
+        lifespan=lifespan,
+        default_response_class=ORJSONResponse,
+    )
+    if with_gateway:
+        app.include_router(gateway_router)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            return _error(404, f"no such path: {request.method} {request.url.path}")
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_params(request: Request, exc: RequestValidationError):
+        parts = [f"{'.'.join(str(x) for x in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in exc.errors()]
+        return _error(400, "; ".join(parts))
+
+    def q(request: Request) -> Queries:
+        return request.app.state.queries
+
+    @app.get("/v1/national/summary", summary="Every figure of DESIGN §4 for the nation")
+    async def national(request: Request) -> dict[str, Any]:
+        return await run_in_threadpool(q(request).run, read_models.national_summary, q(request).populations)
+
+    @app.get("/v1/provinces", summary="The summaries of all 63 provinces")
+    async def all_provinces(request: Request) -> list[dict[str, Any]]:
+        return await run_in_threadpool(q(request).run, read_models.all_provinces, q(request).populations)
+
+    @app.get("/v1/provinces/{code}/summary", summary="Every figure of DESIGN §4 for one province")
+    async def province(code: str, request: Request):
+        if code not in provinces():
+            return _error(404, f"unknown province code {code!r}; codes are the 63 two-digit 2008 codes, e.g. 01, 79")
+        return await run_in_threadpool(q(request).run, read_models.province_summary, code, q(request).populations)
+
+    @app.get("/v1/citizens/{subject_id}/record", summary="One subject's valid doses, for check-in at a site")
+    async def citizen(subject_id: str, request: Request):
+        if not SUBJECT_ID.match(subject_id):
+            return _error(400, "subject_id: must be the 64-hex-digit pseudonymous id, never a national id")
+        record = await run_in_threadpool(q(request).run, read_models.citizen_record, subject_id)
+        if record is None:
+            return _error(404, f"no doses recorded for subject {subject_id}")
+        return record
+
+    @app.get("/healthz", summary="Liveness of each dependency")
+    async def healthz(request: Request):
+        checks: dict[str, str] = {}
+
+        def pg():
+            with q(request).pool.connection() as conn:
+                conn.execute("SELECT 1")
+
+        def kafka():
+            from infra.kafka import metadata_ok
+
+            metadata_ok(settings.kafka_bootstrap_servers)
+
+        def registry():
+            import httpx
+
+            httpx.get(f"{settings.registry_url}/subjects", timeout=2).raise_for_status()
+
+        for name, fn in (("postgres", pg), ("kafka", kafka), ("registry", registry)):
+            try:
+                await run_in_threadpool(fn)
+                checks[name] = "ok"
+            except Exception as exc:  # noqa: BLE001 - reported, not raised
+                checks[name] = f"down: {type(exc).__name__}: {exc}"[:300]
+        ok = all(v == "ok" for v in checks.values())
+        return ORJSONResponse({"status": "ok" if ok else "degraded", "checks": checks}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+    async def metrics(request: Request):
+        try:
+            lag, applied, dlq = await run_in_threadpool(q(request).lag)
+            for partition, value in lag.items():
+                LAG.labels(str(partition)).set(value)
+            APPLIED.set(applied)
+            DLQ.set(dlq)
+        except Exception:  # noqa: BLE001 - stale gauges beat a failed scrape
+            pass
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    return app
