@@ -110,7 +110,31 @@ def worker(dsn: str, namespace: str, partition: int, n: int, batch: int, n_subje
     conn.close()
 
 
-def run(dsn: str, batch: int, events: int, workers: int, n_subjects: int, keep: bool) -> float:
+def readers(dsn: str, namespace: str, clients: int, stop, results) -> None:
+    """`clients` threads, each on its own connection, calling national_summary in a loop."""
+    import threading
+
+    from projections.read_models import national_summary
+
+    latencies: list[float] = []
+
+    def client() -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            while not stop.is_set():
+                t = time.perf_counter()
+                national_summary(conn, namespace, None)
+                latencies.append(time.perf_counter() - t)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    latencies.sort()
+    results.put(latencies)
+
+
+def run(dsn: str, batch: int, events: int, workers: int, n_subjects: int, keep: bool, read_clients: int = 0) -> float:
     namespace = f"bench_{batch}_{os.getpid()}"
     setup = Projector(dsn, namespace)
     setup.drop_schema()
@@ -122,12 +146,24 @@ def run(dsn: str, batch: int, events: int, workers: int, n_subjects: int, keep: 
              for p in range(workers)]
     for p in procs:
         p.start()
+    if read_clients:
+        stop, lat_q = ctx.Event(), ctx.Queue()
+        reader = ctx.Process(target=readers, args=(dsn, namespace, read_clients, stop, lat_q))
+        reader.start()
     start.wait()
     t0 = time.perf_counter()
     out = [results.get() for _ in procs]
     wall = time.perf_counter() - t0
     for p in procs:
         p.join()
+    if read_clients:
+        stop.set()
+        lat = lat_q.get()
+        reader.join()
+        if lat:
+            pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000  # noqa: E731
+            print(f"  national_summary with {read_clients} clients during the run: {len(lat)} reads, "
+                  f"p50 {pct(0.5):.1f} ms, p99 {pct(0.99):.1f} ms, max {lat[-1] * 1000:.1f} ms", flush=True)
     retries = sum(r[3] for r in out)
     py_cpu, pg_cpu = sum(r[4] for r in out), sum(r[5] for r in out)
     rate = per * workers / wall
@@ -149,6 +185,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--subjects", type=int, default=100_000, help="distinct subjects (doses per subject ≈ doses/subjects)")
     ap.add_argument("--keep", action="store_true", help="keep the namespaces for inspection")
+    ap.add_argument("--read-clients", type=int, default=0,
+                    help="also run this many clients reading national_summary meanwhile, and report latency")
     args = ap.parse_args()
     dsn = args.dsn
     if dsn is None:
@@ -156,7 +194,7 @@ def main() -> None:
 
         dsn = get_settings().postgres_url
     for size in (int(s) for s in args.batch_sizes.split(",")):
-        run(dsn, size, args.events, args.workers, args.subjects, args.keep)
+        run(dsn, size, args.events, args.workers, args.subjects, args.keep, args.read_clients)
 
 
 if __name__ == "__main__":

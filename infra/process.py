@@ -39,7 +39,7 @@ def dir_size(path: Path) -> int:
     for root, _dirs, files in os.walk(path, onerror=lambda e: None):
         for f in files:
             try:
-                total += os.lstat(os.path.join(root, f)).st_size
+                total += os.lstat(os.path.join(root, f)).st_blocks * 512  # on disk; Kafka indexes are sparse
             except OSError:
                 pass
     return total

@@ -78,7 +78,6 @@ class EventProducer:
             compression_type="lz4",
             linger_ms=5,
             batch_size=512 * 1024,
-            buffer_memory=256 * 1024 * 1024,
             max_in_flight_requests_per_connection=5,
             request_timeout_ms=min(10_000, delivery_timeout_ms),
             delivery_timeout_ms=delivery_timeout_ms,

@@ -18,13 +18,12 @@ from psycopg_pool import ConnectionPool
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from infra.kafka import TOPIC_DLQ, TOPIC_EVENTS
 from nhdp.settings import Settings
 from producers.gateway import Gateway
 from producers.gateway import router as gateway_router
 from projections import read_models
 from schemas.reference import provinces
-from streams.worker import GROUP
+from streams.worker import consumer_lag
 
 NAMESPACE = "proj"
 SUBJECT_ID = re.compile(r"^[0-9a-f]{64}$")
@@ -49,23 +48,8 @@ class Queries:
             return fn(conn, NAMESPACE, *args)
 
     def lag(self) -> tuple[dict[int, int], int, int]:
-        """(lag per partition, applied, dlq size) from Kafka's end offsets and the tracking record."""
-        from kafka import KafkaConsumer, TopicPartition
-
         with self.pool.connection() as conn:
-            rows = conn.execute(
-                f'SELECT partition, "offset" FROM {NAMESPACE}.tracking WHERE consumer_group = %s AND topic = %s',
-                (GROUP, TOPIC_EVENTS),
-            ).fetchall()
-        done = {p: o for p, o in rows}
-        consumer = KafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap_servers, request_timeout_ms=5000)
-        try:
-            parts = [TopicPartition(TOPIC_EVENTS, p) for p in sorted(consumer.partitions_for_topic(TOPIC_EVENTS) or [])]
-            ends = consumer.end_offsets(parts + [TopicPartition(TOPIC_DLQ, 0)])
-        finally:
-            consumer.close()
-        lag = {tp.partition: ends[tp] - (done.get(tp.partition, -1) + 1) for tp in parts}
-        return lag, sum(done.get(tp.partition, -1) + 1 for tp in parts), ends[TopicPartition(TOPIC_DLQ, 0)]
+            return consumer_lag(self.settings, conn)
 
     def close(self) -> None:
         self.pool.close()

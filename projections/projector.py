@@ -18,13 +18,20 @@ The work is set-based: the batch is COPYed into temporary tables, then a fixed
 number of statements (independent of the batch size) do the rest:
 
 1. lock the batch's tracking rows and read their offsets (fences out a zombie
-   worker that still holds the same partition);
+   worker that still holds the same partition); drop what is already applied
+   and in-batch duplicates (in Python);
 2. upsert the facts into `events` (keyed by event_id; a duplicate does nothing);
 3. upsert the voids' targets into `events` (sets `voided_by`; a void that comes
    first leaves a placeholder row the target later fills in, already voided);
-4. lock the touched subjects, then recompute each one's dose state from its
-   valid doses and record the change in people_(fully_)vaccinated;
-5. add the net counter deltas, in key order, and store the new offsets.
+4. merge the new valid doses into each subject's state (one upsert, which also
+   locks every subject the batch touches); for subjects that lost a dose to a
+   void, recompute the state from their valid doses (rare);
+5. store the new offsets, then add the net counter deltas in key order
+   (including people_(fully_)vaccinated moving between provinces).
+
+AppointmentScheduled and CheckedIn are not stored at all: no figure depends on
+them, so neither their duplicates nor their voids need bookkeeping (and they
+are 40% of the traffic).
 
 Why it is race-free under READ COMMITTED, with several workers at once
 -------------------------------------------------------------------------
@@ -33,14 +40,17 @@ Why it is race-free under READ COMMITTED, with several workers at once
   with INSERT … ON CONFLICT DO UPDATE, so the second waits for the first to
   commit and then sees its effect: the void sees the arrived target and
   retracts it; the target sees the void and contributes nothing.
-* A subject's state is recomputed under a row lock on its `subjects` row, by a
-  statement issued *after* the lock is granted, so it sees every committed dose
-  and void of that subject. Whoever commits last computes from everything.
+* A subject's state changes only under the row lock on its `subjects` row.
+  A merge (INSERT … ON CONFLICT DO UPDATE) folds new doses into the latest
+  committed state. A recomputation after a void runs in a statement issued
+  *after* the lock is granted, so it sees every committed dose and void of
+  that subject. So each change composes with the ones committed before it.
 * Counters are only ever incremented (value = value + delta), in key order.
 * Locks are taken in one order (tracking, events, subjects, counters), each
-  set sorted. The facts and voids statements each lock `events` rows in
-  event_id order, but one after the other, so a rare deadlock is possible;
-  it and serialization failures are retried with the whole batch.
+  set sorted, subjects in a single pass. The facts and voids statements each
+  lock `events` rows in event_id order, but one after the other, so a rare
+  deadlock is possible; it and serialization failures are retried with the
+  whole batch (`Projector.retries` counts them).
 
 Decisions the figures depend on
 --------------------------------
@@ -62,10 +72,9 @@ import random
 import re
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import psycopg
 from psycopg import errors, sql
@@ -134,8 +143,22 @@ def _micros(value: Any) -> int:
     return (value - _EPOCH) // _US
 
 
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
 def _uuid(value: Any) -> str:
-    return value.lower() if isinstance(value, str) else str(value)
+    """Canonical lower-case text, so that in-batch dedup agrees with the uuid column."""
+    text = value.lower() if isinstance(value, str) else str(value)
+    if not _UUID.match(text):
+        raise ValueError(f"not a UUID: {value!r}")
+    return text
+
+
+def _text(value: Any, name: str) -> str:
+    # counter keys: a NULL would fail the whole batch in the database instead
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string, not {value!r}")
+    return value
 
 
 # -- SQL -----------------------------------------------------------------------
@@ -441,13 +464,14 @@ def _prepare(messages: Sequence[tuple[str, int, int, Mapping[str, Any] | None]])
                     # duplicates nor its voids need bookkeeping.
                     append((key, offset, event_id, None, None, None))
                 continue
-            prov = ev["province_code"]
+            prov = _text(ev["province_code"], "province_code")
             us = _micros(ev["occurred_at"])
             if etype == DOSE:
-                subject = ev["subject_id"]
-                if not subject:
-                    raise ValueError("DoseAdministered without subject_id")
-                row = (event_id, DOSE, prov, us, subject, p["vaccine"], p["dose_number"], p["site_id"],
+                subject = _text(ev["subject_id"], "subject_id")
+                number = p["dose_number"]
+                if type(number) is not int:
+                    raise ValueError(f"dose_number must be an integer, not {number!r}")
+                row = (event_id, DOSE, prov, us, subject, _text(p["vaccine"], "vaccine"), number, p["site_id"],
                        None, None, None, None)
                 append((key, offset, event_id, row, None, subject))
                 continue
@@ -459,7 +483,10 @@ def _prepare(messages: Sequence[tuple[str, int, int, Mapping[str, Any] | None]])
                 row = (event_id, etype, prov, us, None, None, None, None, p["severity"] == "serious",
                        None, None, None)
             else:  # ALLOCATION
-                row = (event_id, etype, prov, us, None, p["vaccine"], None, None, None, int(p["doses"]),
+                doses = p["doses"]
+                if type(doses) is not int:
+                    raise ValueError(f"doses must be an integer, not {doses!r}")
+                row = (event_id, etype, prov, us, None, p["vaccine"], None, None, None, doses,
                        p["allocation_id"], p["recipient"])
             append((key, offset, event_id, row, None, None))
         except (KeyError, TypeError, ValueError, AttributeError) as e:

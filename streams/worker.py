@@ -77,6 +77,16 @@ class Router:
         return good, bad
 
 
+def dlq_headers(m, reason: str) -> list[tuple[str, bytes]]:
+    """The original headers plus why and where from: enough to find and replay it."""
+    return list(m.headers or []) + [
+        ("dlq_reason", reason.encode()),
+        ("source_topic", m.topic.encode()),
+        ("source_partition", str(m.partition).encode()),
+        ("source_offset", str(m.offset).encode()),
+    ]
+
+
 def create_app(
     settings: Settings, *, namespace: str = "proj", group: str = GROUP, ready_file: Path | None = None
 ) -> faust.App:
@@ -92,6 +102,7 @@ def create_app(
         topic_disable_leader=True,
         topic_partitions=settings.kafka_partitions,
         broker_commit_every=BATCH_SIZE,
+        datadir=str(settings.data_dir / "faust"),
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         producer_compression_type="lz4",
@@ -112,10 +123,14 @@ def create_app(
     @app.on_partitions_assigned.connect
     async def seek_to_tracking(app_, assigned, **kwargs):
         # The tracking record, not Faust's committed offset, says where we are.
+        # Faust seeks to the group's committed offsets once recovery ends, so
+        # commit the tracking positions over whatever Faust committed before.
         positions = await asyncio.to_thread(lambda: projector().positions(group))
-        for tp in assigned:
-            if tp.topic == TOPIC_EVENTS:
-                await app.consumer.seek(tp, positions.get((tp.topic, tp.partition), -1) + 1)
+        resume = {tp: positions.get((tp.topic, tp.partition), -1) + 1 for tp in assigned if tp.topic == TOPIC_EVENTS}
+        if resume:
+            await app.consumer._commit(resume)
+            for tp, offset in resume.items():
+                await app.consumer.seek(tp, offset)
         if ready_file is not None:
             ready_file.write_text(str(sorted(tp.partition for tp in assigned if tp.topic == TOPIC_EVENTS)))
 
@@ -123,7 +138,15 @@ def create_app(
     async def project(stream):
         async for batch in stream.take_events(BATCH_SIZE, within=BATCH_WITHIN_S):
             started = time.perf_counter()
-            await handle_batch(app, batch)
+            delay = 0.5
+            while True:
+                try:
+                    await handle_batch(app, batch)
+                    break
+                except Exception:  # noqa: BLE001 - a dead agent would stall silently; hold the batch and retry
+                    log.exception("batch of %d failed; retrying in %.1fs", len(batch), delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
             BATCH_SECONDS.observe(time.perf_counter() - started)
 
     async def handle_batch(app_: faust.App, batch: list) -> None:
@@ -131,43 +154,66 @@ def create_app(
         router: Router = state["router"]
         msgs = [e.message for e in batch]
         good, bad = await asyncio.to_thread(router.split, [m.value for m in msgs])
-        sends = []
-        for i, reason in bad:
-            m = msgs[i]
-            headers = list(m.headers or []) + [
-                ("dlq_reason", reason.encode()),
-                ("source_topic", m.topic.encode()),
-                ("source_partition", str(m.partition).encode()),
-                ("source_offset", str(m.offset).encode()),
-            ]
-            sends.append(await app_.producer.send(TOPIC_DLQ, m.key, m.value, None, None, headers))
+        sends = [await app_.producer.send(TOPIC_DLQ, msgs[i].key, msgs[i].value, None, None, dlq_headers(msgs[i], reason))
+                 for i, reason in bad]
         for i, event in good:
             m = msgs[i]
             sends.append(
-                await app_.producer.send(province_topic(event["province_code"]), m.key, m.value, None, None, m.headers)
+                await app_.producer.send(province_topic(event["province_code"]), m.key, m.value, None, None, list(m.headers or []))
             )
         if sends:
             await asyncio.gather(*sends)
         applied = [(msgs[i].topic, msgs[i].partition, msgs[i].offset, event) for i, event in good]
         # Offsets of DLQ'd messages must be tracked too, or a restart would re-route them.
         marks = [(msgs[i].topic, msgs[i].partition, msgs[i].offset, None) for i, _ in bad]
-        await apply_with_retry(proj, applied + marks)
-        PROCESSED.labels("projected").inc(len(good))
-        PROCESSED.labels("dlq").inc(len(bad))
+        rejected = await apply_with_retry(app_, proj, applied + marks, {(m.partition, m.offset): m for m in msgs})
+        PROCESSED.labels("projected").inc(len(good) - rejected)
+        PROCESSED.labels("dlq").inc(len(bad) + rejected)
 
-    async def apply_with_retry(proj, messages) -> None:
-        delay = 0.5
+    async def dead_letter(app_, m, reason: str) -> None:
+        await (await app_.producer.send(TOPIC_DLQ, m.key, m.value, None, None, dlq_headers(m, reason)))
+
+    async def apply_with_retry(app_, proj, messages, by_position) -> int:
+        """Apply until it succeeds. PostgreSQL down means back-pressure, never a skip;
+        an event the projector cannot read goes to the DLQ and the rest is applied."""
+        from projections.projector import InvalidEvent
+
+        delay, rejected = 0.5, 0
         while True:
             try:
                 await asyncio.to_thread(proj.apply_batch, messages, group)
-                return
-            except Exception as exc:  # noqa: BLE001 - PostgreSQL down: back-pressure, never skip
+                return rejected
+            except InvalidEvent as exc:
+                m = by_position[(exc.partition, exc.offset)]
+                await dead_letter(app_, m, f"invalid: {exc.reason}")
+                messages = [(t, p, o, None if (p, o) == (exc.partition, exc.offset) else e) for t, p, o, e in messages]
+                rejected += 1
+            except Exception as exc:  # noqa: BLE001
                 log.warning("projection batch failed (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
     app.projector = projector  # type: ignore[attr-defined]
     return app
+
+
+def consumer_lag(settings: Settings, conn, namespace: str = "proj", group: str = GROUP) -> tuple[dict[int, int], int, int]:
+    """(lag per partition, messages applied, DLQ size): Kafka's end offsets against the tracking record."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    rows = conn.execute(
+        f'SELECT partition, "offset" FROM {namespace}.tracking WHERE consumer_group = %s AND topic = %s',
+        (group, TOPIC_EVENTS),
+    ).fetchall()
+    done = {p: o for p, o in rows}
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, request_timeout_ms=5000)
+    try:
+        parts = [TopicPartition(TOPIC_EVENTS, p) for p in sorted(consumer.partitions_for_topic(TOPIC_EVENTS) or [])]
+        ends = consumer.end_offsets(parts + [TopicPartition(TOPIC_DLQ, 0)])
+    finally:
+        consumer.close()
+    lag = {tp.partition: ends[tp] - (done.get(tp.partition, -1) + 1) for tp in parts}
+    return lag, sum(done.get(tp.partition, -1) + 1 for tp in parts), ends[TopicPartition(TOPIC_DLQ, 0)]
 
 
 def ready_path(settings: Settings, pid: int) -> Path:
@@ -189,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = get_settings()
     app = create_app(settings, ready_file=ready_path(settings, os.getpid()))
     app.projector()  # fail fast, before joining the group, if PostgreSQL or the registry is wrong
-    sys.argv = ["nhdp-worker", "worker", "-l", "warn", *argv]
+    sys.argv = ["nhdp-worker", "worker", "-l", "warn", "--without-web", *argv]
     app.main()
 
 

@@ -67,3 +67,44 @@ def stack_settings(tmp_path_factory) -> Settings:
         yield settings
     finally:
         stack.down(settings)
+
+
+def settings_for(env: dict[str, str]) -> Settings:
+    """Settings from NHDP_* variables without touching os.environ."""
+    return Settings(**{k.removeprefix("NHDP_").lower(): v for k, v in env.items()})
+
+
+@pytest.fixture(scope="module")
+def clean_stack(tmp_path_factory) -> Settings:
+    """A second, private stack whose log holds only what this module publishes.
+
+    For tests that compare whole-log figures (national sums, replays), which
+    the shared session stack cannot give since every test writes into it.
+    """
+    from infra import stack
+
+    settings = settings_for(stack_env(tmp_path_factory.mktemp("clean")))
+    try:
+        stack.up(settings)
+        yield settings
+    finally:
+        stack.down(settings)
+
+
+def wait_caught_up(settings: Settings, timeout_s: float = 120.0) -> None:
+    """Until the live projections have applied every message now in health.events."""
+    import time
+
+    import psycopg
+
+    from streams.worker import consumer_lag
+
+    deadline = time.monotonic() + timeout_s
+    with psycopg.connect(settings.postgres_url, autocommit=True) as conn:
+        while True:
+            lag = consumer_lag(settings, conn)[0]
+            if sum(lag.values()) == 0:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"projections still behind after {timeout_s}s: {lag}")
+            time.sleep(0.2)

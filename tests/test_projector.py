@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 import uuid
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta, timezone
@@ -51,44 +52,45 @@ def _event(event_type: str, province: str, subject: str | None, payload: dict, m
 
 
 def declaration(province="79", symptoms=(), subject="s-decl", minutes=0, event_id=None):
-    return _event("HealthDeclarationSubmitted", province, subject,
-                  {"symptoms": list(symptoms), "contact_with_confirmed_case": False, "channel": "app"}, minutes, event_id=event_id)
+    payload = {"symptoms": list(symptoms), "contact_with_confirmed_case": False, "channel": "app"}
+    return _event("HealthDeclarationSubmitted", province, subject, payload, minutes, event_id)
 
 
 def registration(province="79", subject="s-reg", minutes=0, event_id=None):
-    return _event("VaccinationRegistered", province, subject,
-                  {"birth_year": 1980, "sex": "female", "priority_group": "general", "channel": "app"}, minutes, event_id=event_id)
+    payload = {"birth_year": 1980, "sex": "female", "priority_group": "general", "channel": "app"}
+    return _event("VaccinationRegistered", province, subject, payload, minutes, event_id)
 
 
 def appointment(province="79", subject="s-appt", minutes=0, event_id=None):
-    return _event("AppointmentScheduled", province, subject,
-                  {"appointment_id": "a1", "site_id": "site-1", "slot_start": T0, "slot_end": T0 + timedelta(hours=1),
-                   "dose_number": 1}, minutes, event_id=event_id)
+    payload = {"appointment_id": "a1", "site_id": "site-1", "slot_start": T0, "slot_end": T0 + timedelta(hours=1),
+               "dose_number": 1}
+    return _event("AppointmentScheduled", province, subject, payload, minutes, event_id)
 
 
 def check_in(province="79", subject="s-appt", minutes=0, event_id=None):
-    return _event("CheckedIn", province, subject, {"site_id": "site-1", "appointment_id": None}, minutes, event_id=event_id)
+    payload = {"site_id": "site-1", "appointment_id": None}
+    return _event("CheckedIn", province, subject, payload, minutes, event_id)
 
 
 def dose(subject, province="79", minutes=0, vaccine="pfizer", number=1, event_id=None, site="site-1"):
-    return _event("DoseAdministered", province, subject,
-                  {"site_id": site, "vaccine": vaccine, "lot_number": "L1", "dose_number": number,
-                   "vaccinator_id": None}, minutes, event_id)
+    payload = {"site_id": site, "vaccine": vaccine, "lot_number": "L1", "dose_number": number, "vaccinator_id": None}
+    return _event("DoseAdministered", province, subject, payload, minutes, event_id)
 
 
 def adverse(province="79", severity="mild", subject="s-ae", minutes=0, event_id=None):
-    return _event("AdverseEventReported", province, subject,
-                  {"severity": severity, "dose_event_id": None, "symptoms": ["fever"]}, minutes, event_id=event_id)
+    payload = {"severity": severity, "dose_event_id": None, "symptoms": ["fever"]}
+    return _event("AdverseEventReported", province, subject, payload, minutes, event_id)
 
 
-def allocation(province="79", doses=1000, vaccine="pfizer", recipient="province_health", allocation_id="alloc-1", event_id=None):
-    return _event("VaccineAllocated", province, None,
-                  {"allocation_id": allocation_id, "vaccine": vaccine, "doses": doses, "recipient": recipient}, 0, event_id)
+def allocation(province="79", doses=1000, vaccine="pfizer", recipient="province_health", allocation_id="alloc-1",
+               event_id=None):
+    payload = {"allocation_id": allocation_id, "vaccine": vaccine, "doses": doses, "recipient": recipient}
+    return _event("VaccineAllocated", province, None, payload, 0, event_id)
 
 
 def void(target: dict, province="79", minutes=0, event_id=None):
-    return _event("RecordVoided", province, None, {"voided_event_id": target["event_id"], "reason": "entered in error"},
-                  minutes, event_id=event_id)
+    payload = {"voided_event_id": target["event_id"], "reason": "entered in error"}
+    return _event("RecordVoided", province, None, payload, minutes, event_id)
 
 
 # -- the reference: DESIGN §4, literally --------------------------------------------
@@ -344,12 +346,23 @@ def test_positions_and_wait_for(proj):
     assert done.is_set()
 
 
-def test_invalid_event_is_refused_before_writing(proj, conn):
+def _without_vaccine(e):
+    del e["payload"]["vaccine"]
+
+
+@pytest.mark.parametrize("spoil, reason", [
+    (_without_vaccine, "vaccine"),
+    (lambda e: e.update(event_id="not-a-uuid"), "UUID"),
+    (lambda e: e.update(province_code=None), "province_code"),
+    (lambda e: e["payload"].update(dose_number="2"), "dose_number"),
+    (lambda e: e.update(occurred_at=datetime(2021, 6, 1)), "time zone"),
+])
+def test_invalid_event_is_refused_before_writing(proj, conn, spoil, reason):
     bad = dose("a", "79")
-    del bad["payload"]["vaccine"]
+    spoil(bad)
     with pytest.raises(InvalidEvent) as e:
         proj.apply_batch([(TOPIC, 0, 0, registration()), (TOPIC, 0, 1, bad)], GROUP)
-    assert (e.value.partition, e.value.offset) == (0, 1) and "vaccine" in str(e.value)
+    assert (e.value.partition, e.value.offset) == (0, 1) and reason in str(e.value)
     assert proj.positions(GROUP) == {}
     assert projected(conn, proj.namespace) == {}
 
@@ -687,7 +700,7 @@ def _in_slow_window(conn) -> None:
         if conn.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = %s AND wait_event = 'PgSleep'",
                         (SLOW,)).fetchone():
             return
-        threading.Event().wait(0.01)
+        time.sleep(0.01)
     raise AssertionError("the slow worker never reached its window")
 
 
