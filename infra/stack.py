@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import shutil
 import sys
+from pathlib import Path
+
+import psutil
 from dataclasses import dataclass
 from typing import Callable
 
@@ -123,7 +126,33 @@ def down(settings: Settings) -> list[str]:
     for step in reversed(steps(settings)):
         if step.service.stop():
             stopped.append(step.service.name)
+    # Extra services started beside the standard ones (a second worker, a sink…).
+    for pid_file in sorted(settings.run_dir.glob("*.pid")) if settings.run_dir.exists() else []:
+        if stop_recorded(pid_file):
+            stopped.append(pid_file.stem)
+    for ready_file in settings.run_dir.glob("worker-*.assigned"):
+        ready_file.unlink(missing_ok=True)
     return stopped
+
+
+def stop_recorded(pid_file: Path) -> bool:
+    """Stop the process a pid file names, only if its command line is the one recorded."""
+    import json
+
+    try:
+        record = json.loads(pid_file.read_text())
+        proc = psutil.Process(int(record["pid"]))
+        ours = proc.cmdline() == list(record["command"])
+    except (OSError, ValueError, KeyError, psutil.Error):
+        ours = False
+    if ours:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except psutil.TimeoutExpired:
+            proc.kill()
+    pid_file.unlink(missing_ok=True)
+    return ours
 
 
 def status(settings: Settings) -> list[dict]:
@@ -131,7 +160,6 @@ def status(settings: Settings) -> list[dict]:
     url = settings.analytics_url()
     if url.startswith("chdb://"):
         from infra.process import dir_size
-        from pathlib import Path
 
         path = Path(url.removeprefix("chdb://"))
         rows.append(
