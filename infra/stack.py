@@ -135,28 +135,42 @@ def down(settings: Settings) -> list[str]:
     return stopped
 
 
-def stop_recorded(pid_file: Path) -> bool:
-    """Stop the process a pid file names, only if its command line is the one recorded."""
+def _recorded(pid_file: Path) -> psutil.Process | None:
     import json
 
     try:
         record = json.loads(pid_file.read_text())
         proc = psutil.Process(int(record["pid"]))
-        ours = proc.cmdline() == list(record["command"])
+        return proc if proc.cmdline() == list(record["command"]) else None
     except (OSError, ValueError, KeyError, psutil.Error):
-        ours = False
-    if ours:
+        return None
+
+
+def _recorded_status(pid_file: Path) -> dict:
+    proc = _recorded(pid_file)
+    return {"service": pid_file.stem, "state": "up" if proc else "down", "pid": proc.pid if proc else None,
+            "port": None, "url": None, "data_bytes": 0, "log": str(pid_file.parent.parent / "logs" / f"{pid_file.stem}.log")}
+
+
+def stop_recorded(pid_file: Path) -> bool:
+    """Stop the process a pid file names, only if its command line is the one recorded."""
+    proc = _recorded(pid_file)
+    if proc is not None:
         proc.terminate()
         try:
             proc.wait(20)
         except psutil.TimeoutExpired:
             proc.kill()
     pid_file.unlink(missing_ok=True)
-    return ours
+    return proc is not None
 
 
 def status(settings: Settings) -> list[dict]:
     rows = [step.service.status() for step in steps(settings)]
+    known = {r["service"] for r in rows}
+    for pid_file in sorted(settings.run_dir.glob("*.pid")) if settings.run_dir.exists() else []:
+        if pid_file.stem not in known:  # started beside the standard services (a second worker…)
+            rows.append(_recorded_status(pid_file))
     url = settings.analytics_url()
     if url.startswith("chdb://"):
         from infra.process import dir_size
