@@ -160,7 +160,10 @@ class Managed:
                 self.pid_file.unlink(missing_ok=True)
                 raise self._failure("exited during start-up")
             time.sleep(0.2)
-        raise self._failure(f"not ready after {timeout_s:.0f}s")
+        failure = self._failure(f"not ready after {timeout_s:.0f}s")
+        if popen is not None:  # ours and useless: leave nothing running behind the error
+            self.stop()
+        raise failure
 
     def _failure(self, what: str) -> ServiceError:
         return ServiceError(

@@ -166,7 +166,7 @@ def cmd_import(args) -> int:
     rejects_path = Path(args.rejects or f"{src}.rejects.jsonl")
     client, tally = GatewayClient(settings.api_url), Tally()
     local_rejects: list[dict] = []
-    lines = 0
+    lines = blank = 0
     with open(src, "rb") as f, _progress() as progress:
         task = progress.add_task(f"import {src.name}", total=os.path.getsize(src), rate="")
         batch: list = []
@@ -186,6 +186,7 @@ def cmd_import(args) -> int:
             lines += 1
             progress.update(task, advance=len(raw))
             if not raw.strip():
+                blank += 1
                 continue
             try:
                 batch.append(orjson.loads(raw))
@@ -203,7 +204,7 @@ def cmd_import(args) -> int:
             out.write(orjson.dumps(r) + b"\n")
     console.print(
         f"{lines:,} lines: {tally.accepted:,} accepted, {tally.duplicates:,} duplicates, "
-        f"{len(rejected):,} rejected (reasons in {rejects_path})"
+        f"{len(rejected):,} rejected{f', {blank:,} blank' if blank else ''} (reasons in {rejects_path})"
     )
     return 1 if rejected else 0
 
