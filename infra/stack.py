@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from infra import clickhouse, kafka, postgres
-from infra.process import Managed
+from infra.process import Managed, ServiceError
 from nhdp.settings import Settings
 
 
@@ -25,6 +25,7 @@ class Step:
     service: Managed
     prepare: Callable[[], None] = lambda: None
     after_ready: Callable[[], None] = lambda: None
+    retry: bool = False  # one more start if the first never became ready
 
 
 def python_service(settings: Settings, name: str, module: str, *args: str, ready, port=None, url=None) -> Managed:
@@ -99,7 +100,7 @@ def steps(settings: Settings) -> list[Step]:
             Step(clickhouse.server_service(settings), lambda: None, lambda: clickhouse.ensure_database(settings))
         )
     out.append(Step(registry_service(settings), lambda: None, lambda: register_catalog(settings)))
-    out.append(Step(worker_service(settings)))
+    out.append(Step(worker_service(settings), retry=True))
     out.append(Step(api_service(settings)))
     return out
 
@@ -116,7 +117,15 @@ def up(settings: Settings, on_ready: Callable[[Managed, int, bool], None] = lamb
     for step in steps(settings):
         if step.service.pid() is None:
             step.prepare()
-        pid, started = step.service.start(settings.start_timeout_s)
+        try:
+            pid, started = step.service.start(settings.start_timeout_s)
+        except ServiceError:
+            if not step.retry:
+                raise
+            # A Faust worker can stall joining its group on a saturated machine
+            # ("Marking the coordinator dead"); a fresh process joins.
+            step.service.stop()
+            pid, started = step.service.start(settings.start_timeout_s)
         step.after_ready()
         on_ready(step.service, pid, started)
 

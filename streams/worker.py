@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -45,9 +46,21 @@ PROCESSED = Counter("nhdp_worker_events_total", "Events handled by the worker", 
 BATCH_SECONDS = Histogram("nhdp_worker_batch_seconds", "Time to route and project one batch")
 
 
+# What the projector (and a uuid column) accepts: dashed, either case.
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
+
+
 def semantic_error(event: dict[str, Any]) -> str | None:
     """Checks a decodable event must still pass; the gateway enforces them too."""
     et = event.get("event_type")
+    # Avro types a uuid only as a string: check it here, before the event is
+    # copied to a province topic, not first in the projector.
+    if not isinstance(event.get("event_id"), str) or not UUID.match(event["event_id"]):
+        return f"event_id: not a UUID: {str(event.get('event_id'))[:60]!r}"
+    for name in ("voided_event_id", "dose_event_id"):
+        value = event["payload"].get(name)
+        if value is not None and not UUID.match(value):
+            return f"payload.{name}: not a UUID: {value[:60]!r}"
     if event.get("province_code") not in provinces():
         return f"province_code: unknown province {event.get('province_code')!r}"
     if et in CITIZEN_EVENT_TYPES and not event.get("subject_id"):
@@ -87,6 +100,20 @@ def dlq_headers(m, reason: str) -> list[tuple[str, bytes]]:
     ]
 
 
+class Worker(faust.Worker):
+    """Faust's worker without its terminal spinner.
+
+    At a log level of WARN or above, Faust's spinner sets the root logger to
+    DEBUG so that it can spin on every record: every debug call in the
+    process then builds a LogRecord (aiokafka logs one per message sent),
+    which cost ~5% of the worker's event loop. The spinner has no use in a
+    background service anyway."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.spinner = None
+
+
 def create_app(
     settings: Settings, *, namespace: str = "proj", group: str = GROUP, ready_file: Path | None = None
 ) -> faust.App:
@@ -104,9 +131,13 @@ def create_app(
         broker_commit_every=BATCH_SIZE,
         datadir=str(settings.data_dir / "faust"),
         consumer_auto_offset_reset="earliest",
+        # A worker that dies without leaving the group (SIGKILL, a lost host)
+        # holds its partitions until this expires: 10 s, not Faust's 60 s.
+        broker_session_timeout=10.0,
         producer_acks=-1,
         producer_compression_type="lz4",
         stream_buffer_maxsize=4 * BATCH_SIZE,
+        Worker=Worker,
     )
     events = app.topic(TOPIC_EVENTS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     pool = ConnectionPool(settings.postgres_url, min_size=1, max_size=2, open=False)
@@ -120,19 +151,26 @@ def create_app(
             state["router"] = Router(Codec(RegistryClient(settings.registry_url)))
         return state["projector"]
 
-    @app.on_partitions_assigned.connect
-    async def seek_to_tracking(app_, assigned, **kwargs):
+    @app.on_rebalance_complete.connect
+    async def seek_to_tracking(app_, **kwargs):
         # The tracking record, not Faust's committed offset, says where we are.
-        # Faust seeks to the group's committed offsets once recovery ends, so
-        # commit the tracking positions over whatever Faust committed before.
-        positions = await asyncio.to_thread(lambda: projector().positions(group))
-        resume = {tp: positions.get((tp.topic, tp.partition), -1) + 1 for tp in assigned if tp.topic == TOPIC_EVENTS}
-        if resume:
-            await app.consumer._commit(resume)
-            for tp, offset in resume.items():
-                await app.consumer.seek(tp, offset)
+        # Faust sends this signal after each rebalance and awaits it right
+        # before it seeks every partition to the group's committed offset
+        # (perform_seek) and resumes the flow; on_partitions_assigned runs
+        # concurrently with that seek, so a seek made there can be undone by
+        # it. So: commit the tracking positions (perform_seek then seeks to
+        # them) and seek there ourselves too, in the consumer's own thread
+        # (perform_seek does not seek a partition whose committed offset is 0).
+        assigned = {tp for tp in app_.consumer.assignment() if tp.topic == TOPIC_EVENTS}
+        if assigned:
+            positions = await asyncio.to_thread(lambda: projector().positions(group))
+            resume = {tp: positions.get((tp.topic, tp.partition), -1) + 1 for tp in assigned}
+            # once per rebalance: where this worker resumes (and, if it ever hangs here, the last line logged)
+            log.warning("resuming at the tracking record: %s", {tp.partition: o for tp, o in sorted(resume.items())})
+            await app_.consumer._commit(resume)
+            await app_.consumer.seek_wait(resume)
         if ready_file is not None:
-            ready_file.write_text(str(sorted(tp.partition for tp in assigned if tp.topic == TOPIC_EVENTS)))
+            ready_file.write_text(str(sorted(tp.partition for tp in assigned)))
 
     @app.agent(events)
     async def project(stream):
