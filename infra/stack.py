@@ -1,8 +1,9 @@
 """The local stack: what `nhdp up` starts, in order, and how it is torn down.
 
 Order matters and is the dependency order: PostgreSQL (registry storage,
-projections) → Kafka → ClickHouse → schema registry (needs PostgreSQL) →
-stream workers and API (need all of the above). `down` walks it backwards.
+projections) → Kafka → ClickHouse (then its analytics schema is migrated) →
+schema registry (needs PostgreSQL) → stream worker, ClickHouse sink and API
+(need all of the above). `down` walks it backwards.
 """
 
 from __future__ import annotations
@@ -70,6 +71,31 @@ def worker_service(settings: Settings, name: str = "worker") -> Managed:
     return svc
 
 
+def sink_service(settings: Settings) -> Managed:
+    """The ClickHouse sink (projections/sink.py); in chDB mode it also owns the folder and answers queries."""
+    from projections.analytics import sink_url_path
+    from projections.sink import ready_path
+
+    svc = python_service(settings, "sink", "projections.sink", ready=lambda: False, url=settings.analytics_url())
+
+    def ready() -> bool:
+        pid = svc.pid()
+        if pid is None or not ready_path(settings, pid).exists():
+            return False
+        return not settings.analytics_url().startswith("chdb:") or sink_url_path(settings).exists()
+
+    svc.ready = ready
+    return svc
+
+
+def migrate_analytics(settings: Settings) -> None:
+    """The analytics schema (versioned migrations) on the local server; chDB's owner, the sink, migrates itself."""
+    from projections.analytics import ensure_schema
+
+    clickhouse.ensure_database(settings)
+    ensure_schema(settings.analytics_url())
+
+
 def api_service(settings: Settings) -> Managed:
     return python_service(
         settings,
@@ -97,10 +123,11 @@ def steps(settings: Settings) -> list[Step]:
     )
     if settings.local_clickhouse_server:
         out.append(
-            Step(clickhouse.server_service(settings), lambda: None, lambda: clickhouse.ensure_database(settings))
+            Step(clickhouse.server_service(settings), lambda: None, lambda: migrate_analytics(settings))
         )
     out.append(Step(registry_service(settings), lambda: None, lambda: register_catalog(settings)))
     out.append(Step(worker_service(settings), retry=True))
+    out.append(Step(sink_service(settings)))
     out.append(Step(api_service(settings)))
     return out
 

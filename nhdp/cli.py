@@ -228,22 +228,65 @@ def cmd_api(args) -> int:
 
 
 def cmd_replay(args) -> int:
+    from projections import sink as analytics_sink
     from streams import replay
 
     settings = get_settings()
     if args.verify:
         diffs = replay.verify(settings, args.into, console)
+        # ClickHouse rebuilt up to the same positions, against the live PostgreSQL projections.
+        from psycopg_pool import ConnectionPool
+
+        with ConnectionPool(settings.postgres_url, min_size=1, max_size=1, open=True) as pool:
+            upto = replay.live_positions(pool)
+        analytics_sink.rebuild(settings, args.into, upto=upto)
+        diffs += analytics_sink.diff_replay(settings, args.into)
         for line in diffs:
             console.print(f"[red]differs[/] {escape(line)}")
         if diffs:
             console.print(f"[red]{len(diffs)} difference(s)[/] between the live projections and the replay")
             return 1
-        console.print("[green]replay equals the live projections: 0 differences[/]")
+        console.print("[green]replay equals the live projections: 0 differences[/] (PostgreSQL and ClickHouse)")
         return 0
-    result = replay.rebuild(settings, args.into, console=console)
+    ends = analytics_sink.log_end(settings)
+    upto = {p: end - 1 for p, end in ends.items()}  # one prefix of the log for both stores
+    result = replay.rebuild(settings, args.into, upto=upto, console=console)
     console.print(
         f"rebuilt {result.namespace} from {result.events:,} events ({result.dlq:,} to the DLQ) in "
         f"{result.seconds:.1f}s, {result.events / max(result.seconds, 1e-9):,.0f} events/s"
+    )
+    ch = analytics_sink.rebuild(settings, args.into, upto=upto)
+    console.print(
+        f"rebuilt ClickHouse {ch.url} from {ch.events:,} events in {ch.seconds:.1f}s, "
+        f"{ch.events / max(ch.seconds, 1e-9):,.0f} events/s"
+    )
+    return 0
+
+
+def cmd_sink(args) -> int:
+    from projections.sink import main as sink_main
+
+    return sink_main(args.rest)
+
+
+def cmd_verify_analytics(args) -> int:
+    from projections.analytics import AnalyticsUnavailable
+    from projections.analytics_store import AnalyticsStoreError
+    from projections.sink import verify
+
+    try:
+        diffs, positions = verify(get_settings(), timeout_s=args.timeout)
+    except (AnalyticsUnavailable, AnalyticsStoreError) as exc:
+        err.print("[red]error:[/] cannot read the analytics store:", escape(str(exc)), highlight=False)
+        return 2
+    for line in diffs:
+        console.print(f"[red]differs[/] {escape(line)}")
+    if diffs:
+        console.print(f"[red]{len(diffs)} difference(s)[/] between ClickHouse and the PostgreSQL projections")
+        return 1
+    console.print(
+        f"[green]ClickHouse equals the PostgreSQL projections: 0 differences[/] "
+        f"(every figure, 63 provinces and national, at {sum(positions.values()):,} messages)"
     )
     return 0
 
@@ -279,10 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--rejects", help="where to write rejected lines with reasons (default FILE.rejects.jsonl)")
     imp.add_argument("--batch", type=int, default=5000)
     imp.set_defaults(fn=cmd_import)
-    rp = sub.add_parser("replay", help="rebuild the projections from offset 0 into their own namespace")
-    rp.add_argument("--into", default="audit", help="name of the rebuilt namespace (PostgreSQL schema replay_NAME)")
+    rp = sub.add_parser("replay", help="rebuild the projections (PostgreSQL and ClickHouse) from offset 0 on their own")
+    rp.add_argument("--into", default="audit",
+                    help="name of the rebuild: PostgreSQL schema and ClickHouse database replay_NAME")
     rp.add_argument("--verify", action="store_true", help="rebuild up to the live positions and list every difference")
     rp.set_defaults(fn=cmd_replay)
+    sk = sub.add_parser("sink", help="run the ClickHouse sink in the foreground")
+    sk.add_argument("rest", nargs=argparse.REMAINDER)
+    sk.set_defaults(fn=cmd_sink)
+    va = sub.add_parser("verify-analytics", help="compare every ClickHouse figure with the PostgreSQL projections")
+    va.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for both to reach the same log position")
+    va.set_defaults(fn=cmd_verify_analytics)
     w = sub.add_parser("worker", help="run a stream worker (Faust) in the foreground")
     w.add_argument("rest", nargs=argparse.REMAINDER)
     w.set_defaults(fn=cmd_worker)

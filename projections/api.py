@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nhdp.settings import Settings
 from producers.gateway import Gateway
 from producers.gateway import router as gateway_router
-from projections import read_models
+from projections import analytics_api, read_models
 from schemas.reference import provinces
 from streams.worker import consumer_lag
 
@@ -76,6 +76,7 @@ def create_app(settings: Settings, *, with_gateway: bool = True) -> FastAPI:
     )
     if with_gateway:
         app.include_router(gateway_router)
+    app.include_router(analytics_api.router)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -92,17 +93,23 @@ def create_app(settings: Settings, *, with_gateway: bool = True) -> FastAPI:
         return request.app.state.queries
 
     @app.get("/v1/national/summary", summary="Every figure of DESIGN §4 for the nation")
-    async def national(request: Request) -> dict[str, Any]:
+    async def national(request: Request, as_of: str | None = None) -> dict[str, Any]:
+        if as_of is not None:
+            return await analytics_api.call(request, "national_summary", as_of=as_of)
         return await run_in_threadpool(q(request).run, read_models.national_summary, q(request).populations)
 
     @app.get("/v1/provinces", summary="The summaries of all 63 provinces")
-    async def all_provinces(request: Request) -> list[dict[str, Any]]:
+    async def all_provinces(request: Request, as_of: str | None = None) -> list[dict[str, Any]]:
+        if as_of is not None:
+            return await analytics_api.call(request, "all_provinces", as_of=as_of)
         return await run_in_threadpool(q(request).run, read_models.all_provinces, q(request).populations)
 
     @app.get("/v1/provinces/{code}/summary", summary="Every figure of DESIGN §4 for one province")
-    async def province(code: str, request: Request):
+    async def province(code: str, request: Request, as_of: str | None = None):
         if code not in provinces():
             return _error(404, f"unknown province code {code!r}; codes are the 63 two-digit 2008 codes, e.g. 01, 79")
+        if as_of is not None:
+            return await analytics_api.call(request, "province_summary", code=code, as_of=as_of)
         return await run_in_threadpool(q(request).run, read_models.province_summary, code, q(request).populations)
 
     @app.get("/v1/citizens/{subject_id}/record", summary="One subject's valid doses, for check-in at a site")

@@ -1,0 +1,985 @@
+"""The ClickHouse sink: `health.events` → ClickHouse facts, points and rollups.
+
+    python -m projections.sink            # what `nhdp up` starts (`nhdp sink` in the foreground)
+
+Each arrow, what it guarantees and why (Snuba's way of writing it down):
+
+Kafka → sink: at least once.
+    A plain kafka-python consumer in its own group (`nhdp-analytics`), with
+    auto-commit off. Offsets are committed only after ClickHouse has
+    acknowledged every write of the batch, so a crash re-delivers the batch
+    and never skips one. Why not a Faust agent: Faust commits the offsets of
+    acknowledged events on its own schedule (`broker_commit_every`), the
+    ClickHouse calls are blocking, and in chDB mode the sink must run in the
+    process that owns the chDB folder; an explicit poll/insert/commit loop
+    says exactly when an offset is committed, and pauses the partitions
+    (keeps polling, so it stays in the group) while ClickHouse is down.
+
+batching: ≥ 10,000 messages or 1 s after the first message of the batch,
+    whichever comes first (BATCH_ROWS, BATCH_WITHIN_S); when catching up, the
+    messages already fetched join the batch up to 50,000. One INSERT per
+    table per batch.
+
+decode: the worker's Router (codec + semantic checks) and the projector's own
+    `_prepare`, so exactly the events the PostgreSQL projections count reach
+    the figures. Undecodable or invalid messages are skipped here (the
+    worker sends them to the DLQ, with the reason); an unreachable registry
+    is retried, never skipped.
+
+sink → ClickHouse: effectively once, by construction rather than by luck.
+    Every write is keyed and idempotent: facts and voids collapse by
+    event_id (ReplacingMergeTree; queries read FINAL or count distinct ids),
+    points and subject rows are overwrites (latest version wins), rollups
+    are recomputed, never incremented (see projections/analytics.py). A
+    re-delivered or re-inserted batch therefore changes nothing.
+
+ClickHouse down: back-pressure. The batch is held, the partitions are
+    paused, and the writes are retried with backoff until they succeed;
+    nothing is committed meanwhile, so nothing is lost.
+
+One writer per database. Voids find their targets and subjects' timelines
+    are recomputed by read-modify-write against what the previous batches
+    wrote, so exactly one sink process may write a database (the local stack
+    starts one; replay writes its own database). A fence enforces it: each
+    sink records itself in `sink_owners` when it starts, checks before every
+    batch's writes that it is still the latest, and otherwise stops
+    (SinkFenced) and leaves the batch uncommitted for the newer one.
+
+chDB: the sink process owns the folder and answers for it. chDB lets one
+    process open a folder, so in chDB mode this process also serves the
+    analytics calls of every other process (the API, `nhdp verify-analytics`)
+    on 127.0.0.1 at POST /call/<method> (the URL is in <run>/sink.url;
+    projections.analytics.RemoteAnalytics is the client). The other choice,
+    the API running the sink in a thread, was rejected: the API is meant to
+    run as several instances behind a balancer (DESIGN §6), and ingestion
+    would then stop with every API restart or depend on which instance owns
+    the folder. With a server (clickhouse://), every process connects itself
+    and nothing is forwarded.
+
+Per batch, in this order (each step's writes are what the next step's
+crash recovery relies on):
+
+1. read: the voids of this batch's targets and of facts known to have been
+   voided before they arrived (an in-memory set of void targets, loaded at
+   start: this process is the only writer of `voids`), the targets' figure
+   view (`event_index`), the subject rows of every subject with a new dose or
+   a newly voided dose;
+2. compute retraction points, subject timelines and their points, the hours
+   touched;
+3. write: hour marks (dirty) → events → voids → event_index → subjects →
+   points → sink_batches; then commit offsets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Mapping, NamedTuple, Sequence
+
+from infra.kafka import TOPIC_EVENTS
+from nhdp.settings import Settings
+from projections.analytics import (
+    ADVERSE,
+    ALLOCATION,
+    DECLARATION,
+    DOSE,
+    FULLY,
+    HOUR_MS,
+    NEVER_MS,
+    PEOPLE,
+    Analytics,
+    ParameterError,
+    chunks,
+    migrate,
+    refresh_rollups,
+    sink_url_path,
+)
+from projections.analytics_store import AnalyticsStore, AnalyticsStoreError, open_store
+from projections.projector import ETYPES, VOID, _micros
+from schemas.reference import provinces
+
+log = logging.getLogger("nhdp.sink")
+
+GROUP = "nhdp-analytics"
+BATCH_ROWS = 10_000  # a batch is written once it has this many messages…
+BATCH_WITHIN_S = 1.0  # …or this long after its first one
+MAX_BATCH_ROWS = 50_000  # while catching up, what is already fetched joins the batch, up to this
+ROLLUP_EVERY_S = 5.0  # recompute dirty hours at most this often while busy (always when idle)
+
+EVENT_COLUMNS = [
+    "event_id", "event_type", "kind", "occurred_at", "occurred_ms", "province_code", "region", "source",
+    "subject_id", "flag", "vaccine", "dose_number", "site_id", "lot_number", "severity", "doses", "recipient",
+    "voided_event_id", "kafka_partition", "kafka_offset",
+]
+INDEX_COLUMNS = ["event_id", "kind", "occurred_ms", "province_code", "subject_id", "vaccine", "dose_number", "flag", "amount"]
+VOID_COLUMNS = ["target_id", "void_id", "occurred_ms", "province_code"]
+SUBJECT_COLUMNS = [
+    "subject_id", "version", "dose_ids", "dose_ms", "dose_province", "dose_janssen", "dose_void_ms",
+    "ever_ms", "ever_kind", "ever_province", "ever_delta",
+]
+POINT_COLUMNS = [
+    "hour", "key_id", "kind", "t_ms", "province_code", "delta", "vaccine", "dose_number", "flag", "amount", "live",
+    "version",
+]
+
+# event ids are FixedString(16) (projections/analytics.py): look them up from their text
+_IDS = "(SELECT UUIDStringToNum(i) FROM (SELECT arrayJoin(%(id_list)s) AS i))"
+
+
+class Fact(NamedTuple):
+    """The figure view of a counted event (the same as projections.projector reads it)."""
+
+    kind: int
+    t_ms: int
+    province: str
+    subject: str | None
+    vaccine: str
+    dose_number: int
+    flag: int
+    amount: int
+
+
+@dataclass
+class BatchStats:
+    messages: int = 0
+    events: int = 0
+    skipped: int = 0  # undecodable or invalid: the worker dead-letters them
+    points: int = 0
+    subjects: int = 0
+    hours: int = 0
+    seconds: float = 0.0
+
+
+# A point's identity and content: (t_ms, kind, province, delta); subjects only have these.
+Point = tuple[int, int, str, int]
+
+
+def timeline(doses: Mapping[str, Sequence]) -> set[Point]:
+    """The people points of one subject, from its doses {event_id: (t_ms, province, janssen, void_ms)}.
+
+    A dose counts at T iff t < T and not void < T, i.e. on T in (t, void]. The
+    state at T is (province of the earliest counted dose by (t, event_id),
+    fully = at least 2 counted doses or a counted janssen); it changes only
+    right after a dose time or a void time c, so a point at c applies to every
+    T > c, which is how queries read it (t_ms < cut).
+    """
+    if all(d[3] >= NEVER_MS for d in doses.values()):
+        # Nothing voided (nearly every subject): counted from the earliest dose on, in its
+        # province; fully from the second dose or the first janssen, whichever comes first.
+        ordered = sorted(doses.items(), key=lambda kv: (kv[1][0], kv[0]))
+        if not ordered:
+            return set()
+        t0, province = ordered[0][1][0], ordered[0][1][1]
+        points = {(t0, PEOPLE, province, 1)}
+        fully = [d[0] for _, d in ordered if d[2]]
+        if len(ordered) >= 2:
+            fully.append(ordered[1][1][0])
+        if fully:
+            points.add((min(fully), FULLY, province, 1))
+        return points
+    times = sorted({d[0] for d in doses.values()} | {d[3] for d in doses.values() if d[3] < NEVER_MS})
+    points = set()
+    prev_p: str | None = None
+    prev_f: str | None = None
+    ordered = sorted(doses.items(), key=lambda kv: (kv[1][0], kv[0]))
+    for c in times:
+        alive = [d for _, d in ordered if d[0] <= c < d[3]]
+        if alive:
+            province = alive[0][1]
+            fully = province if (len(alive) >= 2 or any(d[2] for d in alive)) else None
+        else:
+            province = fully = None
+        if province != prev_p:
+            if prev_p is not None:
+                points.add((c, PEOPLE, prev_p, -1))
+            if province is not None:
+                points.add((c, PEOPLE, province, 1))
+            prev_p = province
+        if fully != prev_f:
+            if prev_f is not None:
+                points.add((c, FULLY, prev_f, -1))
+            if fully is not None:
+                points.add((c, FULLY, fully, 1))
+            prev_f = fully
+    return points
+
+
+class Shaped(tuple):
+    """(event_rows, index_rows, void_rows, facts, batch_voids), plus `skipped`."""
+
+    skipped: int = 0
+
+
+def _event_id(value: Any) -> tuple[str, bytes]:
+    """Canonical lower-case text and the 16 bytes of a UUID; ValueError otherwise (as the projector's _uuid)."""
+    text = value.lower() if isinstance(value, str) else str(value)
+    if len(text) != 36 or text[8] != "-" or text[13] != "-" or text[18] != "-" or text[23] != "-":
+        raise ValueError(f"not a UUID: {value!r}")
+    raw = bytes.fromhex(text[:8] + text[9:13] + text[14:18] + text[19:23] + text[24:])
+    if len(raw) != 16:
+        raise ValueError(f"not a UUID: {value!r}")
+    return text, raw
+
+
+def _nonempty(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string, not {value!r}")
+    return value
+
+
+def shape(messages: Sequence[tuple[int, int, Mapping[str, Any]]], regions: Mapping[str, str]) -> Shaped:
+    """One pass over a batch: the rows of events, event_index and voids, and the figure view.
+
+    The figure view (kind, flag, amount, which events are readable at all) is
+    the PostgreSQL projector's `_prepare`, restated for one pass over the
+    batch; tests/test_analytics.py checks the two agree on every event type.
+    An event the projector would refuse (InvalidEvent: the worker
+    dead-letters it) is skipped. A repeated event_id keeps its first copy.
+    """
+    event_rows: list[tuple] = []
+    index_rows: list[tuple] = []
+    void_rows: list[tuple] = []
+    facts: dict[str, tuple] = {}  # event_id -> the fields of a Fact
+    batch_voids: dict[str, tuple[str, int]] = {}
+    seen: set[str] = set()
+    skipped = 0
+    add_event, add_index = event_rows.append, index_rows.append
+    for partition, offset, ev in messages:
+        try:
+            event_id, raw_id = _event_id(ev["event_id"])
+            et = ev["event_type"]
+            kind = ETYPES.get(et, 0)
+            p = ev["payload"]
+            voided = ""
+            if kind == 0 and et == VOID:
+                voided, raw_target = _event_id(p["voided_event_id"])
+            province = ev["province_code"]
+            if kind:
+                _nonempty(province, "province_code")
+            t_ms = _micros(ev["occurred_at"]) // 1000
+            subject = ev.get("subject_id") or ""
+            flag = amount = number = 0
+            vaccine = ""
+            if kind == DOSE:
+                _nonempty(ev["subject_id"], "subject_id")
+                number = p["dose_number"]
+                if type(number) is not int:
+                    raise ValueError(f"dose_number must be an integer, not {number!r}")
+                vaccine = _nonempty(p["vaccine"], "vaccine")
+                p["site_id"]  # noqa: B018 - required, as in the projector
+            elif kind == DECLARATION:
+                flag = 1 if p["symptoms"] else 0
+            elif kind == ADVERSE:
+                flag = 1 if p["severity"] == "serious" else 0
+            elif kind == ALLOCATION:
+                amount = p["doses"]
+                if type(amount) is not int:
+                    raise ValueError(f"doses must be an integer, not {amount!r}")
+                vaccine = p["vaccine"]
+                p["allocation_id"], p["recipient"]  # noqa: B018
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            log.warning("skipping partition %s offset %s: %s: %s (the worker dead-letters it)",
+                        partition, offset, type(exc).__name__, exc)
+            skipped += 1
+            continue
+        if event_id in seen:
+            continue
+        seen.add(event_id)
+        if kind:
+            facts[event_id] = (kind, t_ms, province, subject or None, vaccine, number, flag, amount)  # a Fact
+            add_index((raw_id, kind, t_ms, province, subject, vaccine, number, flag, amount))
+        elif voided:
+            batch_voids[event_id] = (voided, t_ms)
+            void_rows.append((raw_target, raw_id, t_ms, province))
+        else:
+            vaccine, number = p.get("vaccine") or "", p.get("dose_number") or 0
+        add_event((
+            raw_id, et, kind, t_ms // 1000, t_ms % 1000, province, regions.get(province, ""),
+            ev.get("source") or "", subject, flag, vaccine, number, p.get("site_id") or "",
+            p.get("lot_number") or "", p.get("severity") or "", amount, p.get("recipient") or "", voided,
+            partition, offset,
+        ))
+    out = Shaped((event_rows, index_rows, void_rows, facts, batch_voids))
+    out.skipped = skipped
+    return out
+
+
+class SinkFenced(RuntimeError):
+    """A newer sink started writing this database; this one must stop (one writer per database)."""
+
+
+class Sink:
+    """Decoded events → ClickHouse, one batch at a time. The only writer of its database."""
+
+    def __init__(self, store: AnalyticsStore):
+        import uuid
+
+        self.store = store
+        migrate(store)
+        (last,) = store.execute(
+            "SELECT greatest((SELECT max(version) FROM hour_marks), (SELECT max(version) FROM sink_batches))"
+        )[0]
+        self._version = int(last or 0)
+        (done,) = store.execute("SELECT max(version) FROM sink_batches")[0]
+        self._completed = int(done or 0)  # every write of batches up to this version is in ClickHouse
+        self._void_targets: set[str] = {
+            t for (t,) in store.execute("SELECT DISTINCT UUIDNumToString(target_id) FROM voids")
+        }
+        self._regions = {code: p.region for code, p in provinces().items()}
+        self.last_rollup = 0.0
+        # The fence: the latest sink to start is the writer; an older one stops before its next write.
+        self.instance = uuid.uuid4().hex
+        store.insert("sink_owners", ["instance", "started"], [(self.instance, self.next_version())])
+
+    def check_owner(self) -> None:
+        ((owner,),) = self.store.execute("SELECT argMax(instance, started) FROM sink_owners")
+        if owner != self.instance:
+            raise SinkFenced(f"another sink ({owner}) started writing {getattr(self.store, 'url', 'this database')} "
+                             "after this one; stopping: one writer per database")
+
+    def next_version(self) -> int:
+        self._version = max(time.time_ns(), self._version + 1)
+        return self._version
+
+    # -- one batch ------------------------------------------------------------------------
+    def process(self, messages: Sequence[tuple[int, int, Mapping[str, Any]]]) -> BatchStats:
+        """Write decoded events [(partition, offset, event)] and everything they change.
+
+        Idempotent: processing the same messages again (re-delivery, a retry
+        after a failed write, a replay) leaves every figure unchanged. Raises
+        AnalyticsStoreError if ClickHouse fails; the caller retries the batch.
+        """
+        started = time.perf_counter()
+        stats = BatchStats(messages=len(messages))
+        version = self.next_version()
+        shaped = shape(messages, self._regions)
+        event_rows, index_rows, void_rows, facts, batch_voids = shaped
+        stats.events = len(event_rows)
+        stats.skipped = shaped.skipped
+
+        # 1. read what earlier batches wrote
+        void_targets = {t for t, _ in batch_voids.values()}
+        voided_before = [e for e in facts if e in self._void_targets]
+        voids_of: dict[str, dict[str, int]] = {}
+        for target, void_id, v_ms in self._select_in(
+            "SELECT UUIDNumToString(target_id), UUIDNumToString(void_id), occurred_ms FROM voids "
+            f"WHERE target_id IN {_IDS}",
+            sorted(void_targets | set(voided_before)),
+        ):
+            voids_of.setdefault(target, {})[void_id] = v_ms
+        for void_id, (target, v_ms) in batch_voids.items():
+            voids_of.setdefault(target, {})[void_id] = v_ms
+        targets: dict[str, Fact] = {t: Fact(*facts[t]) for t in void_targets if t in facts}
+        missing = sorted(void_targets - set(targets))
+        for eid, kind, t_ms, prov, subject, vaccine, number, flag, amount in self._select_in(
+            "SELECT UUIDNumToString(event_id), kind, occurred_ms, province_code, subject_id, vaccine, dose_number, "
+            f"flag, amount FROM event_index WHERE event_id IN {_IDS}",
+            missing,
+        ):
+            targets[eid] = Fact(kind, t_ms, prov, subject or None, vaccine, number, flag, amount)
+        for eid in voided_before:
+            targets[eid] = Fact(*facts[eid])
+
+        # 2. retractions: -1 at max(occurred, earliest void), tombstones for every other void
+        point_rows: list[tuple] = []
+        hours: set[int] = {f[1] // HOUR_MS * 3600 for f in facts.values()}
+        for target, fact in targets.items():
+            vs = voids_of.get(target)
+            if not vs:
+                continue
+            live_t = max(fact.t_ms, min(vs.values()))
+            for t in {max(fact.t_ms, v) for v in vs.values()}:
+                point_rows.append(self._point(target, fact.kind, t, fact.province, -1, fact, int(t == live_t), version))
+
+        # subjects with a new dose or a newly voided dose
+        new_doses: dict[str, dict[str, tuple]] = {}
+        for eid, fact in list(facts.items()) + list(targets.items()):
+            if fact[0] == DOSE and fact[3]:
+                new_doses.setdefault(fact[3], {})[eid] = fact
+        subject_rows = self._subjects(new_doses, voids_of, version, point_rows)
+        stats.points, stats.subjects = len(point_rows), len(subject_rows)
+        hours |= {p[0] for p in point_rows}
+        stats.hours = len(hours)
+
+        # 3. write: dirty marks first, then the data, then the completion record
+        self.check_owner()
+        store = self.store
+        store.insert("hour_marks", ["hour", "mark", "version"], [(h, 0, version) for h in sorted(hours)])
+        store.insert("events", EVENT_COLUMNS, event_rows)
+        store.insert("voids", VOID_COLUMNS, void_rows)
+        store.insert("event_index", INDEX_COLUMNS, index_rows)
+        store.insert("subjects", SUBJECT_COLUMNS, subject_rows)
+        store.insert("points", POINT_COLUMNS, point_rows)
+        store.insert("sink_batches", ["version", "messages", "completed_at"], [(version, len(messages), int(time.time()))])
+        self._completed = version
+        self._void_targets |= void_targets
+        stats.seconds = time.perf_counter() - started
+        return stats
+
+    def _select_in(self, sql: str, ids: Sequence[str]) -> list[tuple]:
+        rows: list[tuple] = []
+        for part in chunks(list(ids)):
+            rows += self.store.execute(sql, {"ids": part, "id_list": list(part)})
+        return rows
+
+    @staticmethod
+    def _point(key: str, kind: int, t_ms: int, province: str, delta: int, fact: Fact | None, live: int,
+               version: int) -> tuple:
+        t_s = t_ms // 1000
+        if fact is None:
+            return (t_s - t_s % 3600, key, kind, t_ms, province, delta, "", 0, 0, 0, live, version)
+        return (t_s - t_s % 3600, key, kind, t_ms, province, delta, fact.vaccine, fact.dose_number, fact.flag,
+                fact.amount, live, version)
+
+    def _subjects(self, new_doses: dict[str, dict[str, tuple]], voids_of: dict[str, dict[str, int]], version: int,
+                  point_rows: list[tuple]) -> list[tuple]:
+        if not new_doses:
+            return []
+        stored = {
+            r[0]: r
+            for r in self._select_in(
+                "SELECT subject_id, version, dose_ids, dose_ms, dose_province, dose_janssen, dose_void_ms, "
+                "ever_ms, ever_kind, ever_province, ever_delta FROM subjects FINAL WHERE subject_id IN %(ids)s",
+                sorted(new_doses),
+            )
+        }
+        rows = []
+        for subject, added in new_doses.items():
+            doses: dict[str, list] = {}
+            ever: set[Point] = set()
+            complete = True
+            row = stored.get(subject)
+            if row is not None:
+                _, row_version, ids, ms, provs, janssen, void_ms, e_ms, e_kind, e_prov, e_delta = row
+                doses = {i: [t, p, j, v] for i, t, p, j, v in zip(ids, ms, provs, janssen, void_ms)}
+                ever = set(zip(e_ms, e_kind, e_prov, e_delta))
+                complete = row_version <= self._completed
+            before = {k: tuple(v) for k, v in doses.items()}
+            if row is None and len(added) == 1:
+                (eid, fact), = added.items()
+                vs = voids_of.get(eid)
+                if not vs:  # a first dose, not voided: the common case, without the general machinery
+                    t, prov = fact[1], fact[2]
+                    now = {(t, PEOPLE, prov, 1)}
+                    janssen = 1 if fact[4] == "janssen" else 0
+                    if janssen:
+                        now.add((t, FULLY, prov, 1))
+                    for p in now:
+                        point_rows.append(self._point(subject, p[1], t, prov, 1, None, 1, version))
+                    e = sorted(now)
+                    rows.append((subject, version, [eid], [t], [prov], [janssen], [NEVER_MS],
+                                 [p[0] for p in e], [p[1] for p in e], [p[2] for p in e], [p[3] for p in e]))
+                    continue
+            for eid, fact in added.items():
+                if eid not in doses:  # the first arrival's content is kept, as in PostgreSQL
+                    doses[eid] = [fact[1], fact[2], 1 if fact[4] == "janssen" else 0, NEVER_MS]
+            for eid, d in doses.items():
+                vs = voids_of.get(eid)
+                if vs:
+                    d[3] = min(d[3], min(vs.values()))
+            now = timeline({k: tuple(v) for k, v in doses.items()})
+            was = timeline(before) if complete else None
+            if complete and was == now and {k: tuple(v) for k, v in doses.items()} == before:
+                continue  # nothing changed (a re-delivered dose) and the last write was complete
+            # If the stored row's batch completed, its points are in ClickHouse: write the difference.
+            # If not (a crash between the row and its points), write the whole new timeline and
+            # tombstone every point ever written for the subject that is not in it.
+            live = now if not complete else now - was
+            for t, kind, prov, delta in live:
+                point_rows.append(self._point(subject, kind, t, prov, delta, None, 1, version))
+            for t, kind, prov, delta in (was - now) if complete else (ever - now):
+                point_rows.append(self._point(subject, kind, t, prov, delta, None, 0, version))
+            ever |= now
+            order = sorted(doses, key=lambda k: (doses[k][0], k))
+            e = sorted(ever)
+            rows.append((
+                subject, version, order, [doses[k][0] for k in order], [doses[k][1] for k in order],
+                [doses[k][2] for k in order], [doses[k][3] for k in order],
+                [p[0] for p in e], [p[1] for p in e], [p[2] for p in e], [p[3] for p in e],
+            ))
+        return rows
+
+    # -- rollups ---------------------------------------------------------------------------------
+    def refresh_rollups(self, limit: int = 240) -> int:
+        self.last_rollup = time.monotonic()
+        self.check_owner()
+        return refresh_rollups(self.store, self.next_version(), limit=limit)
+
+    def refresh_all(self) -> int:
+        total = 0
+        while n := self.refresh_rollups(limit=500):
+            total += n
+        return total
+
+
+# -- Kafka → Sink ---------------------------------------------------------------------------------
+
+
+class Runner:
+    """The consumer loop: poll, batch, decode, Sink.process, commit; back-pressure while ClickHouse is down."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sink: Sink,
+        *,
+        group: str = GROUP,
+        batch_rows: int = BATCH_ROWS,
+        max_rows: int = MAX_BATCH_ROWS,
+        within_s: float = BATCH_WITHIN_S,
+        rollup_every_s: float = ROLLUP_EVERY_S,
+        ready_file=None,
+    ):
+        from schemas.codec import Codec
+        from schemas.registry_client import RegistryClient
+        from streams.worker import Router
+
+        self.settings, self.sink, self.group = settings, sink, group
+        self.batch_rows, self.max_rows = batch_rows, max(max_rows, batch_rows)
+        self.within_s, self.rollup_every_s = within_s, rollup_every_s
+        self.router = Router(Codec(RegistryClient(settings.registry_url)))
+        self.ready_file = ready_file
+        self.stop_event = threading.Event()
+        self.processed = 0
+        self.batches = 0
+        self.retries = 0
+        self._buffer: list = []
+        self._consumer = None
+
+    # A rebalance revokes every partition (kafka-python's eager protocol) and the
+    # consumer then fetches from the committed offsets: drop what is buffered, it
+    # was not committed and will be delivered again.
+    def _listener(self):
+        from kafka import ConsumerRebalanceListener
+
+        runner = self
+
+        class Listener(ConsumerRebalanceListener):
+            def on_partitions_revoked(self, revoked):
+                runner._buffer.clear()
+
+            def on_partitions_assigned(self, assigned):
+                if runner.ready_file is not None:
+                    runner.ready_file.write_text(json.dumps(sorted(tp.partition for tp in assigned)))
+
+        return Listener()
+
+    def run(self) -> None:
+        from kafka import KafkaConsumer
+
+        consumer = self._consumer = KafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            group_id=self.group,
+            client_id=f"nhdp-sink-{os.getpid()}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self.max_rows,
+            fetch_max_bytes=64 * 1024 * 1024,
+            max_partition_fetch_bytes=16 * 1024 * 1024,
+            max_poll_interval_ms=600_000,
+            # A sink that dies without leaving the group (SIGKILL, a lost host) holds its
+            # partitions until this expires: 10 s, as the worker, not the client's 45 s.
+            session_timeout_ms=10_000,
+        )
+        consumer.subscribe([TOPIC_EVENTS], listener=self._listener())
+        first_at = None
+        try:
+            while not self.stop_event.is_set():
+                wait_s = self.within_s if first_at is None else max(0.0, first_at + self.within_s - time.monotonic())
+                polled = consumer.poll(timeout_ms=int(wait_s * 1000), max_records=self.batch_rows - len(self._buffer))
+                if self.ready_file is not None and not self.ready_file.exists():
+                    # Up: ClickHouse migrated, Kafka reached. Partitions may come later (a departed
+                    # member's session has to expire first); the listener records them when they do.
+                    self.ready_file.write_text("[]")
+                for records in polled.values():
+                    self._buffer.extend(records)
+                if self._buffer and first_at is None:
+                    first_at = time.monotonic()
+                full = len(self._buffer) >= self.batch_rows
+                while full and len(self._buffer) < self.max_rows:  # catching up: take what is already fetched
+                    more = consumer.poll(timeout_ms=0, max_records=self.max_rows - len(self._buffer))
+                    if not more:
+                        break
+                    for records in more.values():
+                        self._buffer.extend(records)
+                due = first_at is not None and time.monotonic() - first_at >= self.within_s
+                if self._buffer and (full or due):
+                    self._flush(consumer)
+                    first_at = None
+                if not self._buffer and (not polled or time.monotonic() - self.sink.last_rollup > self.rollup_every_s):
+                    self._with_retry(consumer, self.sink.refresh_rollups)
+        finally:
+            consumer.close(autocommit=False, timeout_ms=5000)
+
+    def _flush(self, consumer) -> None:
+        from kafka import TopicPartition
+        from kafka.structs import OffsetAndMetadata
+
+        records, self._buffer = self._buffer, []
+        good, _bad = self._with_retry(consumer, lambda: self.router.split([r.value for r in records]))
+        messages = [(records[i].partition, records[i].offset, ev) for i, ev in good]
+        self._with_retry(consumer, lambda: self.sink.process(messages))
+        offsets: dict = {}
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            if r.offset + 1 > offsets.get(tp, (-1,))[0]:
+                offsets[tp] = (r.offset + 1,)
+        try:
+            consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, (o,) in offsets.items()})
+        except Exception as exc:  # noqa: BLE001 - a rebalance took the partitions: they are re-delivered, idempotently
+            log.warning("offset commit failed (%s); the batch will be re-delivered and changes nothing", exc)
+        self.processed += len(records)
+        self.batches += 1
+
+    def _with_retry(self, consumer, fn):
+        """fn() until it succeeds; meanwhile the partitions are paused but the consumer keeps polling."""
+        delay = 0.2
+        paused = False
+        while True:
+            try:
+                result = fn()
+                if paused:
+                    consumer.resume(*consumer.assignment())
+                return result
+            except (AnalyticsStoreError, OSError) + _registry_errors() as exc:
+                if self.stop_event.is_set():
+                    raise
+                self.retries += 1
+                log.warning("ClickHouse or the registry failed (%s); holding the batch, retrying in %.1fs", exc, delay)
+                if not paused:
+                    consumer.pause(*consumer.assignment())
+                    paused = True
+                deadline = time.monotonic() + delay
+                while time.monotonic() < deadline and not self.stop_event.is_set():
+                    consumer.poll(timeout_ms=100)  # paused: returns nothing, keeps the membership alive
+                delay = min(delay * 2, 10.0)
+
+
+def _registry_errors() -> tuple:
+    from schemas.registry_client import RegistryError
+
+    return (RegistryError,)
+
+
+# -- the query endpoint of a chDB owner ------------------------------------------------------------
+
+
+def serve_queries(analytics: Analytics, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+    """POST /call/<method> with JSON kwargs → the Analytics answer as JSON; GET /healthz.
+
+    Started by the sink when it owns a chDB folder: no other process may open
+    the folder, so the API (and `nhdp verify-analytics`) ask here instead.
+    """
+    import orjson
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # quiet: the API logs requests
+            pass
+
+        def _send(self, status: int, body: Any) -> None:
+            data = orjson.dumps(body)
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/healthz":
+                self._send(200, {"status": "ok", "pid": os.getpid()})
+            else:
+                self._send(404, {"error": f"no such path: GET {self.path}"})
+
+        def do_POST(self):
+            name = self.path.removeprefix("/call/")
+            from projections.analytics import RemoteAnalytics
+
+            if not self.path.startswith("/call/") or name not in RemoteAnalytics.METHODS:
+                self._send(404, {"error": f"no such call: {self.path}"})
+                return
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+                kwargs = orjson.loads(self.rfile.read(length) or b"{}")
+                self._send(200, getattr(analytics, name)(**kwargs))
+            except ParameterError as exc:
+                self._send(400, {"error": str(exc), "param": exc.param})
+            except TypeError as exc:
+                self._send(400, {"error": f"request: {exc}", "param": "request"})
+            except Exception as exc:  # noqa: BLE001 - the caller gets the reason
+                log.exception("analytics call %s failed", name)
+                self._send(503, {"error": f"{type(exc).__name__}: {exc}"[:2000]})
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="nhdp-sink-http", daemon=True).start()
+    return server
+
+
+def ready_path(settings: Settings, pid: int):
+    return settings.run_dir / f"sink-{pid}.assigned"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from nhdp.settings import get_settings
+
+    parser = argparse.ArgumentParser(prog="nhdp sink", description="Kafka → ClickHouse analytics sink")
+    parser.add_argument("--nhdp-data", help=argparse.SUPPRESS)  # the process manager's marker
+    parser.add_argument("--group", default=GROUP)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = get_settings()
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    url = settings.analytics_url()
+
+    store = None
+    delay = 0.5
+    while store is None:  # ClickHouse not up yet: wait, do not die
+        try:
+            store = open_store(url, purpose="nhdp sink (owns the folder; answers analytics over HTTP)")
+            sink = Sink(store)
+        except AnalyticsStoreError as exc:
+            if store is not None:
+                store.close()
+                store = None
+            if not exc.retryable:
+                raise
+            log.warning("ClickHouse not reachable (%s); retrying in %.1fs", exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10)
+
+    runner = Runner(settings, sink, group=args.group, ready_file=ready_path(settings, os.getpid()))
+    server = None
+    url_file = sink_url_path(settings)
+    if url.startswith("chdb:"):
+        query_store = open_store(url)  # a second session on the folder this process owns
+        server = serve_queries(Analytics(query_store))
+        tmp = url_file.with_suffix(".tmp")
+        tmp.write_text(f"http://127.0.0.1:{server.server_address[1]}\n")
+        tmp.replace(url_file)
+
+    def stop(*_):
+        runner.stop_event.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        runner.run()
+    finally:
+        if server is not None:
+            url_file.unlink(missing_ok=True)
+            server.shutdown()
+        ready_path(settings, os.getpid()).unlink(missing_ok=True)
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+# -- positions, agreement with PostgreSQL, replay ----------------------------------------------------
+
+
+def log_end(settings: Settings) -> dict[int, int]:
+    """The next offset of every partition of health.events."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, request_timeout_ms=10_000)
+    try:
+        parts = [TopicPartition(TOPIC_EVENTS, p) for p in sorted(consumer.partitions_for_topic(TOPIC_EVENTS) or [])]
+        return {tp.partition: off for tp, off in consumer.end_offsets(parts).items()}
+    finally:
+        consumer.close()
+
+
+def sink_positions(settings: Settings, group: str = GROUP) -> dict[int, int]:
+    """The next offset the sink will consume, per partition (its committed offsets; 0 if none)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers, group_id=group, enable_auto_commit=False,
+        request_timeout_ms=10_000,
+    )
+    try:
+        parts = [TopicPartition(TOPIC_EVENTS, p) for p in sorted(consumer.partitions_for_topic(TOPIC_EVENTS) or [])]
+        return {tp.partition: consumer.committed(tp) or 0 for tp in parts}
+    finally:
+        consumer.close(autocommit=False)
+
+
+def sink_lag(settings: Settings, group: str = GROUP) -> dict[int, int]:
+    ends, done = log_end(settings), sink_positions(settings, group)
+    return {p: end - done.get(p, 0) for p, end in ends.items()}
+
+
+def wait_caught_up(settings: Settings, group: str = GROUP, timeout_s: float = 120.0) -> None:
+    """Until the sink has committed every message now in health.events (for tests and tools)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        lag = sink_lag(settings, group)
+        if sum(lag.values()) == 0:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the ClickHouse sink ({group}) is still behind after {timeout_s}s: {lag}")
+        time.sleep(0.2)
+
+
+def _postgres_positions(conn, namespace: str = "proj") -> dict[int, int]:
+    from streams.worker import GROUP as WORKER_GROUP
+
+    rows = conn.execute(
+        f'SELECT partition, "offset" FROM {namespace}.tracking WHERE consumer_group = %s AND topic = %s',
+        (WORKER_GROUP, TOPIC_EVENTS),
+    ).fetchall()
+    return {p: o + 1 for p, o in rows}
+
+
+def verify(settings: Settings, *, analytics=None, group: str = GROUP, timeout_s: float = 60.0,
+           namespace: str = "proj") -> tuple[list[str], dict[int, int]]:
+    """Every figure from ClickHouse (no as_of) against the PostgreSQL projections, once both have
+    applied the same prefix of the log; returns (differences, the positions compared at).
+
+    Waits up to timeout_s for the two to reach the same positions (normally the
+    end of a quiet log); if they never do, the comparison is made anyway and a
+    first line says at which positions each stood.
+    """
+    import psycopg
+
+    from projections.analytics import analytics_for, diff_with_postgres
+
+    analytics = analytics or analytics_for(settings, pool_size=1)
+    deadline = time.monotonic() + timeout_s
+    with psycopg.connect(settings.postgres_url, autocommit=True) as conn:
+        while True:
+            ends = log_end(settings)
+            pg = {p: _postgres_positions(conn, namespace).get(p, 0) for p in ends}
+            ch = {p: sink_positions(settings, group).get(p, 0) for p in ends}
+            aligned = pg == ch
+            if aligned:
+                diffs = diff_with_postgres(analytics, conn, namespace)
+                again = {p: _postgres_positions(conn, namespace).get(p, 0) for p in ends}
+                if again == pg and sink_positions(settings, group) == ch:
+                    return diffs, pg
+            elif time.monotonic() > deadline:
+                diffs = diff_with_postgres(analytics, conn, namespace)
+                return [f"positions differ: postgres={pg} clickhouse={ch} (log end {ends})"] + diffs, pg
+            time.sleep(0.3)
+
+
+def replay_url(settings: Settings, name: str) -> str:
+    """The analytics store a replay named `name` rebuilds: database replay_<name> (chDB: its own folder)."""
+    from urllib.parse import urlparse, urlunparse
+
+    from streams.replay import namespace_for
+
+    database = namespace_for(name)
+    url = settings.analytics_url()
+    if url.startswith("chdb:"):
+        return f"chdb://{(settings.data_dir / f'chdb-{database}').resolve()}?database={database}"
+    parsed = urlparse(url)
+    return urlunparse(parsed._replace(path=f"/{database}"))
+
+
+def _reset_database(url: str) -> None:
+    """A rebuild starts from nothing: drop and re-create the replay database (or its chDB folder)."""
+    import shutil
+    from urllib.parse import urlparse, urlunparse
+
+    parsed = urlparse(url)
+    if parsed.scheme == "chdb":
+        shutil.rmtree(parsed.path, ignore_errors=True)
+        return
+    database = parsed.path.strip("/")
+    admin = open_store(urlunparse(parsed._replace(path="/default")))
+    try:
+        admin.execute(f"DROP DATABASE IF EXISTS `{database}`")
+        admin.execute(f"CREATE DATABASE `{database}`")
+    finally:
+        admin.close()
+
+
+@dataclass
+class ReplayResult:
+    url: str
+    events: int
+    seconds: float
+
+
+def rebuild(settings: Settings, name: str, *, upto: dict[int, int] | None = None, batch_rows: int = 20_000,
+            progress=None) -> ReplayResult:
+    """Rebuild the analytics of the log from offset 0 up to `upto` (last offsets, inclusive; default: the
+    end now) into replay_<name>, with the same Router and Sink as the live sink, then every rollup."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from schemas.codec import Codec
+    from schemas.registry_client import RegistryClient
+    from streams.worker import Router
+
+    url = replay_url(settings, name)
+    _reset_database(url)
+    started = time.perf_counter()
+    store = open_store(url, purpose=f"nhdp replay {name}")
+    events = 0
+    try:
+        sink = Sink(store)
+        router = Router(Codec(RegistryClient(settings.registry_url)))
+        consumer = KafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False, max_poll_records=batch_rows,
+            fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024,
+        )
+        try:
+            parts = [TopicPartition(TOPIC_EVENTS, p) for p in sorted(consumer.partitions_for_topic(TOPIC_EVENTS) or [])]
+            consumer.assign(parts)
+            consumer.seek_to_beginning(*parts)
+            if upto is None:
+                upto = {tp.partition: off - 1 for tp, off in consumer.end_offsets(parts).items()}
+            remaining = {p: o for p, o in upto.items() if o >= 0}
+            for tp in parts:
+                if tp.partition not in remaining:
+                    consumer.pause(tp)
+            buffer: list = []
+            while remaining or buffer:
+                if remaining:
+                    for tp, records in consumer.poll(timeout_ms=1000, max_records=batch_rows).items():
+                        limit = remaining.get(tp.partition)
+                        if limit is None:
+                            continue
+                        buffer.extend(r for r in records if r.offset <= limit)
+                        if records and records[-1].offset >= limit:
+                            remaining.pop(tp.partition)
+                            consumer.pause(tp)
+                if buffer and (len(buffer) >= batch_rows or not remaining):
+                    good, _ = router.split([r.value for r in buffer])
+                    sink.process([(buffer[i].partition, buffer[i].offset, ev) for i, ev in good])
+                    events += len(buffer)
+                    if progress:
+                        progress(events)
+                    buffer = []
+        finally:
+            consumer.close()
+        sink.refresh_all()
+    finally:
+        store.close()
+    return ReplayResult(url, events, time.perf_counter() - started)
+
+
+def diff_replay(settings: Settings, name: str, namespace: str = "proj") -> list[str]:
+    """The rebuilt analytics (replay_<name>) against the live PostgreSQL projections."""
+    import psycopg
+
+    from projections.analytics import Analytics, diff_with_postgres
+
+    store = open_store(replay_url(settings, name), purpose=f"nhdp replay {name} --verify")
+    try:
+        with psycopg.connect(settings.postgres_url, autocommit=True) as conn:
+            return [f"replay: {line}" for line in diff_with_postgres(Analytics(store), conn, namespace)]
+    finally:
+        store.close()

@@ -1,0 +1,690 @@
+"""Analytics on ClickHouse (issue 6), on a real clickhouse-server and a real chDB.
+
+One private stack for the module (Kafka, PostgreSQL, clickhouse-server,
+registry, worker, the ClickHouse sink process, the API), so its log holds
+only what this module publishes. Two engines read that log:
+
+* "clickhouse": the stack's own sink process writing to clickhouse-server,
+  asked through the API (the as_of parameters of DESIGN §5);
+* "chdb": the same Sink and Runner driven in this process against a chDB
+  folder in a temporary directory (its own consumer group), asked directly
+  and through the HTTP endpoint a chDB owner serves to other processes.
+
+The log: a national simulation (producers.simulator) published in two
+parts, split at T_SNAP, with the PostgreSQL summaries snapshot in between;
+then hand-made voids in 2022 (void before its target, void after, void
+moving a person's earliest-dose province, void older than its target).
+
+Oracles: the simulator's own expected(as_of=T), the PostgreSQL projections
+(live, and as they stood when the log ended at T_SNAP), a literal
+DESIGN §4 computation for the hand-made voids, and PostgreSQL's valid_doses
+for /v1/analytics/doses. No mocks, no timed assertions.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from hypothesis import given, settings as hsettings
+from hypothesis import strategies as st
+from kafka import KafkaConsumer, TopicPartition
+from kafka.structs import OffsetAndMetadata
+
+from infra import stack
+from infra.clickhouse import server_binary, server_service
+from infra.kafka import TOPIC_EVENTS
+from nhdp.settings import CHECKOUT, Settings
+from producers.pseudonym import Pseudonymiser
+from producers.sdk import EventProducer
+from producers.simulator import simulate
+from projections import analytics as A
+from projections.analytics_store import open_store
+from projections.projector import InvalidEvent, _prepare
+from projections.sink import GROUP, Fact, Runner, Sink, SinkFenced, serve_queries, shape, timeline, wait_caught_up
+from schemas.codec import Codec
+from schemas.reference import provinces
+from schemas.registry_client import RegistryClient
+from streams.worker import Router
+from tests.conftest import settings_for, stack_env
+from tests.conftest import wait_caught_up as wait_postgres
+from tests.strategies import avro_records
+
+pytestmark = pytest.mark.stack
+
+UTC = timezone.utc
+SIM = simulate("national", seed=11, days=3, daily_doses=1500)  # ~29k events, voids included
+LO, HI = SIM.window
+T_SNAP = LO + timedelta(hours=30, minutes=17, seconds=29)
+CUTS = [LO - timedelta(days=60), LO, LO + timedelta(hours=9, milliseconds=1), T_SNAP, LO + timedelta(days=2, hours=11), HI]
+CHDB_GROUP = "test-analytics-chdb"
+T0 = datetime(2022, 3, 1, tzinfo=UTC)  # the hand-made voids, after every simulated event
+
+
+# -- the private stack and the two engines ---------------------------------------------------------
+
+
+@dataclass
+class World:
+    settings: Settings
+    snapshot_national: dict = None
+    snapshot_provinces: list = None
+    chdb_store: Any = None
+    chdb: A.Analytics = None
+    chdb_remote: A.RemoteAnalytics = None
+    chdb_runner: Runner | None = None
+    chdb_thread: threading.Thread | None = None
+
+    def start_chdb_sink(self) -> None:
+        """The in-process sink: the same Sink and Runner as the sink process, on a chDB folder."""
+        self.chdb_runner = Runner(self.settings, Sink(self.chdb_store), group=CHDB_GROUP, rollup_every_s=0.5)
+        self.chdb_thread = threading.Thread(target=self.chdb_runner.run, name="chdb-sink", daemon=True)
+        self.chdb_thread.start()
+
+    def stop_chdb_sink(self) -> None:
+        if self.chdb_runner is not None:
+            self.chdb_runner.stop_event.set()
+            self.chdb_thread.join(60)
+            assert not self.chdb_thread.is_alive()
+            self.chdb_runner = self.chdb_thread = None
+
+
+def publish(settings: Settings, events: list[dict], batch: int = 5000) -> None:
+    pseudonymiser = Pseudonymiser.from_settings(settings)
+    with EventProducer(settings, source="test-analytics") as producer:
+        for i in range(0, len(events), batch):
+            producer.publish_json(events[i : i + batch], pseudonymiser)
+
+
+def caught_up(world_settings: Settings) -> None:
+    """PostgreSQL, the sink process and the in-process chDB sink have all applied the whole log."""
+    wait_postgres(world_settings, timeout_s=300)
+    wait_caught_up(world_settings, GROUP, timeout_s=300)
+    wait_caught_up(world_settings, CHDB_GROUP, timeout_s=300)
+
+
+def _ev(event_type: str, minutes: float, province: str, payload: dict, event_id: str | None = None) -> dict:
+    return {
+        "event_id": event_id or str(uuid.uuid4()),
+        "event_type": event_type,
+        "occurred_at": (T0 + timedelta(minutes=minutes)).isoformat(),
+        "province_code": province,
+        "source": "test-analytics",
+        "payload": payload,
+    }
+
+
+def _dose(citizen: str, minutes: float, province: str, vaccine: str, number: int) -> dict:
+    return _ev("DoseAdministered", minutes, province, {"citizen_id": citizen, "site_id": f"site-{province}",
+                                                       "vaccine": vaccine, "lot_number": "L1", "dose_number": number})
+
+
+def _void(target: dict, minutes: float) -> dict:
+    return _ev("RecordVoided", minutes, target["province_code"],
+               {"voided_event_id": target["event_id"], "reason": "entered in error"})
+
+
+def custom_events() -> dict[str, dict]:
+    """Voids in every order, relative to their targets and to as_of (all on 2022-03-01, UTC)."""
+    e: dict[str, dict] = {}
+    e["reg"] = _ev("VaccinationRegistered", 60, "01", {"citizen_id": "001099000001", "birth_year": 1980,
+                                                        "sex": "female", "priority_group": "general", "channel": "app"})
+    e["reg_void"] = _void(e["reg"], 180)  # published after its target, occurs 2 h after it
+    e["dose_a"] = _dose("001099000002", 120, "01", "pfizer", 1)
+    e["dose_a_void"] = _void(e["dose_a"], 240)  # published BEFORE its target
+    e["dose_b1"] = _dose("079099000003", 60, "79", "moderna", 1)
+    e["dose_b2"] = _dose("079099000003", 300, "01", "moderna", 2)
+    e["dose_b1_void"] = _void(e["dose_b1"], 360)  # the earliest dose voided: the person moves 79 → 01
+    e["decl"] = _ev("HealthDeclarationSubmitted", 120, "48", {"citizen_id": "048099000004", "symptoms": ["fever"],
+                                                              "contact_with_confirmed_case": False, "channel": "app"})
+    e["decl_void"] = _void(e["decl"], 90)  # occurs before its target: the declaration never counts
+    return e
+
+
+def custom_expected(minutes: float | None) -> dict[str, dict[str, int]]:
+    """DESIGN §4 literally for the hand-made events at as_of = T0 + minutes (None: no as_of): deltas."""
+    t = float("inf") if minutes is None else minutes
+    alive = lambda occurred, voided: occurred < t and not voided < t  # noqa: E731
+    out = {code: {"registrations": 0, "declarations_with_symptoms": 0, "doses_administered": 0,
+                  "people_vaccinated": 0, "people_fully_vaccinated": 0} for code in ("01", "48", "79")}
+    out["01"]["registrations"] += alive(60, 180)
+    out["48"]["declarations_with_symptoms"] += alive(120, 90)
+    a, b1, b2 = alive(120, 240), alive(60, 360), alive(300, float("inf"))
+    out["01"]["doses_administered"] += a + b2
+    out["79"]["doses_administered"] += b1
+    out["01"]["people_vaccinated"] += a
+    if b1:  # earliest counted dose of person b is b1 (79) while it counts, else b2 (01)
+        out["79"]["people_vaccinated"] += 1
+        out["79"]["people_fully_vaccinated"] += b2
+    elif b2:
+        out["01"]["people_vaccinated"] += 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def world():
+    """The stack, the log, the PostgreSQL snapshot at T_SNAP and the in-process chDB sink."""
+    if server_binary() is None:
+        pytest.skip("clickhouse-server is not installed (apt-get install -y clickhouse-server)")
+    # Outside pytest's basetemp: a concurrent pytest run resets it to 0700 (embedded PostgreSQL runs as its own user).
+    data = Path(tempfile.mkdtemp(prefix="nhdp-analytics-"))
+    world = World(settings_for(stack_env(data / "stack")))
+    settings = world.settings
+    server = None
+    try:
+        stack.up(settings)
+        world.chdb_store = open_store(f"chdb://{data / 'chdb'}?database=nhdp_test", purpose="tests/test_analytics.py")
+        world.chdb = A.Analytics(world.chdb_store)
+        world.start_chdb_sink()
+        server = serve_queries(A.Analytics(world.chdb_store))
+        world.chdb_remote = A.RemoteAnalytics(f"http://127.0.0.1:{server.server_address[1]}")
+
+        events = list(SIM.events())
+        publish(settings, [e for e in events if datetime.fromisoformat(e["occurred_at"]) < T_SNAP])
+        caught_up(settings)
+        with httpx.Client(base_url=settings.api_url, timeout=60) as api:
+            world.snapshot_national = api.get("/v1/national/summary").json()
+            world.snapshot_provinces = api.get("/v1/provinces").json()
+        publish(settings, [e for e in events if datetime.fromisoformat(e["occurred_at"]) >= T_SNAP])
+
+        custom = custom_events()
+        publish(settings, [custom["dose_a_void"], custom["reg"]])
+        caught_up(settings)  # the void of dose_a is in both sinks before dose_a arrives
+        publish(settings, [custom[k] for k in ("dose_a", "reg_void", "dose_b1", "decl_void", "decl")])
+        caught_up(settings)
+        publish(settings, [custom["dose_b2"], custom["dose_b1_void"]])
+        caught_up(settings)
+        yield world
+    finally:
+        if server is not None:
+            server.shutdown()
+        world.stop_chdb_sink()
+        if world.chdb_store is not None:
+            world.chdb_store.close()  # one chDB folder per process: free it for other modules
+        stack.down(settings)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+class ApiEngine:
+    """The clickhouse-server engine, through the HTTP API (the stack's own sink process writes it)."""
+
+    def __init__(self, settings: Settings):
+        self.client = httpx.Client(base_url=settings.api_url, timeout=60)
+
+    def _get(self, path: str, **params):
+        reply = self.client.get(path, params={k: v for k, v in params.items() if v is not None})
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    def national_summary(self, as_of=None):
+        return self._get("/v1/national/summary", as_of=as_of)
+
+    def all_provinces(self, as_of=None):
+        return self._get("/v1/provinces", as_of=as_of)
+
+    def province_summary(self, code, as_of=None):
+        return self._get(f"/v1/provinces/{code}/summary", as_of=as_of)
+
+    def doses(self, group_by=None, from_=None, to=None, province=None):
+        return self._get("/v1/analytics/doses", group_by=group_by, **{"from": from_}, to=to, province=province)
+
+    def coverage(self, by="province", as_of=None):
+        return self._get("/v1/analytics/coverage", by=by, as_of=as_of)
+
+
+@pytest.fixture(params=["clickhouse", "chdb"])
+def engine(request, world):
+    if request.param == "clickhouse":
+        api = ApiEngine(world.settings)
+        yield api
+        api.client.close()
+    else:
+        yield world.chdb
+
+
+def _as_of(t: datetime | None) -> str | None:
+    return None if t is None else t.isoformat()
+
+
+def mismatches(got: dict, want: dict, label: str) -> list[str]:
+    """Integers exactly; percentages to 1e-6 (the summaries round to 6 decimals, the simulator does not)."""
+    out = []
+    for k, v in want.items():
+        g = got.get(k)
+        if isinstance(v, float):
+            if g is None or abs(g - v) > 1e-6:
+                out.append(f"{label} {k}: got {g}, want {v}")
+        elif g != v:
+            out.append(f"{label} {k}: got {g}, want {v}")
+    return out
+
+
+# -- as_of: exact against the simulator, and against PostgreSQL as it stood at T ----------------------
+
+
+@pytest.mark.parametrize("cut", CUTS, ids=lambda t: t.isoformat())
+def test_as_of_equals_the_simulators_figures(engine, cut):
+    want = SIM.expected(as_of=cut)
+    bad = mismatches(engine.national_summary(as_of=_as_of(cut)), want["national"], "national")
+    for got in engine.all_provinces(as_of=_as_of(cut)):
+        bad += mismatches(got, want["provinces"][got["province_code"]], f"province {got['province_code']}")
+    assert bad == []
+    one = engine.province_summary("79", as_of=_as_of(cut))
+    assert mismatches(one, want["provinces"]["79"], "79") == [] and one["name"] == provinces()["79"].name_vi
+
+
+def test_as_of_equals_postgres_when_the_log_ended_at_that_time(engine, world):
+    """Before the rest of the log was published, PostgreSQL showed exactly this (doses voided later included)."""
+    as_of = T_SNAP.astimezone(timezone(timedelta(hours=-5))).isoformat()  # the same instant, another offset
+    assert engine.national_summary(as_of=as_of) == world.snapshot_national
+    assert engine.all_provinces(as_of=as_of) == world.snapshot_provinces
+
+
+@pytest.mark.parametrize("minutes", [30, 90, 150, 210, 270, 330, 359.999, 360, 390, None])
+def test_voids_before_and_after_their_targets(engine, minutes):
+    as_of = None if minutes is None else _as_of(T0 + timedelta(minutes=minutes))
+    base = SIM.expected()  # every simulated event is before T0
+    want = custom_expected(minutes)
+    for code, deltas in want.items():
+        got = engine.province_summary(code, as_of=as_of)
+        for figure, delta in deltas.items():
+            assert got[figure] == base["provinces"][code][figure] + delta, (code, figure, minutes)
+    national = engine.national_summary(as_of=as_of)
+    for figure in want["01"]:
+        assert national[figure] == base["national"][figure] + sum(d[figure] for d in want.values()), figure
+
+
+# -- agreement with PostgreSQL -----------------------------------------------------------------------
+
+
+def nhdp(settings: Settings, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NHDP_")} | settings.as_env()
+    return subprocess.run([sys.executable, "-m", "nhdp.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=CHECKOUT)
+
+
+def test_verify_analytics_agrees_with_postgres(world):
+    done = nhdp(world.settings, "verify-analytics")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 differences" in done.stdout
+
+
+def test_chdb_agrees_with_postgres(world):
+    from projections.sink import verify
+
+    diffs, positions = verify(world.settings, analytics=world.chdb, group=CHDB_GROUP)
+    assert diffs == [] and sum(positions.values()) >= SIM.total_events
+
+
+def test_chdb_owner_answers_other_processes_over_http(world):
+    """In chDB mode the API asks the sink process; the answers are the same as asked in-process."""
+    remote, local = world.chdb_remote, world.chdb
+    assert remote.national_summary(as_of=_as_of(T_SNAP)) == local.national_summary(as_of=_as_of(T_SNAP))
+    assert remote.coverage(by="region") == local.coverage(by="region")
+    assert remote.doses(group_by="vaccine") == local.doses(group_by="vaccine")
+    with pytest.raises(A.ParameterError, match="group_by"):
+        remote.doses(group_by="site")
+
+
+# -- analytics endpoints ---------------------------------------------------------------------------------
+
+
+def _pg_doses(settings: Settings, group_by: list[str], first, last, codes) -> list[dict]:
+    cols = {"province": "province", "day": "(occurred_at AT TIME ZONE 'Asia/Ho_Chi_Minh')::date",
+            "vaccine": "vaccine", "dose_number": "dose_number"}
+    select = [f"{cols[k]} AS {k}" for k in group_by]
+    sql = f"SELECT {', '.join(select + ['count(*)', 'count(DISTINCT subject_id)'])} FROM proj.valid_doses WHERE true"
+    params: list = []
+    if first:
+        sql += " AND (occurred_at AT TIME ZONE 'Asia/Ho_Chi_Minh')::date BETWEEN %s AND %s"
+        params += [first, last]
+    if codes:
+        sql += " AND province = ANY(%s)"
+        params.append(codes)
+    if group_by:
+        sql += f" GROUP BY {', '.join(group_by)} ORDER BY {', '.join(group_by)}"
+    with psycopg.connect(settings.postgres_url) as conn:
+        rows = conn.execute(sql, params).fetchall()
+    return [{**{k: (v.isoformat() if k == "day" else v) for k, v in zip(group_by, r)}, "doses": r[-2], "people": r[-1]}
+            for r in rows]
+
+
+@pytest.mark.parametrize(
+    "group_by, first, last, codes",
+    [
+        (["province", "day", "vaccine", "dose_number"], None, None, None),
+        (["province", "day"], LO.date(), (HI - timedelta(days=1)).date(), None),
+        (["vaccine", "dose_number"], LO.date(), LO.date(), ["79", "01"]),
+        (["day"], None, None, ["48"]),
+        ([], None, None, None),
+    ],
+)
+def test_doses_grouped_equal_postgres_valid_doses(engine, world, group_by, first, last, codes):
+    got = engine.doses(group_by=",".join(group_by) or None, from_=first and first.isoformat(),
+                       to=last and last.isoformat(), province=",".join(codes) if codes else None)
+    assert got["group_by"] == group_by
+    assert got["rows"] == _pg_doses(world.settings, group_by, first, last, codes)
+
+
+def test_coverage_by_province_and_region_ranked_against_the_nation(engine, world):
+    national = engine.national_summary()
+    by_province = engine.coverage(by="province")
+    assert by_province["national"]["people_vaccinated"] == national["people_vaccinated"]
+    assert abs(by_province["national"]["coverage_pct"] - national["coverage_pct"]) < 1e-9
+    rows = by_province["rows"]
+    assert len(rows) == 63 and [r["rank"] for r in rows] == sorted(r["rank"] for r in rows) and rows[0]["rank"] == 1
+    for r in rows:
+        summary = engine.province_summary(r["province_code"])
+        assert (r["people_vaccinated"], r["coverage_pct"]) == (summary["people_vaccinated"], summary["coverage_pct"])
+        assert r["above_national"] == (r["coverage_pct"] > by_province["national"]["coverage_pct"])
+    by_region = engine.coverage(by="region")
+    assert {r["region"] for r in by_region["rows"]} == set(A.regions())
+    assert sum(r["people_vaccinated"] for r in by_region["rows"]) == national["people_vaccinated"]
+    assert sum(r["population"] for r in by_region["rows"]) == national["population"]
+
+
+@pytest.mark.parametrize(
+    "path, param",
+    [
+        ("/v1/analytics/doses?group_by=province,site", "group_by"),
+        ("/v1/analytics/doses?from=01/08/2021", "from"),
+        ("/v1/analytics/doses?from=2021-08-03&to=2021-08-01", "from"),
+        ("/v1/analytics/doses?province=99", "province"),
+        ("/v1/analytics/coverage?by=district", "by"),
+        ("/v1/analytics/coverage?as_of=yesterday", "as_of"),
+        ("/v1/national/summary?as_of=2021-08-01T00:00:00", "as_of"),
+        ("/v1/provinces?as_of=2021-13-01T00:00:00Z", "as_of"),
+    ],
+)
+def test_bad_parameters_are_400_naming_the_parameter(world, path, param):
+    reply = httpx.get(world.settings.api_url + path, timeout=30)
+    assert reply.status_code == 400, reply.text
+    message = reply.json()["error"]
+    assert message.startswith(f"{param}:")
+    if param in ("group_by", "by"):
+        assert ("province, day, vaccine, dose_number" if param == "group_by" else "province, region") in message
+
+
+def test_unknown_province_as_of_is_404_and_as_of_with_plus_offset_is_read(world):
+    assert httpx.get(f"{world.settings.api_url}/v1/provinces/99/summary?as_of=2021-08-01T00:00:00Z").status_code == 404
+    # '+07:00' unescaped in a query string arrives as ' 07:00'; it is still read as +07:00
+    raw = httpx.get(f"{world.settings.api_url}/v1/national/summary?as_of=2021-08-02T06:17:29+07:00", timeout=30)
+    assert raw.status_code == 200
+    assert raw.json() == ApiEngine(world.settings).national_summary(as_of="2021-08-01T23:17:29Z")
+
+
+# -- duplicates: a re-processed batch counts once ---------------------------------------------------------
+
+
+def _figures(analytics) -> tuple:
+    return analytics.national_summary(), analytics.all_provinces(), analytics.national_summary(as_of=_as_of(T_SNAP))
+
+
+def _first_records(settings: Settings, n: int) -> list:
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(TOPIC_EVENTS, p) for p in sorted(consumer.partitions_for_topic(TOPIC_EVENTS))]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        records: list = []
+        while len(records) < n:
+            got = consumer.poll(timeout_ms=2000, max_records=5000)
+            if not got:
+                break
+            records += [r for rs in got.values() for r in rs]
+        return records
+    finally:
+        consumer.close()
+
+
+def test_chdb_same_batch_again_and_whole_log_again_count_once(world):
+    before = _figures(world.chdb)
+    store = world.chdb_store
+    world.stop_chdb_sink()  # one writer at a time
+    records = _first_records(world.settings, 12_000)
+    good, _ = Router(Codec(RegistryClient(world.settings.registry_url))).split([r.value for r in records])
+    batch = [(records[i].partition, records[i].offset, ev) for i, ev in good]
+    store.execute("SYSTEM STOP MERGES events")
+    try:
+        sink = Sink(store)
+        sink.process(batch)  # the same batch inserted again
+        random.Random(5).shuffle(batch)
+        sink.process(batch[: len(batch) // 2])  # and half of it once more, in another order
+        (raw, distinct), = store.execute("SELECT count(), uniqExact(event_id) FROM events")
+        assert raw > distinct  # the copies are really there, unmerged
+        assert _figures(world.chdb) == before
+        sink.refresh_all()
+        assert _figures(world.chdb) == before
+        _commit_group(world.settings, CHDB_GROUP, 0)  # and every batch of the log re-delivered
+        world.start_chdb_sink()
+        wait_caught_up(world.settings, CHDB_GROUP, timeout_s=300)
+        assert _figures(world.chdb) == before
+    finally:
+        store.execute("SYSTEM START MERGES events")
+
+
+def test_a_newer_sink_fences_the_older_one(world):
+    """One writer per database: a sink started later makes the earlier one stop before it writes."""
+    world.stop_chdb_sink()
+    try:
+        older, newer = Sink(world.chdb_store), Sink(world.chdb_store)
+        with pytest.raises(SinkFenced, match="one writer per database"):
+            older.process([])
+        with pytest.raises(SinkFenced):
+            older.refresh_rollups()
+        assert newer.process([]).messages == 0
+    finally:
+        world.start_chdb_sink()
+
+
+def _commit_group(settings: Settings, group: str, offset: int) -> None:
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=group,
+                             enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(TOPIC_EVENTS, p) for p in sorted(consumer.partitions_for_topic(TOPIC_EVENTS))]
+        consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp in parts})
+    finally:
+        consumer.close(autocommit=False)
+
+
+def test_server_whole_log_reprocessed_from_offset_0_counts_once(world):
+    """The sink's group offsets reset to 0 (a forced re-delivery of every batch): nothing moves."""
+    api = ApiEngine(world.settings)
+    before = _figures(api)
+    store = open_store(world.settings.analytics_url())
+    sink = stack.sink_service(world.settings)
+    try:
+        sink.stop()
+        store.execute("SYSTEM STOP MERGES events")
+        _commit_group(world.settings, GROUP, 0)
+        sink.start(world.settings.start_timeout_s)
+        wait_caught_up(world.settings, GROUP, timeout_s=300)
+        (raw, distinct), = store.execute("SELECT count(), uniqExact(event_id) FROM events")
+        assert raw > distinct
+        assert _figures(api) == before
+        done = nhdp(world.settings, "verify-analytics")
+        assert done.returncode == 0, done.stdout + done.stderr
+    finally:
+        store.execute("SYSTEM START MERGES events")
+        store.close()
+        api.client.close()
+
+
+# -- ClickHouse down: back-pressure, nothing lost -------------------------------------------------------------
+
+
+def test_clickhouse_outage_holds_the_batch_and_loses_nothing(world):
+    server = server_service(world.settings)
+    regs = [_ev("VaccinationRegistered", 60 * 24 * 30 + i, "92", {
+        "citizen_id": f"092099{i:06d}", "birth_year": 1990, "sex": "male", "priority_group": "general",
+        "channel": "web"}) for i in range(50)]
+    before = SIM.expected()["provinces"]["92"]["registrations"]
+    assert server.stop()
+    try:
+        publish(world.settings, regs)
+        wait_postgres(world.settings)  # the worker has them: they were deliverable
+        assert sum(A_lag(world.settings).values()) > 0  # the sink cannot commit without ClickHouse's ack
+    finally:
+        server.start(world.settings.start_timeout_s)
+    caught_up(world.settings)
+    assert ApiEngine(world.settings).province_summary("92")["registrations"] == before + 50
+    assert world.chdb.province_summary("92")["registrations"] == before + 50
+    done = nhdp(world.settings, "verify-analytics")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_void_seen_before_a_restart_still_voids_its_late_target(world):
+    """Across a restart the sink still knows which events were voided before they arrived."""
+    late = _dose("001099000009", 24 * 60 + 60, "27", "sinopharm", 1)  # 2022-03-02 01:00 UTC
+    publish(world.settings, [_void(late, 24 * 60 + 120)])  # its void, 02:00, arrives first
+    caught_up(world.settings)
+    service = stack.sink_service(world.settings)
+    service.stop()
+    service.start(world.settings.start_timeout_s)
+    world.stop_chdb_sink()
+    world.start_chdb_sink()  # a fresh Sink: what it remembers is reloaded from ClickHouse
+    publish(world.settings, [late])
+    caught_up(world.settings)
+    base = SIM.expected()["provinces"]["27"]
+    for engine in (ApiEngine(world.settings), world.chdb):
+        assert engine.province_summary("27")["doses_administered"] == base["doses_administered"]
+        between = engine.province_summary("27", as_of=_as_of(T0 + timedelta(minutes=24 * 60 + 90)))
+        assert between["doses_administered"] == base["doses_administered"] + 1
+        assert between["people_vaccinated"] == base["people_vaccinated"] + 1
+
+
+def A_lag(settings: Settings) -> dict[int, int]:
+    from projections.sink import sink_lag
+
+    return sink_lag(settings, GROUP)
+
+
+# -- replay: the ClickHouse side rebuilt into its own database ----------------------------------------------------
+
+
+def test_replay_rebuilds_clickhouse_into_its_own_database(world):
+    done = nhdp(world.settings, "replay", "--into", "t6", "--verify")
+    assert done.returncode == 0, done.stdout + done.stderr
+    from projections.sink import replay_url
+
+    url = replay_url(world.settings, "t6")
+    assert url.endswith("/replay_t6")
+    rebuilt = open_store(url)
+    try:
+        assert A.dirty_hours(rebuilt) == []  # every rollup recomputed
+        again = A.Analytics(rebuilt)
+        live = ApiEngine(world.settings)
+        assert again.all_provinces() == live.all_provinces()
+        assert again.national_summary(as_of=_as_of(T_SNAP)) == live.national_summary(as_of=_as_of(T_SNAP))
+    finally:
+        rebuilt.close()
+
+
+# -- migrations ------------------------------------------------------------------------------------------------------
+
+
+def test_migrations_are_recorded_once_and_rerun_harmlessly(world):
+    for store in (open_store(world.settings.analytics_url()), world.chdb_store):
+        try:
+            assert A.migrate(store) == []  # `nhdp up` and the sink applied them already
+            assert A.applied_versions(store) == {m.version for m in A.MIGRATIONS}
+            (n,), = store.execute("SELECT count() FROM schema_migrations FINAL")
+            assert n == len(A.MIGRATIONS)
+            tables = {t for (t,) in store.execute("SHOW TABLES")}
+            assert {"events", "voids", "event_index", "subjects", "points", "figures_hourly", "figures_daily",
+                    "hour_marks", "sink_batches", "schema_migrations"} <= tables
+            columns = {c for (c, *_) in store.execute("DESCRIBE TABLE events")}
+            assert "subject_id" in columns and not columns & {"citizen_id", "name", "birth_year"}
+        finally:
+            if store is not world.chdb_store:
+                store.close()
+
+
+# -- last: a wrong figure is found ---------------------------------------------------------------------------------
+
+
+def test_verify_analytics_lists_a_difference_and_fails(world):
+    """A row no sink wrote (its hour marked dirty as a writer would): verify names the figure and exits 1."""
+    store = open_store(world.settings.analytics_url())
+    try:
+        t = int(datetime(2021, 8, 2, 3, 0, 5, tzinfo=UTC).timestamp())
+        store.insert("hour_marks", ["hour", "mark", "version"], [(t - t % 3600, 0, 1 << 62)])
+        store.insert("events", ["event_id", "event_type", "kind", "occurred_at", "occurred_ms", "province_code"],
+                     [(uuid.uuid4().bytes, "VaccinationRegistered", 2, t, 0, "79")])
+    finally:
+        store.close()
+    done = nhdp(world.settings, "verify-analytics")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "province 79 registrations" in done.stdout and "national registrations" in done.stdout
+
+
+# -- pure parts: the timeline and the figure view -----------------------------------------------------------------------
+
+NEVER = A.NEVER_MS
+
+
+def _state_at(doses: dict, t: float) -> tuple[str | None, str | None]:
+    """DESIGN §4 by definition: the counted doses at as_of t, the earliest's province, fully or not."""
+    alive = sorted((d[0], k, d) for k, d in doses.items() if d[0] < t and not d[3] < t)
+    if not alive:
+        return None, None
+    province = alive[0][2][1]
+    fully = len(alive) >= 2 or any(d[2] for _, _, d in alive)
+    return province, province if fully else None
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 20), st.sampled_from(["01", "79", "48"]), st.booleans(),
+                          st.one_of(st.just(NEVER), st.integers(0, 22))), max_size=5))
+def test_timeline_points_sum_to_the_state_at_every_time(raw):
+    doses = {f"{i:08x}-0000-4000-8000-000000000000": (t, p, int(j), v) for i, (t, p, j, v) in enumerate(raw)}
+    points = timeline(doses)
+    for t in [x + 0.5 for x in range(-1, 24)]:
+        people = {code: 0 for code in ("01", "79", "48")}
+        fully = dict(people)
+        for c, kind, code, delta in points:
+            if c < t:
+                (people if kind == A.PEOPLE else fully)[code] += delta
+        province, full = _state_at(doses, t)
+        assert people == {c: int(c == province) for c in people}, (t, sorted(points))
+        assert fully == {c: int(c == full) for c in fully}, (t, sorted(points))
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(avro_records())
+def test_figure_view_is_the_projectors(pair):
+    """The sink reads an event exactly as projections.projector does (kind, province, flag, doses…)."""
+    _, record = pair
+    shaped = shape([(0, 7, record)], {})
+    try:
+        (_, _, event_id, row, void, _), = _prepare([(TOPIC_EVENTS, 0, 7, record)])
+    except InvalidEvent:
+        assert shaped.skipped == 1 and shaped[0] == []
+        return
+    event_rows, index_rows, void_rows, facts, voids = shaped
+    assert len(event_rows) == 1
+    if row is None:
+        assert facts == {} and index_rows == []
+        assert (void is None) == (voids == {})
+        if void is not None:
+            assert voids[event_id][0] == void[0]
+        return
+    fact = Fact(*facts[event_id])
+    _, kind, province, us, subject, vaccine, number, _, flag, amount, _, _ = row
+    assert (fact.kind, fact.province, fact.t_ms) == (kind, province, us // 1000)
+    assert fact.flag == (1 if flag else 0) and fact.amount == (amount or 0)
+    if kind == A.DOSE:
+        assert (fact.subject, fact.vaccine, fact.dose_number) == (subject, vaccine, number)
