@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from nhdp.settings import Settings  # noqa: E402
 from projections import analytics as A  # noqa: E402
 from projections.analytics_store import open_store  # noqa: E402
 from schemas.reference import provinces  # noqa: E402
+from infra.stack import free_ports  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "analytics_results.json"
@@ -59,14 +59,6 @@ START = datetime(2021, 7, 1, tzinfo=UTC)  # 07:00 in Vietnam
 DAYS = 60
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def merge_results(key: str, value) -> None:

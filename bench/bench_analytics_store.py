@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import socket
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from infra.clickhouse import ensure_database, server_binary, server_service  # noqa: E402
 from nhdp.settings import Settings  # noqa: E402
 from projections.analytics_store import open_store  # noqa: E402
+from infra.stack import free_ports  # noqa: E402
 
 DDL = """
 CREATE TABLE IF NOT EXISTS dose_facts_bench (
@@ -67,14 +67,6 @@ def bench(store, rows: list[tuple], batch: int) -> float:
     return len(rows) / elapsed
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def main() -> None:

@@ -31,7 +31,6 @@ import contextlib
 import os
 import platform
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -47,6 +46,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table  # noqa: E402
 
 from nhdp.settings import CHECKOUT, Settings  # noqa: E402
+from infra.stack import free_ports  # noqa: E402
 
 console = Console()
 TARGET_RATE = 20_000
@@ -58,14 +58,6 @@ SEED = int(time.time()) % 1_000_000 * 100
 # -- the stack ------------------------------------------------------------------------
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @contextlib.contextmanager

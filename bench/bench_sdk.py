@@ -31,7 +31,6 @@ import contextlib
 import os
 import platform
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -47,6 +46,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table  # noqa: E402
 
 from nhdp.settings import CHECKOUT, Settings  # noqa: E402
+from infra.stack import free_ports  # noqa: E402
 
 console = Console()
 
@@ -54,14 +54,6 @@ console = Console()
 # -- a private stack (as tests/conftest.py's stack_env) -------------------------------------
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @contextlib.contextmanager

@@ -29,6 +29,19 @@ class Step:
     retry: bool = False  # one more start if the first never became ready
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports, for a private stack (tests, benchmarks)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in socks]
+    for sock in socks:
+        sock.close()
+    return ports
+
+
 def python_service(settings: Settings, name: str, module: str, *args: str, ready, port=None, url=None) -> Managed:
     """A service of ours, run with this interpreter; the data folder in argv is its marker."""
     return Managed(

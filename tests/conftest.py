@@ -8,25 +8,14 @@ developer's own `nhdp up` stack on the default ports.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
+from infra.stack import free_ports
 from nhdp import settings as settings_mod
 from nhdp.settings import CHECKOUT, Settings
 
-
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 def stack_env(data_dir: Path) -> dict[str, str]:
