@@ -17,6 +17,7 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 
 # Known to everyone who reads this file, so refused outside the local stack.
 LOCAL_DEV_SECRET = "nhdp-local-development-secret-not-for-production"
+MIN_SECRET_CHARS = 32
 
 
 class ConfigError(RuntimeError):
@@ -67,6 +68,13 @@ class Settings(BaseSettings):
             raise ConfigError(
                 "NHDP_PSEUDONYM_SECRET must be set to a private value when NHDP_ENV is "
                 f"{self.env!r}: the local default would make subject ids reversible by anyone"
+            )
+        # There are only ~10^12 citizen ids: the secret is all that stops anyone from
+        # hashing every one of them, so it must be too long to guess.
+        if self.env != "local" and len(self.pseudonym_secret) < MIN_SECRET_CHARS:
+            raise ConfigError(
+                f"NHDP_PSEUDONYM_SECRET is {len(self.pseudonym_secret)} characters; at least {MIN_SECRET_CHARS} "
+                f"are required when NHDP_ENV is {self.env!r} (e.g. the output of `openssl rand -hex 32`)"
             )
         return self
 

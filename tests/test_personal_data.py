@@ -232,7 +232,10 @@ def test_settings_refuse_the_development_secret_outside_the_local_stack(monkeypa
         Settings()
     monkeypatch.setenv("NHDP_PSEUDONYM_SECRET", "k8Q2-a-real-secret-from-the-vault-7f3c9e")
     assert Settings().pseudonym_secret == "k8Q2-a-real-secret-from-the-vault-7f3c9e"
-    assert Settings(env="production", pseudonym_secret="another-real-secret-0a9b8c").env == "production"
+    assert Settings(env="production", pseudonym_secret="another-real-secret-0a9b8c-f00d-4e1a").env == "production"
+    with pytest.raises(ConfigError, match="NHDP_PSEUDONYM_SECRET is 12 characters; at least 32 are required "
+                                          "when NHDP_ENV is 'production'"):
+        Settings(env="production", pseudonym_secret="short-secret")
 
     # The local stack keeps working without configuration.
     monkeypatch.delenv("NHDP_ENV")
