@@ -30,9 +30,7 @@ import argparse
 import contextlib
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -45,8 +43,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from nhdp.settings import CHECKOUT, Settings  # noqa: E402
-from infra.stack import free_ports  # noqa: E402
+from nhdp.settings import Settings  # noqa: E402
 
 console = Console()
 TARGET_RATE = 20_000
@@ -64,31 +61,15 @@ SEED = int(time.time()) % 1_000_000 * 100
 def bench_stack(from_env: bool, label: str = "bench") -> Iterator[Settings]:
     """The stack to measure: NHDP_* settings, or a private one in a temp folder on free ports (wiped after)."""
     from infra import stack
-    from infra.stack import worker_service
 
     if from_env:
         from nhdp.settings import get_settings
 
         yield get_settings()
         return
-    data = Path(tempfile.mkdtemp(prefix=f"nhdp-{label}-"))
-    kafka, controller, pg, ch, ch_http, registry, api = free_ports(7)
-    settings = Settings(
-        data_dir=data, jar_cache=CHECKOUT / ".nhdp" / "cache" / "kafka-jars",
-        kafka_bootstrap_servers=f"127.0.0.1:{kafka}", kafka_controller_port=controller, postgres_port=pg,
-        clickhouse_port=ch, clickhouse_http_port=ch_http, registry_port=registry, api_port=api,
-        start_timeout_s=180,  # a busy machine starts services slowly
-    )
-    try:
-        with console.status("starting a private stack…"):
-            stack.up(settings)
+    console.print("starting a private stack (temporary folder, free ports; stopped and wiped afterwards)")
+    with stack.private(label) as settings:
         yield settings
-    finally:
-        with console.status("stopping the private stack…"):
-            for name in ("worker2", "worker3", "worker4"):
-                worker_service(settings, name).stop()
-            stack.down(settings)
-        shutil.rmtree(data, ignore_errors=True)
 
 
 def machine() -> str:

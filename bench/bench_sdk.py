@@ -31,9 +31,7 @@ import argparse
 import contextlib
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 from itertools import islice
@@ -46,15 +44,12 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from nhdp.settings import CHECKOUT, Settings  # noqa: E402
-from infra.stack import free_ports  # noqa: E402
+from nhdp.settings import Settings  # noqa: E402
 
 console = Console()
 
 
-# -- a private stack (as tests/conftest.py's stack_env) -------------------------------------
-
-
+# -- a private stack ----------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -62,45 +57,12 @@ def own_stack(keep_data: bool = False) -> Iterator[Settings]:
     """The whole local stack in a temporary folder on free loopback ports; stopped and wiped after."""
     from infra import stack
 
-    data = Path(tempfile.mkdtemp(prefix="nhdp-bench-"))
-    kafka, controller, pg, ch, ch_http, registry, api = free_ports(7)
-    settings = Settings(
-        data_dir=data, jar_cache=CHECKOUT / ".nhdp" / "cache" / "kafka-jars",
-        kafka_bootstrap_servers=f"127.0.0.1:{kafka}", kafka_controller_port=controller, postgres_port=pg,
-        clickhouse_port=ch, clickhouse_http_port=ch_http, registry_port=registry, api_port=api,
-        start_timeout_s=180,  # a busy machine starts the worker slowly
-    )
-    try:
-        with console.status(f"starting a private stack in {data}"):
-            t0 = time.perf_counter()
-            stack.up(settings)
+    console.print("starting a private stack (temporary folder, free ports; stopped and wiped afterwards)")
+    t0 = time.perf_counter()
+    with stack.private("bench", keep_data=keep_data) as settings:
         console.print(f"private stack up in {time.perf_counter() - t0:.0f}s: Kafka {settings.kafka_bootstrap_servers}, "
                       f"registry {settings.registry_url}, API {settings.api_url}")
         yield settings
-    finally:
-        with console.status("stopping the private stack"):
-            stack.down(settings)
-            stragglers(data)
-        if not keep_data:
-            shutil.rmtree(data, ignore_errors=True)
-
-
-def stragglers(data: Path) -> None:
-    """Processes of this private stack still alive after `down` (its unique folder is in
-    their command line), e.g. a service whose start-up timed out: ended by pid."""
-    import psutil
-
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if proc.pid != os.getpid() and str(data) in " ".join(proc.info["cmdline"] or []):
-                console.print(f"[yellow]stopping pid {proc.pid} left by the private stack[/]")
-                proc.terminate()
-                try:
-                    proc.wait(20)
-                except psutil.TimeoutExpired:
-                    proc.kill()
-        except psutil.Error:
-            pass
 
 
 def machine() -> str:

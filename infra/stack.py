@@ -8,13 +8,15 @@ schema registry (needs PostgreSQL) → stream worker, ClickHouse sink and API
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import psutil
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from infra import clickhouse, kafka, postgres
 from infra.process import Managed, ServiceError
@@ -40,6 +42,56 @@ def free_ports(n: int) -> list[int]:
     for sock in socks:
         sock.close()
     return ports
+
+
+def private_settings(data_dir: Path, **overrides) -> Settings:
+    """Settings of a private stack in data_dir on free loopback ports (tests, benchmarks),
+    sharing the checkout's Kafka jar cache."""
+    from nhdp.settings import CHECKOUT
+
+    kafka_port, controller, pg, ch, ch_http, registry, api = free_ports(7)
+    values = dict(
+        data_dir=data_dir, jar_cache=CHECKOUT / ".nhdp" / "cache" / "kafka-jars",
+        kafka_bootstrap_servers=f"127.0.0.1:{kafka_port}", kafka_controller_port=controller, postgres_port=pg,
+        clickhouse_port=ch, clickhouse_http_port=ch_http, registry_port=registry, api_port=api,
+    )
+    return Settings(**(values | overrides))
+
+
+@contextlib.contextmanager
+def private(label: str = "private", *, keep_data: bool = False, **overrides) -> Iterator[Settings]:
+    """A whole private stack in a fresh temporary folder, up for the block, then stopped and wiped.
+
+    Also ends whatever a benchmark added (workers 2–4) and any process of the
+    stack still alive after `down` (its unique folder is in its command line),
+    e.g. a service whose start-up timed out."""
+    import tempfile
+
+    data = Path(tempfile.mkdtemp(prefix=f"nhdp-{label}-"))
+    settings = private_settings(data, **({"start_timeout_s": 180.0} | overrides))  # a busy machine starts slowly
+    try:
+        up(settings)
+        yield settings
+    finally:
+        for name in ("worker2", "worker3", "worker4"):
+            worker_service(settings, name).stop()
+        down(settings)
+        _end_stragglers(data)
+        if not keep_data:
+            shutil.rmtree(data, ignore_errors=True)
+
+
+def _end_stragglers(data: Path) -> None:
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if proc.pid != os.getpid() and str(data) in " ".join(proc.info["cmdline"] or []):
+                proc.terminate()
+                try:
+                    proc.wait(20)
+                except psutil.TimeoutExpired:
+                    proc.kill()
+        except psutil.Error:
+            pass
 
 
 def python_service(settings: Settings, name: str, module: str, *args: str, ready, port=None, url=None) -> Managed:

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import socket
-import struct
 import time
 import uuid
 from dataclasses import dataclass

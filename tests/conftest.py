@@ -12,26 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from infra.stack import free_ports
+from infra.stack import private_settings
 from nhdp import settings as settings_mod
-from nhdp.settings import CHECKOUT, Settings
+from nhdp.settings import Settings
 
 
 
 def stack_env(data_dir: Path) -> dict[str, str]:
     """NHDP_* variables for a private stack in data_dir on free ports."""
-    kafka, controller, pg, ch, ch_http, registry, api = free_ports(7)
-    return {
-        "NHDP_DATA_DIR": str(data_dir),
-        "NHDP_JAR_CACHE": str(CHECKOUT / ".nhdp" / "cache" / "kafka-jars"),
-        "NHDP_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{kafka}",
-        "NHDP_KAFKA_CONTROLLER_PORT": str(controller),
-        "NHDP_POSTGRES_PORT": str(pg),
-        "NHDP_CLICKHOUSE_PORT": str(ch),
-        "NHDP_CLICKHOUSE_HTTP_PORT": str(ch_http),
-        "NHDP_REGISTRY_PORT": str(registry),
-        "NHDP_API_PORT": str(api),
-    }
+    return private_settings(data_dir).as_env()
 
 
 @pytest.fixture(scope="session")
