@@ -292,13 +292,7 @@ def bench_sink(args) -> None:
     daily = max(1000, int(args.events / 6.4 / 3))  # ~6.4 events per planned dose in the national scenario, 3 days
     sim = simulate("national", seed=3, days=3, daily_doses=daily)
     with tempfile.TemporaryDirectory(prefix="nhdp-bench-sink-", dir=args.tmp) as tmp:
-        ports = free_ports(7)
-        settings = Settings(
-            data_dir=Path(tmp) / "stack", kafka_bootstrap_servers=f"127.0.0.1:{ports[0]}",
-            kafka_controller_port=ports[1], postgres_port=ports[2], clickhouse_port=ports[3],
-            clickhouse_http_port=ports[4], registry_port=ports[5], api_port=ports[6],
-            jar_cache=Path(__file__).resolve().parent.parent / ".nhdp" / "cache" / "kafka-jars",
-        )
+        settings = stack.private_settings(Path(tmp) / "stack")
         wanted = {"postgres", "kafka", "clickhouse", "registry"}
         steps = [s for s in stack.steps(settings) if s.service.name in wanted]
         try:
