@@ -68,21 +68,16 @@ class Coalescer:
     before the request arrived. Nothing is cached after the query ends."""
 
     def __init__(self) -> None:
-        self._inflight: dict[tuple, asyncio.Future] = {}
+        self._inflight: dict[tuple, asyncio.Task] = {}
 
     async def get(self, key: tuple, compute) -> Response:
-        future = self._inflight.get(key)
-        if future is None:
-            future = asyncio.get_running_loop().create_future()
-            self._inflight[key] = future
-            try:
-                future.set_result(orjson.dumps(await run_in_threadpool(compute)))
-            except Exception as exc:  # noqa: BLE001 - every waiter sees the same failure
-                future.set_exception(exc)
-            finally:
-                del self._inflight[key]
-        body = await asyncio.shield(future)
-        return Response(body, media_type="application/json")
+        task = self._inflight.get(key)
+        if task is None:
+            # A task of its own, so a requester that disconnects cancels only its own wait.
+            task = asyncio.ensure_future(run_in_threadpool(lambda: orjson.dumps(compute())))
+            self._inflight[key] = task
+            task.add_done_callback(lambda done: self._inflight.pop(key) if self._inflight.get(key) is done else None)
+        return Response(await asyncio.shield(task), media_type="application/json")
 
 
 def create_app(settings: Settings, *, with_gateway: bool = True) -> FastAPI:

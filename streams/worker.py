@@ -229,7 +229,9 @@ def create_app(
                     if batch.append(key=m.key, value=m.value, timestamp=None, headers=list(m.headers or [])) is None:
                         futures.append(await kafka.send_batch(batch, topic, partition=partition))
                         batch = kafka.create_batch()
-                        batch.append(key=m.key, value=m.value, timestamp=None, headers=list(m.headers or []))
+                        if batch.append(key=m.key, value=m.value, timestamp=None, headers=list(m.headers or [])) is None:
+                            # never dropped: the batch fails and is retried (a first record always fits)
+                            raise RuntimeError(f"{topic}: offset {m.offset} does not fit an empty record batch")
                 futures.append(await kafka.send_batch(batch, topic, partition=partition))
         return futures
 
