@@ -29,22 +29,6 @@ NEVER = 1 << 62  # "not voided" / "no cut-off": later than any event time (epoch
 VACCINES: tuple[str, ...] = ("astrazeneca", "pfizer", "moderna", "sinopharm", "janssen")
 JANSSEN = VACCINES.index("janssen")
 
-FIGURES: tuple[str, ...] = (
-    "registrations",
-    "declarations",
-    "declarations_with_symptoms",
-    "doses_administered",
-    "doses_by_number",
-    "doses_by_vaccine",
-    "people_vaccinated",
-    "people_fully_vaccinated",
-    "coverage_pct",
-    "full_coverage_pct",
-    "doses_allocated",
-    "doses_remaining",
-    "adverse_events",
-    "serious_adverse_events",
-)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _M64 = (1 << 64) - 1

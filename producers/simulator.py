@@ -59,7 +59,8 @@ from typing import Any, Iterator
 
 import orjson
 
-from producers.figures import FIGURES, NEVER, VACCINES, GroundTruth
+from producers.figures import NEVER, VACCINES, GroundTruth
+from schemas.figures import FIGURES
 from schemas.reference import provinces
 
 SCENARIOS = ("hcmc-2021-06", "national")

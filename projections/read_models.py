@@ -18,25 +18,8 @@ import psycopg
 from psycopg import sql
 
 from projections.projector import KEYED_FIGURES, SCALAR_FIGURES
+from schemas.figures import FIGURES
 from schemas.reference import provinces
-
-# The order of the figures in every summary.
-FIGURES = (
-    "registrations",
-    "declarations",
-    "declarations_with_symptoms",
-    "doses_administered",
-    "doses_by_number",
-    "doses_by_vaccine",
-    "people_vaccinated",
-    "people_fully_vaccinated",
-    "coverage_pct",
-    "full_coverage_pct",
-    "doses_allocated",
-    "doses_remaining",
-    "adverse_events",
-    "serious_adverse_events",
-)
 
 
 def _ns(namespace: str) -> sql.Identifier:

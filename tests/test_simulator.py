@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from producers.figures import FIGURES
+from schemas.figures import FIGURES
 from producers.simulator import simulate, write
 from schemas.reference import provinces
 
