@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ from schemas.registry_client import RegistryClient
 log = logging.getLogger("nhdp.worker")
 
 BATCH_SIZE = 5000
+RESUME_TIMEOUT_S = 60.0  # committing and seeking to the tracking record takes well under a second
 BATCH_WITHIN_S = 0.5
 GROUP = "nhdp-projector"
 
@@ -154,6 +156,10 @@ def create_app(
             state["router"] = Router(Codec(RegistryClient(settings.registry_url)))
         return state["projector"]
 
+    async def _commit_and_seek(app_, resume) -> None:
+        await app_.consumer._commit(resume)
+        await app_.consumer.seek_wait(resume)
+
     @app.on_rebalance_complete.connect
     async def seek_to_tracking(app_, **kwargs):
         # The tracking record, not Faust's committed offset, says where we are.
@@ -170,8 +176,18 @@ def create_app(
             resume = {tp: positions.get((tp.topic, tp.partition), -1) + 1 for tp in assigned}
             # once per rebalance: where this worker resumes (and, if it ever hangs here, the last line logged)
             log.warning("resuming at the tracking record: %s", {tp.partition: o for tp, o in sorted(resume.items())})
-            await app_.consumer._commit(resume)
-            await app_.consumer.seek_wait(resume)
+            try:
+                await asyncio.wait_for(_commit_and_seek(app_, resume), RESUME_TIMEOUT_S)
+            except (asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001
+                # Consuming without this seek could skip events, and a worker stuck here
+                # holds its partitions while doing nothing (seen rarely, when a rebalance
+                # races the group coordinator). Exiting is safe: nothing of this
+                # assignment was applied, and the supervisor (`nhdp up`, systemd…)
+                # starts the worker again, which resumes from the tracking record.
+                log.critical("could not resume at the tracking record within %.0fs (%r); exiting so that "
+                             "the worker is restarted", RESUME_TIMEOUT_S, exc)
+                logging.shutdown()
+                os._exit(75)
         if ready_file is not None:
             ready_file.write_text(str(sorted(tp.partition for tp in assigned)))
 
