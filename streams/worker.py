@@ -311,7 +311,6 @@ def main(argv: list[str] | None = None) -> None:
     if "--nhdp-data" in argv:  # the process manager's marker, not Faust's
         k = argv.index("--nhdp-data")
         del argv[k : k + 2]
-    import os
 
     settings = get_settings()
     app = create_app(settings, ready_file=ready_path(settings, os.getpid()))

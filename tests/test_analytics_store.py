@@ -409,21 +409,11 @@ def test_unsupported_urls_are_refused():
 # -- the server as a managed service ---------------------------------------------------------
 
 
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def test_server_starts_and_stops_leaving_no_process(tmp_path, record_property):
     _require_server()
-    tcp, http = _free_ports(2)
+    from infra.stack import free_ports
+
+    tcp, http = free_ports(2)
     settings = Settings(data_dir=tmp_path / "data", clickhouse_url=None, clickhouse_port=tcp, clickhouse_http_port=http)
     service = server_service(settings)
     assert service.pid() is None
