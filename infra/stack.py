@@ -192,7 +192,7 @@ def steps(settings: Settings) -> list[Step]:
         )
     out.append(Step(registry_service(settings), lambda: None, lambda: register_catalog(settings)))
     out.append(Step(worker_service(settings), retry=True))
-    out.append(Step(sink_service(settings)))
+    out.append(Step(sink_service(settings), retry=True))  # kafka-python's group join can stall too
     out.append(Step(api_service(settings)))
     return out
 
@@ -214,8 +214,8 @@ def up(settings: Settings, on_ready: Callable[[Managed, int, bool], None] = lamb
         except ServiceError:
             if not step.retry:
                 raise
-            # A Faust worker can stall joining its group on a saturated machine
-            # ("Marking the coordinator dead"); a fresh process joins.
+            # A consumer (the Faust worker, the sink's kafka-python group) can stall
+            # joining its group on a saturated machine; a fresh process joins.
             step.service.stop()
             pid, started = step.service.start(settings.start_timeout_s)
         step.after_ready()
