@@ -23,6 +23,7 @@ nothing twice. Faust's own committed offsets are not used for resuming.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Awaitable, Callable, cast
 
 import faust
@@ -31,23 +32,40 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 BulkHandler = Callable[[list[Any]], Awaitable[None]]
 
 
+COMMIT_EVERY_S = 2.8  # Faust's default commit interval
+
+
 class BulkConsumer(faust_aiokafka.Consumer):
     async def _drain_messages(self, fetcher: Any) -> None:
         app = cast(App, self.app)
         consumer_stopped = self._stopped.is_set
         fetcher_stopped = fetcher._stopped.is_set
+        inbound = app.monitor.stream_inbound_time
+        pending: dict[Any, int] = {}
+        committed_at = time.monotonic()
         try:
             while not (consumer_stopped() or fetcher_stopped()):
                 records, active = await self._wait_next_records(app.bulk_within)
-                if not records or self.should_stop:
-                    continue
-                if not self.flow_active:
-                    # a rebalance began while fetching: these positions are about to be
-                    # re-seeked from the tracking record, so the records are not handled
-                    continue
-                batch = [r for tp, rs in records.items() if active is None or tp in active for r in rs]
-                if batch:
-                    await app.bulk_handler(batch)
+                if records and not self.should_stop and self.flow_active:
+                    # (flow stopped while fetching = a rebalance began: the positions are
+                    # about to be re-seeked from the tracking record; these are not handled)
+                    handled = {tp: rs for tp, rs in records.items() if rs and (active is None or tp in active)}
+                    if handled:
+                        await app.bulk_handler([r for rs in handled.values() for r in rs])
+                        now = time.monotonic()
+                        for tp, rs in handled.items():
+                            pending[tp] = rs[-1].offset + 1
+                            self._read_offset[tp] = rs[-1].offset
+                            inbound[tp] = now  # Faust's stalled-stream check reads these
+                if pending and (not records or time.monotonic() - committed_at >= COMMIT_EVERY_S):
+                    # Kafka's committed offsets only follow the tracking record (resuming never
+                    # reads them): they keep the group's lag right for Kafka's own tools.
+                    assigned = self.assignment()
+                    offsets = {tp: o for tp, o in pending.items() if tp in assigned}
+                    pending.clear()
+                    committed_at = time.monotonic()
+                    if offsets and self.flow_active:
+                        await self._commit(offsets)
         except self.consumer_stopped_errors:
             if not self.transport.app.should_stop:
                 raise
