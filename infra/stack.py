@@ -233,7 +233,30 @@ def down(settings: Settings) -> list[str]:
             stopped.append(pid_file.stem)
     for ready_file in settings.run_dir.glob("worker-*.assigned"):
         ready_file.unlink(missing_ok=True)
+    # A service whose pid file was replaced (e.g. a start retried while the first
+    # process still lived) is no longer recorded anywhere but still carries the
+    # folder's marker: end it too, or it keeps its consumer group membership.
+    stopped += [f"orphan {pid}" for pid in end_marked(["--nhdp-data", str(settings.data_dir.resolve())])]
     return stopped
+
+
+def end_marked(want: list[str]) -> list[int]:
+    """Terminate (then kill) every process whose argv contains `want` as consecutive arguments."""
+    ended = []
+    for proc in psutil.process_iter(["cmdline"]):
+        args = proc.info["cmdline"] or []
+        if proc.pid == os.getpid() or not any(args[i:i + len(want)] == want for i in range(len(args))):
+            continue
+        try:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except psutil.TimeoutExpired:
+                proc.kill()
+            ended.append(proc.pid)
+        except psutil.Error:
+            pass
+    return ended
 
 
 def _recorded(pid_file: Path) -> psutil.Process | None:
