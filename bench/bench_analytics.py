@@ -209,8 +209,13 @@ def generate(store, events: int, log=print) -> dict:
     while n := A.refresh_rollups(store, 2 + total_hours, limit=200):
         total_hours += n
     log(f"    rollups of {total_hours} hours (analytics.refresh_rollups): {time.perf_counter() - t:.1f}s")
+    t = time.perf_counter()
+    total_days = 0
+    while n := A.refresh_doses(store, 3 + total_hours + total_days):
+        total_days += n
+    log(f"    doses_daily of {total_days} days (analytics.refresh_doses): {time.perf_counter() - t:.1f}s")
     (n_events,), = store.execute("SELECT count() FROM events")
-    return {"persons": persons, "events": int(n_events), "rollup_hours": total_hours}
+    return {"persons": persons, "events": int(n_events), "rollup_hours": total_hours, "doses_days": total_days}
 
 
 def percentile(samples: list[float], p: float) -> float:
@@ -250,6 +255,10 @@ def bench_queries(args) -> None:
                             group_by="province,day", from_=window[0].isoformat(), to=window[-1].isoformat()),
                         "coverage by region": lambda: analytics.coverage(by="region"),
                     }
+                    # the 30-day answer from doses_daily is the one `events` alone gives
+                    args_ = (["province", "day"], ["province_code", "day"], window[0], window[-1], None)
+                    assert A.Analytics._doses_rows(store, *args_, by_day=True) == \
+                        A.Analytics._doses_rows(store, *args_, by_day=False)
                     latencies = {}
                     for label, fn in queries.items():
                         fn()  # warm: marks and the primary index in memory

@@ -44,12 +44,15 @@ points         figure contributions that are not the +1 of a fact at its own tim
 figures_hourly / figures_daily
                rollups: per (bucket, province, kind, vaccine, dose_number) the
                sums n, nflag, amount of events (+1 each) and live points (delta).
+doses_daily    rollup for the doses endpoint: per local day and grouping (a bitmask of
+               province, vaccine, dose number; '' / 0 where not grouped) the valid doses
+               and distinct people.
 sink_batches   the version of every batch whose writes all completed.
 sink_owners    every sink that started writing this database; the latest one is the
                writer, and an older one stops at its next batch (a fence).
 hour_marks     per UTC hour: the version at which its data last changed (mark 0,
                "dirty") and the version its rollups were last recomputed at
-               (mark 1, "clean").
+               (mark 1, "clean"; mark 2 for doses_daily).
 schema_migrations  the versions applied.
 
 How as_of=T is answered exactly (DESIGN §4)
@@ -108,10 +111,16 @@ The analytics endpoints
 * doses(group_by, from, to, province): valid doses (no void at all, as in
   PostgreSQL's valid_doses) grouped by any of province, day (local), vaccine,
   dose_number, with `doses` = distinct event_ids and `people` = distinct
-  subjects (subject_key, a 128-bit hash of subject_id). Computed from `events`
-  directly, not from rollups: a distinct count does not add up across
-  buckets, and a rollup bucket holds a void at the void's time, not at the
-  dose's day. Its cost grows with the doses in the range (see bench/RESULTS.md).
+  subjects (subject_key, a 128-bit hash of subject_id). A distinct count does
+  not add up across buckets, so figures_* cannot answer it, and they hold a
+  void at the void's time, not at the dose's day. Grouped by day it comes
+  from doses_daily, which keeps every grouping of each local day separately
+  (so no distinct count is ever added up), with the same dirty/clean marks as
+  the figure rollups (mark 2), and a void marks its target dose's hour dirty.
+  Stale days (today, while doses arrive) are answered from `events`. Not
+  grouped by day, or filtered to several provinces without grouping by
+  province, people must be distinct across days or provinces: that is read
+  from `events`, and its cost grows with the doses in the range.
 * coverage(by=province|region, as_of): people_(fully_)vaccinated against the
   2019 population, each row ranked (1 = highest) and compared with the
   national figure in percentage points.
@@ -318,6 +327,25 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        2,
+        "doses_daily: valid doses and people per local day, for every grouping of province, vaccine, dose number",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS doses_daily (
+                day Date,
+                grouping UInt8,
+                province_code String,
+                vaccine String,
+                dose_number UInt8,
+                doses UInt64,
+                people UInt64,
+                version UInt64
+            ) ENGINE = ReplacingMergeTree(version)
+            ORDER BY (day, grouping, province_code, vaccine, dose_number)
+            """,
+        ),
+    ),
 )
 
 MIGRATIONS_DDL = """
@@ -492,6 +520,68 @@ def refresh_rollups(store: AnalyticsStore, version: int, hours: Sequence[int] | 
     for part in chunks(days, 100):
         store.execute(REFRESH_DAILY_SQL, {"days": tuple(_dt(d) for d in part), "version": version})
     store.insert("hour_marks", ["hour", "mark", "version"], [(h, 1, version) for h in todo])
+    return len(todo)
+
+
+# doses_daily: per local day and grouping g (bit 1 province, 2 vaccine, 4 dose
+# number; a column outside g is '' or 0), the valid doses and distinct people.
+# Recomputed whole per day like the figure rollups, and trusted for a day only
+# while none of its hours has changed since (mark 2 newer than mark 0). A void
+# marks its target's hour dirty too (projections/sink.py), because a voided
+# dose leaves its own day's answer, not the void's.
+_GROUPINGS = "arrayJoin([0, 1, 2, 3, 4, 5, 6, 7])"
+REFRESH_DOSES_SQL = f"""
+INSERT INTO doses_daily (day, grouping, province_code, vaccine, dose_number, doses, people, version)
+SELECT d, g, gp, gv, gn, sum(n_doses), sum(n_people), %(version)s
+FROM (
+    SELECT day AS d, {_GROUPINGS} AS g, if(bitAnd(g, 1) = 1, province_code, '') AS gp,
+           if(bitAnd(g, 2) = 2, vaccine, '') AS gv, toUInt8(if(bitAnd(g, 4) = 4, dose_number, 0)) AS gn,
+           toUInt64(uniqExact(event_id)) AS n_doses, toUInt64(uniqExact(subject_key)) AS n_people
+    FROM events
+    WHERE hour IN %(hours)s AND kind = 3 AND event_id NOT IN (SELECT target_id FROM voids)
+    GROUP BY d, g, gp, gv, gn
+    UNION ALL
+    SELECT day, grouping, province_code, vaccine, dose_number, toUInt64(0), toUInt64(0)
+    FROM doses_daily FINAL WHERE day IN %(days)s
+)
+GROUP BY d, g, gp, gv, gn
+"""
+
+DIRTY_DOSE_HOURS_SQL = """
+SELECT hour FROM hour_marks
+GROUP BY hour
+HAVING maxIf(version, mark = 0) > maxIf(version, mark = 2)
+ORDER BY hour
+"""
+
+
+def local_day(hour_s: int) -> date:
+    return datetime.fromtimestamp(hour_s, HCM).date()
+
+
+def day_hours(day: date) -> list[int]:
+    """The 24 UTC hours (epoch seconds) of a local day."""
+    start = int(datetime.combine(day, datetime.min.time(), HCM).timestamp())
+    return [start + 3600 * i for i in range(24)]
+
+
+def dirty_dose_days(store: AnalyticsStore) -> dict[date, list[int]]:
+    """Local days whose doses_daily rows are stale, with their changed hours."""
+    out: dict[date, list[int]] = {}
+    for (h,) in store.execute(DIRTY_DOSE_HOURS_SQL):
+        hour = int(h.timestamp())
+        out.setdefault(local_day(hour), []).append(hour)
+    return out
+
+
+def refresh_doses(store: AnalyticsStore, version: int, limit: int = 31) -> int:
+    """Recompute doses_daily for stale local days (at most `limit`, oldest first); returns how many.
+    `version` as for refresh_rollups; safe to repeat at any time."""
+    todo = sorted(dirty_dose_days(store).items())[:limit]
+    for day, changed in todo:
+        store.execute(REFRESH_DOSES_SQL, {"hours": tuple(_dt(h) for h in day_hours(day)), "days": (day,),
+                                          "version": version})
+        store.insert("hour_marks", ["hour", "mark", "version"], [(h, 2, version) for h in changed])
     return len(todo)
 
 
@@ -704,25 +794,12 @@ class Analytics:
         if first and last and first > last:
             raise ParameterError("from", f"{first} is after to={last}")
         codes = _parse_provinces(province)
-        where = ["kind = 3", "event_id NOT IN (SELECT target_id FROM voids)"]
-        params: dict[str, Any] = {}
-        if first:
-            # day is local (UTC+7): the day starts at 17:00 UTC the day before
-            where += ["hour >= %(from_hour)s", "day >= %(from)s"]
-            params["from"], params["from_hour"] = first, datetime.combine(first, datetime.min.time(), HCM)
-        if last:
-            nxt = last + timedelta(days=1)
-            where += ["hour < %(to_hour)s", "day <= %(to)s"]
-            params["to"], params["to_hour"] = last, datetime.combine(nxt, datetime.min.time(), HCM)
-        if codes is not None:
-            where.append("province_code IN %(provinces)s")
-            params["provinces"] = tuple(codes)
         cols = [_GROUP_COLUMN[k] for k in keys]
-        select = ", ".join(cols + ["uniqExact(event_id)", "uniqExact(subject_key)"])
-        sql = f"SELECT {select} FROM events WHERE {' AND '.join(where)}"
-        if cols:
-            sql += f" GROUP BY {', '.join(cols)} ORDER BY {', '.join(cols)}"
-        rows = self._run(lambda store: store.execute(sql, params))
+        # Grouped by day, a day's answer is one doses_daily row per group, as long as the
+        # province filter is one province or the province is grouped (else people would
+        # have to be distinct across several provinces' rows).
+        by_day = "day" in keys and (codes is None or len(codes) == 1 or "province" in keys)
+        rows = self._run(lambda store: self._doses_rows(store, keys, cols, first, last, codes, by_day))
         out_rows = []
         for row in rows:
             item: dict[str, Any] = {}
@@ -738,6 +815,65 @@ class Analytics:
             "province": list(codes) if codes is not None else None,
             "rows": out_rows,
         }
+
+    @staticmethod
+    def _doses_rows(store: AnalyticsStore, keys: list[str], cols: list[str], first: date | None,
+                    last: date | None, codes: list[str] | None, by_day: bool,
+                    stale_days: Iterable[date] | None = None) -> list[tuple]:
+        """(group columns..., doses, people) in group order: clean days from doses_daily,
+        the rest (or everything, when not by_day) from `events`. `stale_days`: treat
+        these days as stale as well (tests take both paths with it)."""
+        stale: list[date] = []
+        rollup: list[tuple] = []
+        if by_day:
+            stale = sorted({d for d in [*dirty_dose_days(store), *(stale_days or ())]
+                            if (not first or d >= first) and (not last or d <= last)})
+            g = (1 if "province" in keys or codes else 0) | (2 if "vaccine" in keys else 0) | (
+                4 if "dose_number" in keys else 0)
+            where = ["grouping = %(g)s", "doses > 0"]
+            params: dict[str, Any] = {"g": g}
+            if first:
+                where.append("day >= %(from)s")
+                params["from"] = first
+            if last:
+                where.append("day <= %(to)s")
+                params["to"] = last
+            if stale:
+                where.append("day NOT IN %(stale)s")
+                params["stale"] = tuple(stale)
+            if codes is not None:
+                where.append("province_code IN %(provinces)s")
+                params["provinces"] = tuple(codes)
+            rollup = store.execute(
+                f"SELECT {', '.join(cols + ['doses', 'people'])} FROM doses_daily FINAL WHERE {' AND '.join(where)}",
+                params)
+            if not stale:
+                return sorted(rollup)
+        where = ["kind = 3", "event_id NOT IN (SELECT target_id FROM voids)"]
+        params = {}
+        if first:
+            # day is local (UTC+7): the day starts at 17:00 UTC the day before
+            where += ["hour >= %(from_hour)s", "day >= %(from)s"]
+            params["from"], params["from_hour"] = first, datetime.combine(first, datetime.min.time(), HCM)
+        if last:
+            nxt = last + timedelta(days=1)
+            where += ["hour < %(to_hour)s", "day <= %(to)s"]
+            params["to"], params["to_hour"] = last, datetime.combine(nxt, datetime.min.time(), HCM)
+        if stale:
+            # the hour bounds let the sort key skip everything between
+            where += ["hour >= %(stale_from)s", "hour < %(stale_to)s", "day IN %(stale)s"]
+            params["stale"] = tuple(stale)
+            params["stale_from"] = _dt(day_hours(min(stale))[0])
+            params["stale_to"] = _dt(day_hours(max(stale))[-1] + 3600)
+        if codes is not None:
+            where.append("province_code IN %(provinces)s")
+            params["provinces"] = tuple(codes)
+        select = ", ".join(cols + ["uniqExact(event_id)", "uniqExact(subject_key)"])
+        sql = f"SELECT {select} FROM events WHERE {' AND '.join(where)}"
+        if cols:
+            sql += f" GROUP BY {', '.join(cols)} ORDER BY {', '.join(cols)}"
+        raw = store.execute(sql, params)
+        return sorted(rollup + raw) if rollup else raw
 
     # -- coverage ----------------------------------------------------------------------------
     def coverage(self, by: str | None = "province", as_of: str | None = None) -> dict[str, Any]:

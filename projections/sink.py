@@ -99,6 +99,7 @@ from projections.analytics import (
     ParameterError,
     chunks,
     migrate,
+    refresh_doses,
     refresh_rollups,
     sink_url_path,
 )
@@ -113,6 +114,9 @@ BATCH_ROWS = 10_000  # a batch is written once it has this many messages…
 BATCH_WITHIN_S = 1.0  # …or this long after its first one
 MAX_BATCH_ROWS = 50_000  # while catching up, what is already fetched joins the batch, up to this
 ROLLUP_EVERY_S = 5.0  # recompute dirty hours at most this often while busy (always when idle)
+# doses_daily recomputes whole local days (~1.4M doses on the busiest): while busy at most
+# this often; until then a query answers the day from `events`
+DOSES_EVERY_S = 60.0
 
 EVENT_COLUMNS = [
     "event_id", "event_type", "kind", "occurred_at", "occurred_ms", "province_code", "region", "source",
@@ -334,7 +338,7 @@ class Sink:
             t for (t,) in store.execute("SELECT DISTINCT UUIDNumToString(target_id) FROM voids")
         }
         self._regions = {code: p.region for code, p in provinces().items()}
-        self.last_rollup = 0.0
+        self.last_rollup = self.last_doses = 0.0
         # The fence: the latest sink to start is the writer; an older one stops before its next write.
         self.instance = uuid.uuid4().hex
         store.insert("sink_owners", ["instance", "started"], [(self.instance, self.next_version())])
@@ -407,6 +411,8 @@ class Sink:
         subject_rows = self._subjects(new_doses, voids_of, version, point_rows)
         stats.points, stats.subjects = len(point_rows), len(subject_rows)
         hours |= {p[0] for p in point_rows}
+        # a voided dose leaves its own day's doses_daily rows (analytics.refresh_doses)
+        hours |= {f.t_ms // HOUR_MS * 3600 for f in targets.values() if f.kind == DOSE}
         stats.hours = len(hours)
 
         # 3. write: dirty marks first, then the data, then the completion record
@@ -508,14 +514,19 @@ class Sink:
         return rows
 
     # -- rollups ---------------------------------------------------------------------------------
-    def refresh_rollups(self, limit: int = 240) -> int:
+    def refresh_rollups(self, limit: int = 240, doses_every_s: float = DOSES_EVERY_S) -> int:
+        """Recompute dirty figure rollups, and doses_daily if it is due; returns how many hours/days."""
         self.last_rollup = time.monotonic()
         self.check_owner()
-        return refresh_rollups(self.store, self.next_version(), limit=limit)
+        n = refresh_rollups(self.store, self.next_version(), limit=limit)
+        if self.last_rollup - self.last_doses >= doses_every_s:
+            self.last_doses = self.last_rollup
+            n += refresh_doses(self.store, self.next_version())
+        return n
 
     def refresh_all(self) -> int:
         total = 0
-        while n := self.refresh_rollups(limit=500):
+        while n := self.refresh_rollups(limit=500, doses_every_s=0):
             total += n
         return total
 
@@ -615,7 +626,8 @@ class Runner:
                     self._flush(consumer)
                     first_at = None
                 if not self._buffer and (not polled or time.monotonic() - self.sink.last_rollup > self.rollup_every_s):
-                    self._with_retry(consumer, self.sink.refresh_rollups)
+                    self._with_retry(consumer, lambda: self.sink.refresh_rollups(
+                        doses_every_s=DOSES_EVERY_S if polled else 0.0))
         finally:
             consumer.close(autocommit=False, timeout_ms=5000)
 

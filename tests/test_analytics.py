@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -377,6 +378,79 @@ def test_doses_grouped_equal_postgres_valid_doses(engine, world, group_by, first
                        to=last and last.isoformat(), province=",".join(codes) if codes else None)
     assert got["group_by"] == group_by
     assert got["rows"] == _pg_doses(world.settings, group_by, first, last, codes)
+
+
+def _doses_daily_current(store, timeout_s: float = 120.0) -> None:
+    """Until the sink has recomputed doses_daily for every day (it does when idle)."""
+    deadline = time.monotonic() + timeout_s
+    while stale := A.dirty_dose_days(store):
+        assert time.monotonic() < deadline, f"doses_daily still stale for {sorted(stale)}"
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("engine_name", ["clickhouse", "chdb"])
+def test_doses_by_day_from_doses_daily_equal_events_and_postgres(world, engine_name):
+    """Grouped by day, clean days come from doses_daily and stale ones from `events`: every mix
+    of the two gives the same rows as `events` alone, and as PostgreSQL."""
+    store = open_store(world.settings.analytics_url()) if engine_name == "clickhouse" else world.chdb_store
+    try:
+        _doses_daily_current(store)
+        days = [d for (d,) in store.execute("SELECT DISTINCT day FROM doses_daily WHERE doses > 0 ORDER BY day")]
+        assert len(days) >= 3
+        cases = [
+            (["province", "day", "vaccine", "dose_number"], None, None, None),
+            (["province", "day"], days[0], days[-1], ["79", "01"]),
+            (["day"], None, None, None),
+            (["day", "vaccine"], days[1], days[-1], ["48"]),
+            (["dose_number", "day"], days[0], days[-2], None),
+        ]
+        for keys, first, last, codes in cases:
+            cols = [A._GROUP_COLUMN[k] for k in keys]
+            from_events = A.Analytics._doses_rows(store, keys, cols, first, last, codes, by_day=False)
+            assert from_events, (keys, first, last, codes)
+            for stale in ([], days[::2], days):
+                got = A.Analytics._doses_rows(store, keys, cols, first, last, codes, by_day=True, stale_days=stale)
+                assert got == from_events, (keys, first, last, codes, stale)
+            rows = [{**{k: (v.isoformat() if k == "day" else v) for k, v in zip(keys, r)},
+                     "doses": r[-2], "people": r[-1]} for r in from_events]
+            assert rows == _pg_doses(world.settings, keys, first, last, codes)
+    finally:
+        if engine_name == "clickhouse":
+            store.close()
+
+
+def test_a_void_makes_its_doses_day_stale_until_recomputed(world):
+    """A void arriving long after its dose marks the dose's hour changed, so that the dose's
+    day in doses_daily is not trusted until recomputed (the void's own hour holds no dose)."""
+    from projections.sink import _reset_database
+
+    url = world.settings.analytics_url().rsplit("/", 1)[0] + "/nhdp_test_doses_void"
+    _reset_database(url)
+    records = _first_records(world.settings, 5_000)
+    good, _ = Router(Codec(RegistryClient(world.settings.registry_url))).split([r.value for r in records])
+    dose = next(ev for _, ev in good if ev["event_type"] == "DoseAdministered")
+    store = open_store(url)
+    try:
+        sink = Sink(store)
+        sink.process([(0, 0, dose)])
+        sink.refresh_all()
+        day = datetime.fromtimestamp(dose["occurred_at"] / 1000, A.HCM).date()  # the codec gives epoch ms
+        keys = ["day"]
+        assert A.Analytics._doses_rows(store, keys, ["day"], None, None, None, by_day=True) == [(day, 1, 1)]
+        void = {**dose, "event_id": str(uuid.uuid4()), "event_type": "RecordVoided",
+                "occurred_at": dose["occurred_at"] + 40 * 86_400_000, "subject_id": None,
+                "payload": {"voided_event_id": dose["event_id"], "reason": "entered in error"}}
+        sink.process([(0, 1, void)])
+        assert day in A.dirty_dose_days(store)
+        assert A.Analytics._doses_rows(store, keys, ["day"], None, None, None, by_day=True) == []
+        sink.refresh_all()
+        assert not A.dirty_dose_days(store)
+        assert A.Analytics._doses_rows(store, keys, ["day"], None, None, None, by_day=True) == []
+        (left,), = store.execute("SELECT sum(doses) FROM doses_daily FINAL")
+        assert left == 0
+    finally:
+        store.close()
+        _reset_database(url)
 
 
 def test_coverage_by_province_and_region_ranked_against_the_nation(engine, world):
