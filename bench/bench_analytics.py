@@ -21,7 +21,7 @@ appointment, check-in, dose 1, for ~half a second dose, adverse events,
 allocations, 0.5% of registrations and declarations voided), with the same
 derived rows the sink writes (event_index, subjects, people and retraction
 points), then the rollups recomputed by the production code
-(analytics.refresh_rollups). Queries go through projections.analytics.Analytics,
+(analytics.refresh_rollups, analytics.refresh_doses). Queries go through projections.analytics.Analytics,
 exactly as the API calls it: national summary as_of a random time, doses by
 province × day over 30 days (doses and distinct people), coverage by region.
 """
@@ -416,7 +416,7 @@ def report(_args) -> None:
         lines += ["### Query latency and disk", "",
                   "Synthetic events generated inside each engine with INSERT … SELECT from numbers() (plus the rows "
                   "the sink derives: event_index, subjects, points), rollups recomputed by the production "
-                  "`refresh_rollups`. Each query through `projections.analytics.Analytics` as the API calls it, "
+                  "`refresh_rollups` and `refresh_doses`. Each query through `projections.analytics.Analytics` as the API calls it, "
                   "warm, repeated; as_of a different random time each run.", "",
                   "| events | engine | query | p50 ms | p99 ms |", "| --- | --- | --- | --- | --- |"]
         for key, r in sorted(queries.items(), key=lambda kv: (kv[1]["events"], kv[0])):
