@@ -929,8 +929,7 @@ def rebuild(settings: Settings, name: str, *, upto: dict[int, int] | None = None
             progress=None) -> ReplayResult:
     """Rebuild the analytics of the log from offset 0 up to `upto` (last offsets, inclusive; default: the
     end now) into replay_<name>, with the same Router and Sink as the live sink, then every rollup."""
-    from kafka import KafkaConsumer, TopicPartition
-
+    from infra.kafka import LogPrefix
     from schemas.codec import Codec
     from schemas.registry_client import RegistryClient
     from streams.worker import Router
@@ -943,40 +942,24 @@ def rebuild(settings: Settings, name: str, *, upto: dict[int, int] | None = None
     try:
         sink = Sink(store)
         router = Router(Codec(RegistryClient(settings.registry_url)))
-        consumer = KafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False, max_poll_records=batch_rows,
-            fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024,
-        )
-        try:
-            parts = [TopicPartition(TOPIC_EVENTS, p) for p in sorted(consumer.partitions_for_topic(TOPIC_EVENTS) or [])]
-            consumer.assign(parts)
-            consumer.seek_to_beginning(*parts)
-            if upto is None:
-                upto = {tp.partition: off - 1 for tp, off in consumer.end_offsets(parts).items()}
-            remaining = {p: o for p, o in upto.items() if o >= 0}
-            for tp in parts:
-                if tp.partition not in remaining:
-                    consumer.pause(tp)
-            buffer: list = []
-            while remaining or buffer:
-                if remaining:
-                    for tp, records in consumer.poll(timeout_ms=1000, max_records=batch_rows).items():
-                        limit = remaining.get(tp.partition)
-                        if limit is None:
-                            continue
-                        buffer.extend(r for r in records if r.offset <= limit)
-                        if records and records[-1].offset >= limit:
-                            remaining.pop(tp.partition)
-                            consumer.pause(tp)
-                if buffer and (len(buffer) >= batch_rows or not remaining):
-                    good, _ = router.split([r.value for r in buffer])
-                    sink.process([(buffer[i].partition, buffer[i].offset, ev) for i, ev in good])
-                    events += len(buffer)
-                    if progress:
-                        progress(events)
-                    buffer = []
-        finally:
-            consumer.close()
+        buffer: list = []
+
+        def flush() -> None:
+            nonlocal events
+            good, _ = router.split([r.value for r in buffer])
+            sink.process([(buffer[i].partition, buffer[i].offset, ev) for i, ev in good])
+            events += len(buffer)
+            if progress:
+                progress(events)
+            buffer.clear()
+
+        with LogPrefix(settings.kafka_bootstrap_servers, upto, batch_rows) as prefix:
+            for records in prefix:
+                buffer.extend(records)
+                if len(buffer) >= batch_rows:
+                    flush()
+        if buffer:
+            flush()
         sink.refresh_all()
     finally:
         store.close()

@@ -14,11 +14,10 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from kafka import KafkaConsumer, TopicPartition
 from psycopg_pool import ConnectionPool
 from rich.console import Console
 
-from infra.kafka import TOPIC_EVENTS
+from infra.kafka import TOPIC_EVENTS, LogPrefix
 from nhdp.settings import Settings
 from projections.projector import InvalidEvent, Projector
 from schemas.codec import Codec
@@ -69,20 +68,8 @@ def rebuild(
     projector.drop_schema()  # a rebuild starts from nothing, always
     projector.ensure_schema()
     router = Router(Codec(RegistryClient(settings.registry_url)))
-    consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        enable_auto_commit=False,
-        max_poll_records=batch_size,
-        fetch_max_bytes=64 * 1024 * 1024,
-        max_partition_fetch_bytes=16 * 1024 * 1024,
-    )
-    parts = [TopicPartition(TOPIC_EVENTS, p) for p in sorted(consumer.partitions_for_topic(TOPIC_EVENTS) or [])]
-    consumer.assign(parts)
-    consumer.seek_to_beginning(*parts)
-    if upto is None:
-        upto = {tp.partition: off - 1 for tp, off in consumer.end_offsets(parts).items()}
-    remaining = {p: o for p, o in upto.items() if o >= 0}
-    total = sum(o + 1 for o in remaining.values())
+    prefix = LogPrefix(settings.kafka_bootstrap_servers, upto, batch_size)
+    total = prefix.total
     events = dlq = 0
     applier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay-apply")
     pending: Future | None = None
@@ -106,22 +93,7 @@ def rebuild(
     try:
         with progress:
             task = progress.add_task("replay", total=total, rate="")
-            for tp in parts:
-                if tp.partition not in remaining:
-                    consumer.pause(tp)
-            while remaining:
-                polled = consumer.poll(timeout_ms=1000, max_records=batch_size)
-                msgs = []
-                for tp, records in polled.items():
-                    limit = remaining.get(tp.partition)
-                    if limit is None:
-                        continue
-                    msgs.extend(r for r in records if r.offset <= limit)
-                    if records and records[-1].offset >= limit:
-                        remaining.pop(tp.partition)
-                        consumer.pause(tp)
-                if not msgs:
-                    continue
+            for msgs in prefix:
                 good, bad = router.split([m.value for m in msgs])
                 batch = [(m.topic, m.partition, m.offset, None) for m in msgs]
                 for i, event in good:
@@ -138,7 +110,7 @@ def rebuild(
                 dlq += pending.result()
     finally:
         applier.shutdown(wait=True)  # never close the pool under a running transaction
-        consumer.close()
+        prefix.close()
         pool.close()
     return ReplayResult(namespace, events, dlq, time.perf_counter() - started)
 
