@@ -213,7 +213,6 @@ class LogPrefix:
         except BaseException:
             self.consumer.close()
             raise
-        self.upto = dict(upto)
         self._remaining = {p: o for p, o in upto.items() if o >= 0}
         self.total = sum(o + 1 for o in self._remaining.values())
         for tp in parts:

@@ -81,8 +81,8 @@ class Transport(faust_aiokafka.Transport):
 class App(faust.App):
     """A Faust app whose subscribed topics are delivered in bulk to `bulk_handler`.
 
-    Subscribe with `subscribe(topic)`, not an agent: nothing is delivered per
-    message."""
+    Subscribe with `subscribe(topic, handler, within=…)`, not an agent:
+    nothing is delivered per message."""
 
     bulk_handler: BulkHandler
     bulk_within: float = 0.5

@@ -36,17 +36,17 @@ from prometheus_client import Counter, Histogram
 from infra.kafka import TOPIC_DLQ, TOPIC_EVENTS, province_topic
 from nhdp.settings import Settings
 from producers.sdk import partitions_of
-from streams import bulk
 from schemas.catalog import CITIZEN_EVENT_TYPES
 from schemas.codec import Codec, CodecError
 from schemas.reference import provinces
 from schemas.registry_client import RegistryClient
+from streams import bulk
 
 log = logging.getLogger("nhdp.worker")
 
 BATCH_SIZE = 5000
 RESUME_TIMEOUT_S = 60.0  # committing and seeking to the tracking record takes well under a second
-BATCH_WITHIN_S = 0.5
+BATCH_WITHIN_S = 0.5  # how long one fetch waits for a first record (a batch is whatever is there)
 REVOKE_WAIT_S = 5.0
 GROUP = "nhdp-projector"
 
