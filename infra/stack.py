@@ -233,9 +233,9 @@ def down(settings: Settings) -> list[str]:
             stopped.append(pid_file.stem)
     for ready_file in settings.run_dir.glob("worker-*.assigned"):
         ready_file.unlink(missing_ok=True)
-    # A service whose pid file was replaced (e.g. a start retried while the first
-    # process still lived) is no longer recorded anywhere but still carries the
-    # folder's marker: end it too, or it keeps its consumer group membership.
+    # Whatever still carries the folder's marker now (a service no pid file records
+    # any more, or one that outlived its stop) would keep its consumer group
+    # membership and partitions: end it too.
     stopped += [f"orphan {pid}" for pid in end_marked(["--nhdp-data", str(settings.data_dir.resolve())])]
     return stopped
 
