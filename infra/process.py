@@ -163,6 +163,9 @@ class Managed:
         failure = self._failure(f"not ready after {timeout_s:.0f}s")
         if popen is not None:  # ours and useless: leave nothing running behind the error
             self.stop()
+            if popen.poll() is None:  # stop() goes by the pid file; end what we started whatever it says
+                popen.kill()
+                popen.wait(5)
         raise failure
 
     def _failure(self, what: str) -> ServiceError:

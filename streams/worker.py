@@ -26,6 +26,7 @@ import asyncio
 import logging
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -180,18 +181,30 @@ def create_app(
             resume = {tp: positions.get((tp.topic, tp.partition), -1) + 1 for tp in assigned}
             # once per rebalance: where this worker resumes (and, if it ever hangs here, the last line logged)
             log.warning("resuming at the tracking record: %s", {tp.partition: o for tp, o in sorted(resume.items())})
-            try:
-                await asyncio.wait_for(_commit_and_seek(app_, resume), RESUME_TIMEOUT_S)
-            except (asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001
+
+            def give_up(reason: object) -> None:
                 # Consuming without this seek could skip events, and a worker stuck here
                 # holds its partitions while doing nothing (seen rarely, when a rebalance
                 # races the group coordinator). Exiting is safe: nothing of this
                 # assignment was applied, and the supervisor (`nhdp up`, systemd…)
                 # starts the worker again, which resumes from the tracking record.
                 log.critical("could not resume at the tracking record within %.0fs (%r); exiting so that "
-                             "the worker is restarted", RESUME_TIMEOUT_S, exc)
+                             "the worker is restarted", RESUME_TIMEOUT_S, reason)
                 logging.shutdown()
                 os._exit(75)
+
+            # A thread, not asyncio.wait_for: on timeout wait_for also waits for the
+            # cancelled call to end, and a call stuck in the consumer thread need not
+            # (seen: no exit, a worker still stuck minutes after its deadline).
+            watchdog = threading.Timer(RESUME_TIMEOUT_S, give_up, args=("timed out",))
+            watchdog.daemon = True
+            watchdog.start()
+            try:
+                await _commit_and_seek(app_, resume)
+            except Exception as exc:  # noqa: BLE001
+                give_up(exc)
+            finally:
+                watchdog.cancel()
         if ready_file is not None:
             ready_file.write_text(str(sorted(tp.partition for tp in assigned)))
 
