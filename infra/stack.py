@@ -73,25 +73,11 @@ def private(label: str = "private", *, keep_data: bool = False, **overrides) -> 
         up(settings)
         yield settings
     finally:
-        for name in ("worker2", "worker3", "worker4"):
-            worker_service(settings, name).stop()
-        down(settings)
-        _end_stragglers(data)
+        down(settings)  # also the extra workers a benchmark started (their pid files)
+        # and anything else naming the folder (Kafka's and ClickHouse's configs live in it)
+        end_matching(lambda args: str(data) in " ".join(args))
         if not keep_data:
             shutil.rmtree(data, ignore_errors=True)
-
-
-def _end_stragglers(data: Path) -> None:
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if proc.pid != os.getpid() and str(data) in " ".join(proc.info["cmdline"] or []):
-                proc.terminate()
-                try:
-                    proc.wait(20)
-                except psutil.TimeoutExpired:
-                    proc.kill()
-        except psutil.Error:
-            pass
 
 
 def python_service(settings: Settings, name: str, module: str, *args: str, ready, port=None, url=None) -> Managed:
@@ -236,16 +222,17 @@ def down(settings: Settings) -> list[str]:
     # Whatever still carries the folder's marker now (a service no pid file records
     # any more, or one that outlived its stop) would keep its consumer group
     # membership and partitions: end it too.
-    stopped += [f"orphan {pid}" for pid in end_marked(["--nhdp-data", str(settings.data_dir.resolve())])]
+    want = ["--nhdp-data", str(settings.data_dir.resolve())]
+    stopped += [f"orphan {pid}" for pid in end_matching(
+        lambda args: any(args[i:i + 2] == want for i in range(len(args))))]
     return stopped
 
 
-def end_marked(want: list[str]) -> list[int]:
-    """Terminate (then kill) every process whose argv contains `want` as consecutive arguments."""
+def end_matching(match: Callable[[list[str]], bool]) -> list[int]:
+    """Terminate (then kill) every other process whose argv `match` accepts; returns their pids."""
     ended = []
     for proc in psutil.process_iter(["cmdline"]):
-        args = proc.info["cmdline"] or []
-        if proc.pid == os.getpid() or not any(args[i:i + len(want)] == want for i in range(len(args))):
+        if proc.pid == os.getpid() or not match(proc.info["cmdline"] or []):
             continue
         try:
             proc.terminate()
