@@ -256,7 +256,7 @@ def _insert_target(table: str, columns: Sequence[str]) -> tuple[str, str]:
 
 
 @contextmanager
-def _collector_paused():
+def collector_paused():
     """Bulk encoding allocates millions of objects, which sets off full collections
     that find nothing to free; pausing the collector doubles the insert rate."""
     was_enabled = gc.isenabled()
@@ -387,7 +387,7 @@ class NativeStore:
         qtable, qcolumns = _insert_target(table, columns)
         sql = f"INSERT INTO {qtable} ({qcolumns}) VALUES"
         try:
-            with self._lock, _collector_paused():
+            with self._lock, collector_paused():
                 data = _transpose(columns, rows)
                 return int(self._client.execute(sql, data, columnar=True, types_check=False))
         except AnalyticsStoreError:
@@ -671,7 +671,7 @@ class ChdbStore:
             raise AnalyticsStoreError(f"chDB: table {table} has no column(s) {missing}", engine=self.engine)
         columns_with_types = [(c, types[c.strip("`")]) for c in columns]
         try:
-            with _collector_paused():
+            with collector_paused():
                 block = _native().encode(columns_with_types, _transpose(columns, rows))
         except AnalyticsStoreError:
             raise

@@ -55,7 +55,9 @@ from producers.simulator import simulate
 from projections import analytics as A
 from projections.analytics_store import open_store
 from projections.projector import InvalidEvent, _prepare
-from projections.sink import GROUP, Fact, Runner, Sink, SinkFenced, serve_queries, shape, timeline, wait_caught_up
+from projections.sink import (
+    GROUP, Fact, Runner, Sink, SinkFenced, SubjectFilter, serve_queries, shape, timeline, wait_caught_up,
+)
 from schemas.codec import Codec
 from schemas.reference import provinces
 from schemas.registry_client import RegistryClient
@@ -762,3 +764,24 @@ def test_figure_view_is_the_projectors(pair):
     assert fact.flag == (1 if flag else 0) and fact.amount == (amount or 0)
     if kind == A.DOSE:
         assert (fact.subject, fact.vaccine, fact.dose_number) == (subject, vaccine, number)
+
+
+def test_subject_filter_loaded_from_chdb_misses_no_stored_subject(world):
+    """The sink reads a subject's stored row only if the filter may hold it: it must hold every one."""
+    # chDB opens one folder per process: the module's, in a database of its own
+    store = open_store(f"chdb://{world.chdb_store.path}?database=subject_filter", purpose="tests/test_analytics.py")
+    try:
+        store.execute("DROP DATABASE IF EXISTS subject_filter")
+        store.execute("CREATE DATABASE subject_filter")
+        Sink(store)  # migrations
+        rng = random.Random(6)
+        stored = [f"{rng.getrandbits(256):064x}" for _ in range(20_000)] + ["", "short", "ü-non-ascii"]
+        store.insert("subjects", ["subject_id", "version"], [(s, 1) for s in stored])
+        known = SubjectFilter(store, capacity=10_000)
+        assert all(known.may_contain(s) for s in stored)
+        others = [f"{rng.getrandbits(256):064x}" for _ in range(20_000)]
+        assert sum(map(known.may_contain, others)) < 0.02 * len(others)  # ~1% at capacity
+        known.add(others[0])
+        assert known.may_contain(others[0])
+    finally:
+        store.close()
