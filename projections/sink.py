@@ -73,10 +73,12 @@ crash recovery relies on):
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import logging
 import os
+import pickle
 import signal
 import struct
 import sys
@@ -115,6 +117,7 @@ GROUP = "nhdp-analytics"
 BATCH_ROWS = 10_000  # a batch is written once it has this many messages…
 BATCH_WITHIN_S = 1.0  # …or this long after its first one
 MAX_BATCH_ROWS = 50_000  # while catching up, what is already fetched joins the batch, up to this
+DECODERS = int(os.environ.get("NHDP_SINK_DECODERS", "2"))
 ROLLUP_EVERY_S = 5.0  # recompute dirty hours at most this often while busy (always when idle)
 # doses_daily recomputes whole local days (~1.4M doses on the busiest): while busy at most
 # this often; until then a query answers the day from `events`
@@ -174,7 +177,8 @@ class Planned(NamedTuple):
     index: list[tuple]
     subjects: list[tuple]
     points: list[tuple]
-    void_targets: set[str]
+    facts: dict[str, tuple]  # event_id -> the fields of a Fact (the next batch's plan reads them from here)
+    batch_voids: dict[str, tuple[str, int]]  # void_id -> (target_id, occurred_ms), likewise
     stats: BatchStats
 
 
@@ -433,15 +437,19 @@ class Sink:
         """
         return self.write(self.plan(shape(messages, self._regions), len(messages)))
 
-    def plan(self, shaped: Shaped, messages: int) -> Planned:
-        """Read what earlier batches wrote and compute every row this batch writes.
+    def plan(self, shaped: Shaped, messages: int, writing: Planned | None = None) -> Planned:
+        """Read what earlier batches wrote and compute every row this batch writes. Writes nothing.
 
-        Every earlier batch's write() must have returned: the reads (voids,
-        targets, subject rows) are of their writes. Writes nothing.
+        Every earlier batch's write() must have returned, except `writing`: the
+        batch whose write() may still be running (the Runner plans the next
+        batch meanwhile). Its rows are taken from memory rather than read, and
+        count as complete: this batch's write() starts only after its write()
+        has returned, and a crash before then loses both.
         """
         started = time.perf_counter()
         stats = BatchStats(messages=messages)
         version = self.next_version()
+        completed = self._completed  # the writer thread may move it on meanwhile
         event_rows, index_rows, void_rows, facts, batch_voids = shaped
         stats.events = len(event_rows)
         stats.skipped = shaped.skipped
@@ -456,6 +464,11 @@ class Sink:
             sorted(void_targets | set(voided_before)),
         ):
             voids_of.setdefault(target, {})[void_id] = v_ms
+        if writing is not None:
+            wanted = void_targets | set(voided_before)
+            for void_id, (target, v_ms) in writing.batch_voids.items():
+                if target in wanted:
+                    voids_of.setdefault(target, {})[void_id] = v_ms
         for void_id, (target, v_ms) in batch_voids.items():
             voids_of.setdefault(target, {})[void_id] = v_ms
         targets: dict[str, Fact] = {t: Fact(*facts[t]) for t in void_targets if t in facts}
@@ -466,6 +479,10 @@ class Sink:
             missing,
         ):
             targets[eid] = Fact(kind, t_ms, prov, subject or None, vaccine, number, flag, amount)
+        if writing is not None:  # the first arrival's content wins: only what the index has not
+            for eid in missing:
+                if eid not in targets and eid in writing.facts:
+                    targets[eid] = Fact(*writing.facts[eid])
         for eid in voided_before:
             targets[eid] = Fact(*facts[eid])
 
@@ -485,7 +502,7 @@ class Sink:
         for eid, fact in list(facts.items()) + list(targets.items()):
             if fact[0] == DOSE and fact[3]:
                 new_doses.setdefault(fact[3], {})[eid] = fact
-        subject_rows = self._subjects(new_doses, voids_of, version, point_rows)
+        subject_rows = self._subjects(new_doses, voids_of, version, point_rows, completed, writing)
         stats.points, stats.subjects = len(point_rows), len(subject_rows)
         hours |= {p[0] for p in point_rows}
         # a voided dose leaves its own day's doses_daily rows (analytics.refresh_doses)
@@ -493,8 +510,9 @@ class Sink:
         stats.hours = len(hours)
 
         stats.seconds = time.perf_counter() - started
+        self._void_targets |= void_targets  # the next plan's voided_before, whether or not this is written yet
         return Planned(version, sorted(hours), event_rows, void_rows, index_rows, subject_rows, point_rows,
-                       void_targets, stats)
+                       facts, batch_voids, stats)
 
     def write(self, planned: Planned) -> BatchStats:
         """3. write: dirty marks first, then the data, then the completion record.
@@ -515,7 +533,6 @@ class Sink:
         store.insert("sink_batches", ["version", "messages", "completed_at"],
                      [(version, planned.stats.messages, int(time.time()))])
         self._completed = version
-        self._void_targets |= planned.void_targets
         planned.stats.seconds += time.perf_counter() - started
         return planned.stats
 
@@ -535,20 +552,27 @@ class Sink:
                 fact.amount, live, version)
 
     def _subjects(self, new_doses: dict[str, dict[str, tuple]], voids_of: dict[str, dict[str, int]], version: int,
-                  point_rows: list[tuple]) -> list[tuple]:
+                  point_rows: list[tuple], completed: int, writing: Planned | None) -> list[tuple]:
         if not new_doses:
             return []
         if self._known.full():
             self._known = SubjectFilter(self.store)
         known = self._known
-        stored = {
-            r[0]: r
-            for r in self._select_in(
-                "SELECT subject_id, version, dose_ids, dose_ms, dose_province, dose_janssen, dose_void_ms, "
-                "ever_ms, ever_kind, ever_province, ever_delta FROM subjects FINAL WHERE subject_id IN %(ids)s",
-                sorted(s for s in new_doses if known.may_contain(s)),
-            )
-        }
+        # The latest version of each row, picked here rather than with FINAL, which merges
+        # every part's ranges on one thread and took twice as long (a version is written
+        # with one content only, so equal versions are equal rows).
+        stored: dict[str, tuple] = {}
+        for r in self._select_in(
+            "SELECT subject_id, version, dose_ids, dose_ms, dose_province, dose_janssen, dose_void_ms, "
+            "ever_ms, ever_kind, ever_province, ever_delta FROM subjects WHERE subject_id IN %(ids)s",
+            sorted(s for s in new_doses if known.may_contain(s)),
+        ):
+            if r[0] not in stored or r[1] > stored[r[0]][1]:
+                stored[r[0]] = r
+        if writing is not None:  # newer than anything read (which may or may not show them yet)
+            for r in writing.subjects:
+                if r[0] in new_doses:
+                    stored[r[0]] = r
         rows = []
         add_point = point_rows.append
         for subject, added in new_doses.items():
@@ -560,7 +584,7 @@ class Sink:
                 _, row_version, ids, ms, provs, janssen, void_ms, e_ms, e_kind, e_prov, e_delta = row
                 doses = {i: [t, p, j, v] for i, t, p, j, v in zip(ids, ms, provs, janssen, void_ms)}
                 ever = set(zip(e_ms, e_kind, e_prov, e_delta))
-                complete = row_version <= self._completed
+                complete = row_version <= completed or (writing is not None and row_version == writing.version)
             if row is None and len(added) == 1:
                 (eid, fact), = added.items()
                 if not voids_of.get(eid):  # a first dose, not voided: the common case, without the general machinery
@@ -627,6 +651,35 @@ class Sink:
 # -- Kafka → Sink ---------------------------------------------------------------------------------
 
 
+# -- the decoding process ------------------------------------------------------------------------
+
+_decoder_router = None
+
+
+def _start_decoder(registry_url: str) -> None:
+    global _decoder_router
+    from schemas.codec import Codec
+    from schemas.registry_client import RegistryClient
+    from streams.worker import Router
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the sink stops it, on its own schedule
+    _decoder_router = Router(Codec(RegistryClient(registry_url)))
+
+
+def decode_and_shape(values: list[bytes], partitions: list[int], offsets: list[int]) -> tuple[bytes, int]:
+    """In the decoding process: raw messages → (the pickled shape() of the good ones, how many were good).
+
+    Pickled here so that the sink unpickles it on its own thread with the
+    collector paused, not on the executor's result thread."""
+    with collector_paused():
+        good, _bad = _decoder_router.split(values)  # the worker dead-letters the bad ones, with the reason
+        shaped = shape([(partitions[i], offsets[i], ev) for i, ev in good], _REGIONS)
+        return pickle.dumps((tuple(shaped), shaped.skipped), protocol=pickle.HIGHEST_PROTOCOL), len(good)
+
+
+_REGIONS = {code: p.region for code, p in provinces().items()}
+
+
 class Runner:
     """The consumer loop: poll, batch, decode, Sink.process, commit; back-pressure while ClickHouse is down.
 
@@ -648,14 +701,9 @@ class Runner:
         rollup_every_s: float = ROLLUP_EVERY_S,
         ready_file=None,
     ):
-        from schemas.codec import Codec
-        from schemas.registry_client import RegistryClient
-        from streams.worker import Router
-
         self.settings, self.sink, self.group = settings, sink, group
         self.batch_rows, self.max_rows = batch_rows, max(max_rows, batch_rows)
         self.within_s, self.rollup_every_s = within_s, rollup_every_s
-        self.router = Router(Codec(RegistryClient(settings.registry_url)))
         self.ready_file = ready_file
         self.stop_event = threading.Event()
         self.processed = 0
@@ -663,6 +711,9 @@ class Runner:
         self.retries = 0
         self._buffer: list = []
         self._paused = False
+        self._decoder = None  # the decoding process (a ProcessPoolExecutor of one)
+        # batches cut from the buffer, in log order: (future, values, partitions, offsets, to commit, messages)
+        self._decoding: collections.deque = collections.deque()
         self._writing: tuple | None = None  # (future, Planned, offsets to commit, messages): the batch in flight
 
     def _consumer(self):
@@ -715,14 +766,15 @@ class Runner:
 
         consumer = self._consumer()
         consumer.subscribe([TOPIC_EVENTS], on_assign=self._on_assign, on_revoke=self._on_revoke)
-        # One writer thread: batch k's inserts (mostly ClickHouse's own work, outside the GIL)
-        # overlap with fetching, decoding and shaping batch k+1 on this thread.
+        # Three stages at once, in log order: the decoding process decodes and shapes batch k+2,
+        # this thread plans batch k+1, the writer thread writes batch k (mostly ClickHouse's
+        # own work, outside the GIL).
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nhdp-sink-write")
         first_at = None
         try:
             while not self.stop_event.is_set():
                 wait_s = self.within_s if first_at is None else max(0.0, first_at + self.within_s - time.monotonic())
-                if self._writing is not None:  # commit the batch in flight soon after it is written
+                if self._decoding or self._writing is not None:  # move them on soon after they are done
                     wait_s = min(wait_s, 0.05)
                 # returns when the batch is full or the wait is over, whichever comes first
                 polled = self._take(consumer, self.batch_rows - len(self._buffer), wait_s)
@@ -738,36 +790,80 @@ class Runner:
                         break
                 due = first_at is not None and time.monotonic() - first_at >= self.within_s
                 if self._buffer and (full or due):
-                    self._flush(consumer, writer)
+                    self._cut()
                     first_at = None
-                elif self._writing is not None and (self._writing[0].done() or not self._buffer):
+                # one batch decoding while the one before it is planned; all of them once the log is quiet
+                while self._decoding and (len(self._decoding) > DECODERS or self._decoding[0][0].done() or not polled):
+                    self._advance(consumer, writer)
+                if self._writing is not None and not self._decoding and (self._writing[0].done() or not polled):
                     self._finish(consumer)
-                if (not self._buffer and self._writing is None
+                if (not self._buffer and not self._decoding and self._writing is None
                         and (not polled or time.monotonic() - self.sink.last_rollup > self.rollup_every_s)):
                     self._with_retry(consumer, lambda: self.sink.refresh_rollups(
                         doses_every_s=DOSES_EVERY_S if polled else 0.0))
+            # Stopping: the batch being written is finished and committed; the ones still being
+            # decoded were not committed and will be delivered again.
             self._finish(consumer)
         finally:
             writer.shutdown(wait=True)
+            if self._decoder is not None:
+                self._decoder.shutdown(wait=True, cancel_futures=True)
+                self._decoder = None
+            self._decoding.clear()
             consumer.close()
 
-    def _flush(self, consumer, writer) -> None:
-        """Decode and shape the buffer, then (once the batch in flight is written and committed)
-        plan it and hand its write to the writer thread."""
+    def _decoder_pool(self):
+        if self._decoder is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn, not fork: this process runs librdkafka's and the writer's threads
+            self._decoder = ProcessPoolExecutor(
+                max_workers=DECODERS, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_decoder, initargs=(self.settings.registry_url,))
+        return self._decoder
+
+    def _cut(self) -> None:
+        """The buffer becomes a batch, sent to the decoding process."""
         records, self._buffer = self._buffer, []
-        # Decoding and shaping allocate a few objects per field and free none of them
+        values = [r.value() for r in records]
+        partitions = [r.partition() for r in records]
+        offsets = [r.offset() for r in records]
+        commit: dict[int, int] = {}
+        for p, o in zip(partitions, offsets):
+            if o >= commit.get(p, -1):
+                commit[p] = o + 1
+        future = self._decoder_pool().submit(decode_and_shape, values, partitions, offsets)
+        self._decoding.append((future, values, partitions, offsets, commit, len(records)))
+
+    def _advance(self, consumer, writer) -> None:
+        """The oldest batch being decoded: wait for it, plan it, and once the batch in flight is
+        written and committed, hand its write to the writer thread."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        future, values, partitions, offsets, commit, count = self._decoding.popleft()
+        attempt = [future]
+
+        def decoded():
+            pending, attempt[0] = attempt[0], None
+            try:
+                return (pending or self._decoder_pool().submit(decode_and_shape, values, partitions, offsets)).result()
+            except BrokenProcessPool as exc:  # it died (killed, out of memory): a new one decodes it again
+                self._decoder = None
+                raise OSError(f"the sink's decoding process died: {exc}") from exc
+
+        data, good = self._with_retry(consumer, decoded)
+        # Unpickling and planning allocate a few objects per field and free none of them
         # until the batch is written: full collections would only rescan them.
         with collector_paused():
-            good, _bad = self._with_retry(consumer, lambda: self.router.split([r.value() for r in records]))
-            shaped = shape([(records[i].partition(), records[i].offset(), ev) for i, ev in good], self.sink._regions)
-            self._finish(consumer)  # plan reads what the batch in flight writes
-            planned = self._with_retry(consumer, lambda: self.sink.plan(shaped, len(good)))
-        offsets: dict[int, int] = {}
-        for r in records:
-            p, o = r.partition(), r.offset()
-            if o >= offsets.get(p, -1):
-                offsets[p] = o + 1
-        self._writing = (writer.submit(self._write, planned), planned, offsets, len(records))
+            parts, skipped = pickle.loads(data)
+            shaped = Shaped(parts)
+            shaped.skipped = skipped
+            # planned while the batch before it is written: what it writes is taken from memory
+            writing = self._writing[1] if self._writing is not None else None
+            planned = self._with_retry(consumer, lambda: self.sink.plan(shaped, good, writing))
+            self._finish(consumer)  # writes go one batch at a time, in log order
+        self._writing = (writer.submit(self._write, planned), planned, commit, count)
 
     def _write(self, planned: Planned) -> BatchStats:
         with collector_paused():
