@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     clickhouse_port: int = 9500
     clickhouse_http_port: int = 8523
     clickhouse_db: str = "nhdp"
+    # Processes the ClickHouse sink decodes Avro in, beside its own (projections/sink.py).
+    sink_decoders: int = Field(default=2, ge=1)
 
     registry_host: str = "127.0.0.1"
     registry_port: int = 8081

@@ -117,7 +117,8 @@ GROUP = "nhdp-analytics"
 BATCH_ROWS = 10_000  # a batch is written once it has this many messages…
 BATCH_WITHIN_S = 1.0  # …or this long after its first one
 MAX_BATCH_ROWS = 50_000  # while catching up, what is already fetched joins the batch, up to this
-DECODERS = int(os.environ.get("NHDP_SINK_DECODERS", "2"))
+QUIET_S = 0.2  # no message for this long: the batches in the pipeline are finished and committed
+RECENT_FACTS = 200_000  # facts kept in memory for the voids that follow them (~50 MB)
 ROLLUP_EVERY_S = 5.0  # recompute dirty hours at most this often while busy (always when idle)
 # doses_daily recomputes whole local days (~1.4M doses on the busiest): while busy at most
 # this often; until then a query answers the day from `events`
@@ -412,6 +413,9 @@ class Sink:
         }
         self._regions = {code: p.region for code, p in provinces().items()}
         self._known = SubjectFilter(store)
+        self._recent: dict[str, tuple] = {}  # event_id -> the fields of a Fact, of the last batches planned
+        self._recent_batches: collections.deque = collections.deque()
+        self._recent_count = 0
         self.last_rollup = self.last_doses = 0.0
         # The fence: the latest sink to start is the writer; an older one stops before its next write.
         self.instance = uuid.uuid4().hex
@@ -458,10 +462,11 @@ class Sink:
         void_targets = {t for t, _ in batch_voids.values()}
         voided_before = [e for e in facts if e in self._void_targets]
         voids_of: dict[str, dict[str, int]] = {}
+        # only a target voided before can have earlier voids: nearly always none of them
         for target, void_id, v_ms in self._select_in(
             "SELECT UUIDNumToString(target_id), UUIDNumToString(void_id), occurred_ms FROM voids "
             f"WHERE target_id IN {_IDS}",
-            sorted(void_targets | set(voided_before)),
+            sorted({t for t in void_targets if t in self._void_targets} | set(voided_before)),
         ):
             voids_of.setdefault(target, {})[void_id] = v_ms
         if writing is not None:
@@ -472,17 +477,21 @@ class Sink:
         for void_id, (target, v_ms) in batch_voids.items():
             voids_of.setdefault(target, {})[void_id] = v_ms
         targets: dict[str, Fact] = {t: Fact(*facts[t]) for t in void_targets if t in facts}
-        missing = sorted(void_targets - set(targets))
+        # A correction usually follows its target closely: the facts of the last batches this
+        # sink planned (the one being written among them) answer most targets from memory.
+        missing = []
+        for t in sorted(void_targets - set(targets)):
+            fact = self._recent.get(t)
+            if fact is not None:
+                targets[t] = Fact(*fact)
+            else:
+                missing.append(t)
         for eid, kind, t_ms, prov, subject, vaccine, number, flag, amount in self._select_in(
             "SELECT UUIDNumToString(event_id), kind, occurred_ms, province_code, subject_id, vaccine, dose_number, "
             f"flag, amount FROM event_index WHERE event_id IN {_IDS}",
             missing,
         ):
             targets[eid] = Fact(kind, t_ms, prov, subject or None, vaccine, number, flag, amount)
-        if writing is not None:  # the first arrival's content wins: only what the index has not
-            for eid in missing:
-                if eid not in targets and eid in writing.facts:
-                    targets[eid] = Fact(*writing.facts[eid])
         for eid in voided_before:
             targets[eid] = Fact(*facts[eid])
 
@@ -511,8 +520,22 @@ class Sink:
 
         stats.seconds = time.perf_counter() - started
         self._void_targets |= void_targets  # the next plan's voided_before, whether or not this is written yet
+        self._remember(facts)
         return Planned(version, sorted(hours), event_rows, void_rows, index_rows, subject_rows, point_rows,
                        facts, batch_voids, stats)
+
+    def _remember(self, facts: dict[str, tuple]) -> None:
+        """Keep the facts of the last batches, about RECENT_FACTS of them (oldest batch dropped first)."""
+        self._recent_batches.append(facts)
+        for f in facts:
+            self._recent.setdefault(f, facts[f])  # the first arrival's content, as the index keeps
+        self._recent_count += len(facts)
+        while self._recent_count > RECENT_FACTS and len(self._recent_batches) > 1:
+            old = self._recent_batches.popleft()
+            self._recent_count -= len(old)
+            for f, fact in old.items():
+                if self._recent.get(f) is fact:
+                    del self._recent[f]
 
     def write(self, planned: Planned) -> BatchStats:
         """3. write: dirty marks first, then the data, then the completion record.
@@ -664,6 +687,14 @@ def _start_decoder(registry_url: str) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the sink stops it, on its own schedule
     _decoder_router = Router(Codec(RegistryClient(registry_url)))
+    parent = os.getppid()
+
+    def orphaned() -> None:  # a sink killed outright cannot stop it: leave with it
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=orphaned, name="nhdp-sink-decoder-parent", daemon=True).start()
 
 
 def decode_and_shape(values: list[bytes], partitions: list[int], offsets: list[int]) -> tuple[bytes, int]:
@@ -770,7 +801,10 @@ class Runner:
         # this thread plans batch k+1, the writer thread writes batch k (mostly ClickHouse's
         # own work, outside the GIL).
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nhdp-sink-write")
+        for _ in range(self.settings.sink_decoders):  # start them now, while the group forms, not with the first batch
+            self._decoder_pool().submit(int)
         first_at = None
+        last_polled = 0.0
         try:
             while not self.stop_event.is_set():
                 wait_s = self.within_s if first_at is None else max(0.0, first_at + self.within_s - time.monotonic())
@@ -792,10 +826,15 @@ class Runner:
                 if self._buffer and (full or due):
                     self._cut()
                     first_at = None
-                # one batch decoding while the one before it is planned; all of them once the log is quiet
-                while self._decoding and (len(self._decoding) > DECODERS or self._decoding[0][0].done() or not polled):
+                if polled:
+                    last_polled = time.monotonic()
+                # A fetch can come back empty while catching up: only a log quiet for a while
+                # drains the pipeline, anything sooner would stall the decoders.
+                quiet = not polled and time.monotonic() - last_polled >= QUIET_S
+                # batches decoding while the one before them is planned; all of them once the log is quiet
+                while self._decoding and (len(self._decoding) > self.settings.sink_decoders or self._decoding[0][0].done() or quiet):
                     self._advance(consumer, writer)
-                if self._writing is not None and not self._decoding and (self._writing[0].done() or not polled):
+                if self._writing is not None and not self._decoding and (self._writing[0].done() or quiet):
                     self._finish(consumer)
                 if (not self._buffer and not self._decoding and self._writing is None
                         and (not polled or time.monotonic() - self.sink.last_rollup > self.rollup_every_s)):
@@ -819,7 +858,7 @@ class Runner:
 
             # spawn, not fork: this process runs librdkafka's and the writer's threads
             self._decoder = ProcessPoolExecutor(
-                max_workers=DECODERS, mp_context=multiprocessing.get_context("spawn"),
+                max_workers=self.settings.sink_decoders, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_start_decoder, initargs=(self.settings.registry_url,))
         return self._decoder
 
