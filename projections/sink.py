@@ -831,8 +831,12 @@ class Runner:
                 # A fetch can come back empty while catching up: only a log quiet for a while
                 # drains the pipeline, anything sooner would stall the decoders.
                 quiet = not polled and time.monotonic() - last_polled >= QUIET_S
-                # batches decoding while the one before them is planned; all of them once the log is quiet
-                while self._decoding and (len(self._decoding) > self.settings.sink_decoders or self._decoding[0][0].done() or quiet):
+                # One batch on per round, so that the decoders always have the next ones; all of
+                # them once the log is quiet.
+                if self._decoding and (len(self._decoding) > self.settings.sink_decoders
+                                       or self._decoding[0][0].done()):
+                    self._advance(consumer, writer)
+                while quiet and self._decoding:
                     self._advance(consumer, writer)
                 if self._writing is not None and not self._decoding and (self._writing[0].done() or quiet):
                     self._finish(consumer)
