@@ -5,7 +5,8 @@
 Each arrow, what it guarantees and why (Snuba's way of writing it down):
 
 Kafka → sink: at least once.
-    A plain kafka-python consumer in its own group (`nhdp-analytics`), with
+    A librdkafka consumer (confluent-kafka: it fetches and parses on its own
+    threads, outside the GIL) in its own group (`nhdp-analytics`), with
     auto-commit off. Offsets are committed only after ClickHouse has
     acknowledged every write of the batch, so a crash re-delivers the batch
     and never skips one. Why not a Faust agent: Faust commits the offsets of
@@ -24,7 +25,18 @@ decode: the worker's Router (codec + semantic checks) and the projector's own
     `_prepare`, so exactly the events the PostgreSQL projections count reach
     the figures. Undecodable or invalid messages are skipped here (the
     worker sends them to the DLQ, with the reason); an unreachable registry
-    is retried, never skipped.
+    is retried, never skipped. It runs in NHDP_SINK_DECODERS (2) spawned
+    processes, which return each batch pickled: decoding and shaping were
+    half of the sink's Python, and one process runs Python on one core.
+
+the pipeline: three stages at once, each in log order. The decoders decode
+    batch k+2; this process's thread plans batch k+1 (steps 1–2 below); a
+    writer thread writes batch k (step 3; mostly ClickHouse's own work, so
+    it overlaps). Planning k+1 while k is written reads ClickHouse for
+    batches up to k-1, whose writes have returned, and takes k's rows from
+    memory (Sink.plan's `writing`). Writes still go one batch at a time, and
+    k+1's offsets are committed after k's, so a crash loses only batches
+    that were never committed, which are delivered again.
 
 sink → ClickHouse: effectively once, by construction rather than by luck.
     Every write is keyed and idempotent: facts and voids collapse by
@@ -59,11 +71,13 @@ chDB: the sink process owns the folder and answers for it. chDB lets one
 Per batch, in this order (each step's writes are what the next step's
 crash recovery relies on):
 
-1. read: the voids of this batch's targets and of facts known to have been
-   voided before they arrived (an in-memory set of void targets, loaded at
-   start: this process is the only writer of `voids`), the targets' figure
-   view (`event_index`), the subject rows of every subject with a new dose or
-   a newly voided dose;
+1. read: the earlier voids of this batch's targets and of facts known to have
+   been voided before they arrived (an in-memory set of void targets, loaded
+   at start: this process is the only writer of `voids`; a target not in it
+   has none), the targets' figure view (from the last ~200,000 facts kept in
+   memory, else `event_index`), the subject rows of every subject with a new
+   dose or a newly voided dose that may have one (a Bloom filter of the
+   stored subjects: most doses are a person's first);
 2. compute retraction points, subject timelines and their points, the hours
    touched;
 3. write: hour marks (dirty) → events → voids → event_index → subjects →
@@ -421,8 +435,8 @@ class Sink:
         self.instance = uuid.uuid4().hex
         store.insert("sink_owners", ["instance", "started"], [(self.instance, self.next_version())])
 
-    def check_owner(self) -> None:
-        ((owner,),) = self.store.execute("SELECT argMax(instance, started) FROM sink_owners")
+    def check_owner(self, store: AnalyticsStore | None = None) -> None:
+        ((owner,),) = (store or self.store).execute("SELECT argMax(instance, started) FROM sink_owners")
         if owner != self.instance:
             raise SinkFenced(f"another sink ({owner}) started writing {getattr(self.store, 'url', 'this database')} "
                              "after this one; stopping: one writer per database")
@@ -537,16 +551,17 @@ class Sink:
                 if self._recent.get(f) is fact:
                     del self._recent[f]
 
-    def write(self, planned: Planned) -> BatchStats:
+    def write(self, planned: Planned, store: AnalyticsStore | None = None) -> BatchStats:
         """3. write: dirty marks first, then the data, then the completion record.
 
-        Idempotent, so a failed write is retried whole. The next batch may be
-        planned only once this has returned.
+        Idempotent, so a failed write is retried whole. `store`: another
+        connection to the same database, so that the next batch's reads need
+        not wait for these inserts (the Runner's writer thread).
         """
         started = time.perf_counter()
         version = planned.version
-        self.check_owner()
-        store = self.store
+        store = store or self.store
+        self.check_owner(store)
         store.insert("hour_marks", ["hour", "mark", "version"], [(h, 0, version) for h in planned.hours])
         store.insert("events", EVENT_COLUMNS, planned.events)
         store.insert("voids", VOID_COLUMNS, planned.voids)
@@ -580,6 +595,9 @@ class Sink:
             return []
         if self._known.full():
             self._known = SubjectFilter(self.store)
+            if writing is not None:  # its rows may not be in the table yet
+                for r in writing.subjects:
+                    self._known.add(r[0])
         known = self._known
         # The latest version of each row, picked here rather than with FINAL, which merges
         # every part's ranges on one thread and took twice as long (a version is written
@@ -712,12 +730,13 @@ _REGIONS = {code: p.region for code, p in provinces().items()}
 
 
 class Runner:
-    """The consumer loop: poll, batch, decode, Sink.process, commit; back-pressure while ClickHouse is down.
+    """The consumer loop: poll, batch, decode, plan, write, commit; back-pressure while ClickHouse is down.
 
     The consumer is librdkafka's (confluent-kafka): it fetches and parses
     record batches on its own threads, outside the GIL, so Kafka costs this
     loop ~1 µs per message instead of kafka-python's ~6 µs of pure-Python
-    parsing, and the next batch is being fetched while this one is written.
+    parsing. Batches then go through the pipeline described at the top of
+    this module: decoder processes, this thread's plan, the writer thread.
     """
 
     def __init__(
@@ -746,6 +765,7 @@ class Runner:
         # batches cut from the buffer, in log order: (future, values, partitions, offsets, to commit, messages)
         self._decoding: collections.deque = collections.deque()
         self._writing: tuple | None = None  # (future, Planned, offsets to commit, messages): the batch in flight
+        self._write_store: AnalyticsStore | None = None
 
     def _consumer(self):
         from confluent_kafka import Consumer
@@ -853,6 +873,9 @@ class Runner:
                 self._decoder.shutdown(wait=True, cancel_futures=True)
                 self._decoder = None
             self._decoding.clear()
+            if self._write_store is not None:
+                self._write_store.close()
+                self._write_store = None
             consumer.close()
 
     def _decoder_pool(self):
@@ -909,8 +932,10 @@ class Runner:
         self._writing = (writer.submit(self._write, planned), planned, commit, count)
 
     def _write(self, planned: Planned) -> BatchStats:
+        if self._write_store is None:  # its own connection: the next batch's reads need not wait for it
+            self._write_store = open_store(self.sink.store.url, purpose="nhdp sink (writer thread)")
         with collector_paused():
-            return self.sink.write(planned)
+            return self.sink.write(planned, self._write_store)
 
     def _finish(self, consumer) -> None:
         """Wait for the batch in flight; retry its write here while ClickHouse is down; then commit it."""
@@ -922,7 +947,7 @@ class Runner:
         try:
             future.result()
         except (AnalyticsStoreError, OSError):
-            self._with_retry(consumer, lambda: self.sink.write(planned))
+            self._with_retry(consumer, lambda: self._write(planned))
         finally:
             self._writing = None
         try:
