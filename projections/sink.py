@@ -701,7 +701,7 @@ def _start_decoder(registry_url: str) -> None:
     global _decoder_router
     from schemas.codec import Codec
     from schemas.registry_client import RegistryClient
-    from streams.worker import Router
+    from streams.routing import Router
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the sink stops it, on its own schedule
     _decoder_router = Router(Codec(RegistryClient(registry_url)))
@@ -839,7 +839,9 @@ class Runner:
                 if self._buffer and first_at is None:
                     first_at = time.monotonic()
                 full = len(self._buffer) >= self.batch_rows
-                while full and len(self._buffer) < self.max_rows:  # catching up: take what is already fetched
+                # Catching up: take what is already fetched, while the pipeline is busy anyway (an
+                # idle one gets the first BATCH_ROWS at once: the sooner it fills, the sooner it flows).
+                while full and len(self._buffer) < self.max_rows and (self._decoding or self._writing):
                     if not self._take(consumer, self.max_rows - len(self._buffer), 0):
                         break
                 due = first_at is not None and time.monotonic() - first_at >= self.within_s

@@ -1,0 +1,75 @@
+"""Which messages the projections may apply: decode, then the semantic checks.
+
+Shared by the stream worker (a failure goes to the DLQ) and the ClickHouse
+sink's decoder processes (a failure is skipped: the worker dead-letters it).
+Kept apart from streams.worker so that those processes need not import Faust.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from schemas.catalog import CITIZEN_EVENT_TYPES
+from schemas.codec import Codec, CodecError
+from schemas.reference import provinces
+
+# What the projector (and a uuid column) accepts: dashed, either case.
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
+
+
+def semantic_error(event: dict[str, Any]) -> str | None:
+    """Checks a decodable event must still pass; the gateway enforces them too."""
+    et = event.get("event_type")
+    event_id = event.get("event_id")
+    # Avro types a uuid only as a string: check it here, before the event is
+    # copied to a province topic, not first in the projector.
+    if not isinstance(event_id, str) or not _is_uuid(event_id):
+        return f"event_id: not a UUID: {str(event_id)[:60]!r}"
+    payload = event["payload"]
+    for name in ("voided_event_id", "dose_event_id"):
+        value = payload.get(name)
+        if value is not None and not _is_uuid(value):
+            return f"payload.{name}: not a UUID: {value[:60]!r}"
+    if event.get("province_code") not in _PROVINCES:
+        return f"province_code: unknown province {event.get('province_code')!r}"
+    if et in CITIZEN_EVENT_TYPES and not event.get("subject_id"):
+        return f"subject_id: missing on a {et}"
+    if et == "RecordVoided" and payload.get("voided_event_id") == event_id:
+        return "payload.voided_event_id: an event cannot void itself"
+    return None
+
+
+def _is_uuid(value: str) -> bool:
+    """UUID.match, without a regex: 5x faster, and it runs once or twice per event.
+    (bytes.fromhex skips whitespace between pairs, so 16 bytes from 32 characters means 32 hex digits.)"""
+    if len(value) != 36 or value[8] != "-" or value[13] != "-" or value[18] != "-" or value[23] != "-":
+        return False
+    digits = value.replace("-", "")
+    try:
+        return len(digits) == 32 and len(bytes.fromhex(digits)) == 16
+    except ValueError:
+        return False
+
+
+_PROVINCES = frozenset(provinces())  # run once per event by every worker and sink decoder
+
+
+class Router:
+    """Decide, per message, DLQ or projection; pure apart from the codec's schema cache."""
+
+    def __init__(self, codec: Codec):
+        self.codec = codec
+
+    def split(self, values: list[bytes]) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
+        good, bad = [], []
+        for i, result in enumerate(self.codec.decode_many_lenient(values)):
+            if isinstance(result, CodecError):
+                bad.append((i, f"undecodable: {result}"))
+                continue
+            reason = semantic_error(result)
+            if reason:
+                bad.append((i, f"invalid: {reason}"))
+            else:
+                good.append((i, result))
+        return good, bad
