@@ -357,8 +357,8 @@ class SubjectFilter:
     """A Bloom filter of the subjects that have a row in `subjects`: no false negatives.
 
     Most doses in a campaign are a person's first, so most subjects of a batch
-    have no stored row, and asking ClickHouse for them anyway (a FINAL read of
-    the subjects table) was a quarter of the sink's time. Only the subjects the
+    have no stored row, and asking ClickHouse for them anyway (a read of the
+    subjects table, with FINAL then) was a quarter of the sink's time. Only the subjects the
     filter may contain are read. It is loaded from the table at start and every
     subject the sink writes is added before its row is written (the sink is the
     only writer), so a subject with a row is never missed; a false positive
