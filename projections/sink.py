@@ -138,6 +138,8 @@ ROLLUP_EVERY_S = 5.0  # recompute dirty hours at most this often while busy (alw
 # this often; until then a query answers the day from `events`
 DOSES_EVERY_S = 60.0
 
+_REGIONS = {code: p.region for code, p in provinces().items()}
+
 EVENT_COLUMNS = [
     "event_id", "event_type", "kind", "occurred_at", "occurred_ms", "province_code", "region", "source",
     "subject_id", "flag", "vaccine", "dose_number", "site_id", "lot_number", "severity", "doses", "recipient",
@@ -425,7 +427,7 @@ class Sink:
         self._void_targets: set[str] = {
             t for (t,) in store.execute("SELECT DISTINCT UUIDNumToString(target_id) FROM voids")
         }
-        self._regions = {code: p.region for code, p in provinces().items()}
+        self._regions = _REGIONS
         self._known = SubjectFilter(store)
         self._recent: dict[str, tuple] = {}  # event_id -> the fields of a Fact, of the last batches planned
         self._recent_batches: collections.deque = collections.deque()
@@ -726,8 +728,6 @@ def decode_and_shape(values: list[bytes], partitions: list[int], offsets: list[i
         return pickle.dumps((tuple(shaped), shaped.skipped), protocol=pickle.HIGHEST_PROTOCOL), len(good)
 
 
-_REGIONS = {code: p.region for code, p in provinces().items()}
-
 
 class Runner:
     """The consumer loop: poll, batch, decode, plan, write, commit; back-pressure while ClickHouse is down.
@@ -897,10 +897,7 @@ class Runner:
         values = [r.value() for r in records]
         partitions = [r.partition() for r in records]
         offsets = [r.offset() for r in records]
-        commit: dict[int, int] = {}
-        for p, o in zip(partitions, offsets):
-            if o >= commit.get(p, -1):
-                commit[p] = o + 1
+        commit = dict(zip(partitions, (o + 1 for o in offsets)))  # a partition's records come in offset order
         future = self._decoder_pool().submit(decode_and_shape, values, partitions, offsets)
         self._decoding.append((future, values, partitions, offsets, commit, len(records)))
 
