@@ -817,7 +817,7 @@ class Runner:
 
         consumer = self._consumer()
         consumer.subscribe([TOPIC_EVENTS], on_assign=self._on_assign, on_revoke=self._on_revoke)
-        # Three stages at once, in log order: the decoding process decodes and shapes batch k+2,
+        # Three stages at once, in log order: the decoder processes decode and shape batch k+2,
         # this thread plans batch k+1, the writer thread writes batch k (mostly ClickHouse's
         # own work, outside the GIL).
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nhdp-sink-write")
