@@ -2,9 +2,11 @@
 
 Each service is one detached process with a pid file in `<data>/run/NAME.pid`
 and a log in `<data>/logs/NAME.log`. A pid file is trusted only if that pid is
-alive *and* its command line still carries the service's marker (normally the
-data folder), so a stale file left by a killed run, or a recycled pid, is
-detected and removed instead of being mistaken for a running service.
+alive *and* is the process that was started: same start time (recorded in the
+file), or, for files without one, a command line that still carries the
+service's marker (normally the data folder). So a stale file left by a killed
+run, or a recycled pid, is detected and removed instead of being mistaken for
+a running service.
 """
 
 from __future__ import annotations
@@ -78,22 +80,14 @@ class Managed:
     def pid(self) -> int | None:
         """The live pid of this service, or None; removes a stale pid file."""
         try:
-            pid = int(json.loads(self.pid_file.read_text())["pid"])
-        except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError):
+            record = json.loads(self.pid_file.read_text())
+            pid = int(record["pid"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError, json.JSONDecodeError):
             return None
-        if self._is_ours(pid):
+        if recorded_process(record, lambda args: self.marker in " ".join(args)) is not None:
             return pid
         self.pid_file.unlink(missing_ok=True)
         return None
-
-    def _is_ours(self, pid: int) -> bool:
-        try:
-            proc = psutil.Process(pid)
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return False
-            return self.marker in " ".join(proc.cmdline())
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            return False
 
     def status(self) -> dict:
         pid = self.pid()
@@ -146,7 +140,8 @@ class Managed:
             raise ServiceError(f"{self.name}: could not run {shlex.join(self.command)}: {exc}") from exc
         finally:
             log.close()
-        self.pid_file.write_text(json.dumps({"pid": proc.pid, "command": list(self.command)}))
+        self.pid_file.write_text(json.dumps(
+            {"pid": proc.pid, "command": list(self.command), "started": started_at(proc.pid)}))
         self._wait_ready(proc.pid, timeout_s, popen=proc)
         return proc.pid, True
 
@@ -155,7 +150,7 @@ class Managed:
         while time.monotonic() < deadline:
             if self._ready_quietly():
                 return
-            exited = popen.poll() is not None if popen else not self._is_ours(pid)
+            exited = popen.poll() is not None if popen else self.pid() != pid
             if exited:
                 self.pid_file.unlink(missing_ok=True)
                 raise self._failure("exited during start-up")
@@ -194,6 +189,40 @@ class Managed:
             pass
         self.pid_file.unlink(missing_ok=True)
         return True
+
+
+def started_at(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def recorded_process(record: dict, carries: Callable[[list[str]], bool]) -> psutil.Process | None:
+    """The live process a pid file's record names, or None if it is gone or the pid was reused.
+
+    By start time where the record has one. A command line read just after
+    Popen returns can still be empty: the kernel closes the close-on-exec pipe
+    Popen waits on before it sets the new program's arguments (seen in ~2% of
+    reads). Judged by that alone, a service just started looked dead and lost
+    its pid file, and `start` then waited for readiness until its timeout.
+    Records without a start time (older ones) fall back to `carries`, re-read
+    while the command line is empty."""
+    try:
+        proc = psutil.Process(int(record["pid"]))
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        started = record.get("started")
+        if started is not None:
+            return proc if abs(proc.create_time() - float(started)) < 0.05 else None
+        for _ in range(50):
+            args = proc.cmdline()
+            if args:
+                return proc if carries(args) else None
+            time.sleep(0.01)
+        return None
+    except (psutil.Error, ValueError, KeyError, TypeError):
+        return None
 
 
 def _kill_session(sid: int) -> None:

@@ -249,11 +249,12 @@ def end_matching(match: Callable[[list[str]], bool]) -> list[int]:
 def _recorded(pid_file: Path) -> psutil.Process | None:
     import json
 
+    from infra.process import recorded_process
+
     try:
         record = json.loads(pid_file.read_text())
-        proc = psutil.Process(int(record["pid"]))
-        return proc if proc.cmdline() == list(record["command"]) else None
-    except (OSError, ValueError, KeyError, psutil.Error):
+        return recorded_process(record, lambda args: args == list(record["command"]))
+    except (OSError, ValueError, TypeError):
         return None
 
 
