@@ -142,8 +142,8 @@ class AnalyticsStore(Protocol):
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> list[tuple]:
         """Run one statement; a SELECT's rows as tuples, [] for anything else."""
 
-    def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence]) -> int:
-        """Insert rows (one value per column, in order) in one block; returns the row count."""
+    def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence] | Block) -> int:
+        """Insert rows (one value per column, in order), or a Block of them, in one block; returns the row count."""
 
     def close(self) -> None: ...
 
@@ -277,6 +277,45 @@ def _transpose(columns: Sequence[str], rows: Sequence[Sequence]) -> list[list]:
     return [list(map(itemgetter(i), rows)) for i in range(width)]
 
 
+class Block:
+    """Rows already encoded as one Native block, in the layout chDB reads (see _NativeFormat).
+
+    The sink's decoder processes encode the rows only they produce (events,
+    event_index, voids) so that the sink process, whose one thread plans
+    every batch, neither unpickles nor encodes them. Any store's insert takes
+    one in place of rows."""
+
+    __slots__ = ("columns", "data", "rows")
+
+    def __init__(self, columns: Sequence[str], data: bytes, rows: int):
+        self.columns, self.data, self.rows = tuple(columns), data, rows
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __reduce__(self):
+        return Block, (self.columns, self.data, self.rows)
+
+
+def encode_block(columns_with_types: Sequence[tuple[str, str]], rows: Sequence[Sequence]) -> Block:
+    """rows → a Block; AnalyticsStoreError naming the column whose values don't fit its type."""
+    columns = [c for c, _ in columns_with_types]
+    try:
+        with collector_paused():
+            data = _native().encode(list(columns_with_types), _transpose(columns, rows))
+    except AnalyticsStoreError:
+        raise
+    except Exception:
+        raise AnalyticsStoreError(f"rows do not fit: {_native().explain(list(columns_with_types), rows)}") from None
+    return Block(columns, data, len(rows))
+
+
+def _rows_of(block: Block, columns: Sequence[str]) -> list[tuple]:
+    if tuple(columns) != block.columns:
+        raise AnalyticsStoreError(f"a block of columns {list(block.columns)} given for {list(columns)}")
+    return _native().decode(block.data)[1]
+
+
 _CODE = re.compile(r"Code: (\d+)")
 
 
@@ -381,9 +420,11 @@ class NativeStore:
             server_tz = self._client.connection.server_info.get_timezone()
         return _normalise(rows, [t for _, t in columns], server_tz)
 
-    def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence]) -> int:
+    def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence] | Block) -> int:
         if not rows:
             return 0
+        if isinstance(rows, Block):  # correct but not fast: the sink sends blocks to chDB only
+            rows = _rows_of(rows, columns)
         qtable, qcolumns = _insert_target(table, columns)
         sql = f"INSERT INTO {qtable} ({qcolumns}) VALUES"
         try:
@@ -654,30 +695,33 @@ class ChdbStore:
         types, rows = _native().decode(data)
         return _normalise(rows, types, None)
 
-    def _column_types(self, table: str, qtable: str) -> dict[str, str]:
+    def column_types(self, table: str, columns: Sequence[str]) -> list[tuple[str, str]]:
+        """[(column, its type)] of a table: what encode_block needs to make blocks for it."""
+        qtable, _ = _insert_target(table, columns)
         types = self._types.get(table)
         if types is None:
             rows = self.execute(f"DESCRIBE TABLE {qtable}")
             types = self._types[table] = {row[0]: row[1] for row in rows}
-        return types
-
-    def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence]) -> int:
-        if not rows:
-            return 0
-        qtable, qcolumns = _insert_target(table, columns)
-        types = self._column_types(table, qtable)
         missing = [c for c in columns if c.strip("`") not in types]
         if missing:
             raise AnalyticsStoreError(f"chDB: table {table} has no column(s) {missing}", engine=self.engine)
-        columns_with_types = [(c, types[c.strip("`")]) for c in columns]
-        try:
-            with collector_paused():
-                block = _native().encode(columns_with_types, _transpose(columns, rows))
-        except AnalyticsStoreError:
-            raise
-        except Exception:
-            why = _native().explain(columns_with_types, rows)
-            raise AnalyticsStoreError(f"chDB: rows for {table} do not fit: {why}", engine=self.engine) from None
+        return [(c, types[c.strip("`")]) for c in columns]
+
+    def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence] | Block) -> int:
+        if not rows:
+            return 0
+        qtable, qcolumns = _insert_target(table, columns)
+        if isinstance(rows, Block):
+            if tuple(columns) != rows.columns:
+                raise AnalyticsStoreError(f"chDB: a block of columns {list(rows.columns)} given for "
+                                          f"{table} {list(columns)}", engine=self.engine)
+            block = rows.data
+        else:
+            try:
+                block = encode_block(self.column_types(table, columns), rows).data
+            except AnalyticsStoreError as exc:
+                raise AnalyticsStoreError(f"chDB: rows for {table} do not fit: "
+                                          f"{str(exc).removeprefix('rows do not fit: ')}", engine=self.engine) from None
         sql = f"INSERT INTO {qtable} ({qcolumns})"
         with self._lock:
             session = self._session_or_fail()

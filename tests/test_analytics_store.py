@@ -9,6 +9,7 @@ value and type for type.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -24,7 +25,15 @@ import pytest
 
 from infra.clickhouse import config_path, ensure_database, server_binary, server_service
 from nhdp.settings import CHECKOUT, Settings
-from projections.analytics_store import OWNER_LOCK, AnalyticsStore, AnalyticsStoreError, open_store, quote, render
+from projections.analytics_store import (
+    OWNER_LOCK,
+    AnalyticsStore,
+    AnalyticsStoreError,
+    encode_block,
+    open_store,
+    quote,
+    render,
+)
 
 UTC = timezone.utc
 HCM = ZoneInfo("Asia/Ho_Chi_Minh")
@@ -330,6 +339,29 @@ def test_engines_agree(native_store, chdb_store):
         assert [[type(v) for v in row] for row in a] == [[type(v) for v in row] for row in b], sql
     for s in tables:
         s.execute("DROP TABLE agree")
+
+
+def test_a_block_encoded_in_another_process_inserts_as_its_rows(store):
+    """The sink's decoders encode rows into Native blocks and pickle them to the sink (chDB),
+    which inserts them as they are; the server store takes one too."""
+    for table in ("as_rows", "as_block"):
+        store.execute(f"DROP TABLE IF EXISTS {table}")
+        store.execute(FACTS_DDL.format(table=table))
+    types = [(c, {r[0]: r[1] for r in store.execute("DESCRIBE TABLE as_block")}[c]) for c in COLUMNS]
+    if store.engine == "chdb":
+        assert store.column_types("as_block", COLUMNS) == types
+    block = pickle.loads(pickle.dumps(encode_block(types, EVENTS)))
+    assert len(block) == len(EVENTS)
+    assert store.insert("as_block", COLUMNS, block) == len(EVENTS)
+    store.insert("as_rows", COLUMNS, EVENTS)
+    sql = "SELECT * FROM {} ORDER BY event_id"
+    assert store.execute(sql.format("as_block")) == store.execute(sql.format("as_rows"))
+    with pytest.raises(AnalyticsStoreError, match="block of columns"):
+        store.insert("as_block", list(reversed(COLUMNS)), block)
+    with pytest.raises(AnalyticsStoreError, match="column dose_number"):
+        encode_block(types, [EVENTS[0][:6] + ("two",) + EVENTS[0][7:]])
+    for table in ("as_rows", "as_block"):
+        store.execute(f"DROP TABLE {table}")
 
 
 # -- chDB ownership ----------------------------------------------------------------------
