@@ -420,13 +420,68 @@ class NativeStore:
             server_tz = self._client.connection.server_info.get_timezone()
         return _normalise(rows, [t for _, t in columns], server_tz)
 
+    def column_types(self, table: str, columns: Sequence[str]) -> list[tuple[str, str]] | None:
+        """[(column, its type)] for encode_block, or None if this connection cannot take blocks as they are."""
+        from clickhouse_driver import defines
+
+        self.execute("SELECT 1")  # connected, so the protocol revision is known
+        conn = self._client.connection
+        if conn.compression or conn.server_info.used_revision >= defines.DBMS_MIN_REVISION_WITH_CUSTOM_SERIALIZATION:
+            return None  # compressed frames, or a flag per column that a block does not have
+        qtable, _ = _insert_target(table, columns)
+        types = {r[0]: r[1] for r in self.execute(f"DESCRIBE TABLE {qtable}")}
+        missing = [c for c in columns if c.strip("`") not in types]
+        if missing:
+            raise AnalyticsStoreError(f"ClickHouse: table {table} has no column(s) {missing}", engine=self.engine)
+        return [(c, types[c.strip("`")]) for c in columns]
+
+    def _insert_block(self, sql: str, block: Block) -> int | None:
+        """Send a block's bytes as the INSERT's data packet, as Client.process_insert_query sends the
+        driver's own blocks; None if this connection cannot take it (then it goes as rows)."""
+        from clickhouse_driver import defines
+        from clickhouse_driver.block import BlockInfo, ColumnOrientedBlock
+        from clickhouse_driver.protocol import ClientPacketTypes
+        from clickhouse_driver.varint import write_varint
+        from clickhouse_driver.writer import write_binary_str
+
+        client = self._client
+        with client.disconnect_on_error(sql, None):
+            conn = client.connection
+            revision = conn.server_info.used_revision
+            if conn.compression or revision >= defines.DBMS_MIN_REVISION_WITH_CUSTOM_SERIALIZATION:
+                return None
+            conn.send_query(sql)
+            conn.send_external_tables(None)
+            client.receive_sample_block()
+            write_varint(ClientPacketTypes.DATA, conn.fout)
+            if revision >= defines.DBMS_MIN_REVISION_WITH_TEMPORARY_TABLES:
+                write_binary_str("", conn.fout)
+            if revision >= defines.DBMS_MIN_REVISION_WITH_BLOCK_INFO:
+                BlockInfo().write(conn.fout)
+            conn.fout.write(block.data)
+            client.receive_profile_events()
+            conn.send_data(ColumnOrientedBlock())  # the empty block that ends the data
+            client.receive_profile_events()
+            client.receive_end_of_insert_query()
+        return block.rows
+
     def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence] | Block) -> int:
         if not rows:
             return 0
-        if isinstance(rows, Block):  # correct but not fast: the sink sends blocks to chDB only
-            rows = _rows_of(rows, columns)
         qtable, qcolumns = _insert_target(table, columns)
         sql = f"INSERT INTO {qtable} ({qcolumns}) VALUES"
+        if isinstance(rows, Block):
+            if tuple(columns) != rows.columns:
+                raise AnalyticsStoreError(f"ClickHouse: a block of columns {list(rows.columns)} given for "
+                                          f"{table} {list(columns)}", engine=self.engine)
+            try:
+                with self._lock:
+                    done = self._insert_block(sql, rows)
+            except Exception as exc:
+                raise self._error(exc, sql) from exc
+            if done is not None:
+                return done
+            rows = _rows_of(rows, columns)
         try:
             with self._lock, collector_paused():
                 data = _transpose(columns, rows)

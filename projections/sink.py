@@ -723,8 +723,8 @@ def _start_decoder(registry_url: str) -> None:
     threading.Thread(target=orphaned, name="nhdp-sink-decoder-parent", daemon=True).start()
 
 
-# The tables whose rows only the decoders make (Shaped's first three parts): with a chDB store they
-# arrive as encoded blocks (analytics_store.Block).
+# The tables whose rows only the decoders make (Shaped's first three parts): they arrive as
+# encoded blocks (analytics_store.Block) when the store can take them.
 BLOCK_TABLES = (("events", EVENT_COLUMNS), ("event_index", INDEX_COLUMNS), ("voids", VOID_COLUMNS))
 
 
@@ -789,9 +789,10 @@ class Runner:
         self._decoding: collections.deque = collections.deque()
         self._writing: tuple | None = None  # (future, Planned, offsets to commit, messages): the batch in flight
         self._write_store: AnalyticsStore | None = None
-        # chDB takes ready-made Native blocks: the decoders encode the rows only they make
+        # The store takes ready-made Native blocks: the decoders encode the rows only they make.
         column_types = getattr(sink.store, "column_types", None)
-        self._block_types = None if column_types is None else [column_types(t, c) for t, c in BLOCK_TABLES]
+        types = [column_types(t, c) for t, c in BLOCK_TABLES] if column_types is not None else []
+        self._block_types = types if types and all(types) else None
 
     def _consumer(self):
         from confluent_kafka import Consumer

@@ -342,14 +342,13 @@ def test_engines_agree(native_store, chdb_store):
 
 
 def test_a_block_encoded_in_another_process_inserts_as_its_rows(store):
-    """The sink's decoders encode rows into Native blocks and pickle them to the sink (chDB),
-    which inserts them as they are; the server store takes one too."""
+    """The sink's decoders encode rows into Native blocks and pickle them to the sink, which
+    inserts them as they are (on the server: as the data packet of the INSERT)."""
     for table in ("as_rows", "as_block"):
         store.execute(f"DROP TABLE IF EXISTS {table}")
         store.execute(FACTS_DDL.format(table=table))
     types = [(c, {r[0]: r[1] for r in store.execute("DESCRIBE TABLE as_block")}[c]) for c in COLUMNS]
-    if store.engine == "chdb":
-        assert store.column_types("as_block", COLUMNS) == types
+    assert store.column_types("as_block", COLUMNS) == types
     block = pickle.loads(pickle.dumps(encode_block(types, EVENTS)))
     assert len(block) == len(EVENTS)
     assert store.insert("as_block", COLUMNS, block) == len(EVENTS)
