@@ -827,17 +827,17 @@ class Runner:
 
     def _take(self, consumer, n: int, timeout_s: float) -> int:
         """Up to n messages into the buffer, waiting at most timeout_s for them all; how many came."""
-        got = 0
-        for m in consumer.consume(num_messages=max(1, n), timeout=timeout_s):
-            error = m.error()
-            if error is None:
-                self._buffer.append(m)
-                got += 1
-            elif error.fatal():
-                raise RuntimeError(f"Kafka consumer failed: {error}")
-            else:  # a broker down or restarting: librdkafka retries on its own; no message is lost
-                log.warning("Kafka: %s", error)
-        return got
+        messages = consumer.consume(num_messages=max(1, n), timeout=timeout_s)
+        good = [m for m in messages if m.error() is None]
+        if len(good) < len(messages):
+            for m in messages:
+                error = m.error()
+                if error is not None and error.fatal():
+                    raise RuntimeError(f"Kafka consumer failed: {error}")
+                if error is not None:  # a broker down or restarting: librdkafka retries on its own; no message is lost
+                    log.warning("Kafka: %s", error)
+        self._buffer += good
+        return len(good)
 
     def run(self) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -887,7 +887,8 @@ class Runner:
                     self._advance(consumer, writer)
                 while quiet and self._decoding:
                     self._advance(consumer, writer)
-                if self._writing is not None and not self._decoding and (self._writing[0].done() or quiet):
+                # committed as soon as written, not when the next batch is handed to the writer
+                if self._writing is not None and (self._writing[0].done() or (quiet and not self._decoding)):
                     self._finish(consumer)
                 if (not self._buffer and not self._decoding and self._writing is None
                         and (not polled or time.monotonic() - self.sink.last_rollup > self.rollup_every_s)):
