@@ -12,8 +12,10 @@ sink: a private Kafka + PostgreSQL + registry (+ clickhouse-server) stack; a
 national simulation is published through the SDK (not timed), then the real
 Runner (poll → decode → Sink.process → commit, rollups refreshed as in
 production) consumes it from offset 0 into a fresh database of each engine,
-timed until its committed offsets reach the end of the log. Also timed: the
-write path alone (Sink.process over already decoded events).
+timed until its committed offsets reach the end of the log. Both engines'
+runs come first, each once the server has merged what the one before wrote.
+Then, also timed: decoding alone, and the write path alone (Sink.process
+over already decoded events, on one thread).
 
 queries: N synthetic events generated inside each engine by INSERT … SELECT
 from numbers() (a national campaign: per person registration, declaration,
@@ -303,15 +305,97 @@ def warm_up_group_coordinator(settings) -> None:
     consumer.close()
 
 
+def wait_for_merges(settings, timeout_s: float = 120) -> None:
+    """Until the local server runs no merge (what an earlier run wrote is merged in the background)."""
+    if not server_binary():
+        return
+    store = open_store(settings.analytics_url(), purpose="bench sink")
+    try:
+        deadline = time.monotonic() + timeout_s
+        while store.execute("SELECT count() FROM system.merges")[0][0] and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        store.close()
+
+
+def run_sink(settings, name: str, url: str, n: int) -> dict:
+    """The sink (Runner) on the whole log, from offset 0, in a fresh group and database."""
+    from projections.sink import Runner, Sink, sink_lag
+
+    store = open_store(url, purpose="bench sink")
+    try:
+        runner = Runner(settings, Sink(store), group=f"bench-{name}")
+        thread = threading.Thread(target=runner.run, daemon=True)
+        started = time.perf_counter()
+        thread.start()
+        first = None  # the first commit: the group joined, the decoders up, one batch through
+        while runner.processed < n:  # messages committed after ClickHouse acknowledged them
+            if first is None and runner.processed:
+                first = (time.perf_counter(), runner.processed)
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - started
+        sustained = (n - first[1]) / (time.perf_counter() - first[0]) if first else n / elapsed
+        assert sum(sink_lag(settings, f"bench-{name}").values()) == 0
+        runner.stop_event.set()
+        thread.join(60)
+        return {"end_to_end_rows_per_s": round(n / elapsed), "end_to_end_s": round(elapsed, 1),
+                "after_first_commit_rows_per_s": round(sustained),
+                "first_commit_s": round(first[0] - started, 1) if first else None, "retries": runner.retries}
+    finally:
+        store.close()
+
+
+def measure_parts(settings, name: str, url: str, n: int, tmp: Path) -> dict:
+    """Decoding alone, then Sink.process alone (already decoded events, one thread) into a fresh database."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from projections.sink import Sink
+    from schemas.codec import Codec
+    from schemas.registry_client import RegistryClient
+    from streams.routing import Router
+
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False,
+                             max_poll_records=20_000, fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20)
+    parts = [TopicPartition("health.events", p) for p in range(settings.kafka_partitions)]
+    consumer.assign(parts)
+    consumer.seek_to_beginning(*parts)
+    records = []
+    while len(records) < n:
+        records += [r for rs in consumer.poll(timeout_ms=2000).values() for r in rs]
+    consumer.close()
+    router = Router(Codec(RegistryClient(settings.registry_url)))
+    t = time.perf_counter()
+    decoded = []
+    for i in range(0, len(records), 10_000):
+        chunk = records[i:i + 10_000]
+        good, _ = router.split([r.value for r in chunk])
+        decoded.append([(chunk[j].partition, chunk[j].offset, ev) for j, ev in good])
+    decode_s = time.perf_counter() - t
+    wurl = (f"chdb://{tmp / 'chdb'}?database=bench_write" if name == "chdb"
+            else f"clickhouse://127.0.0.1:{settings.clickhouse_port}/bench_write")
+    with open_store(url, purpose="bench sink") as store:
+        store.execute("CREATE DATABASE IF NOT EXISTS bench_write")
+    wstore = open_store(wurl, purpose="bench sink")
+    try:
+        sink = Sink(wstore)
+        t = time.perf_counter()
+        for batch in decoded:
+            sink.process(batch)
+        write_s = time.perf_counter() - t
+        t = time.perf_counter()
+        sink.refresh_all()
+        rollup_s = time.perf_counter() - t
+    finally:
+        wstore.close()
+    return {"decode_rows_per_s": round(n / decode_s), "write_path_rows_per_s": round(n / write_s),
+            "rollups_refresh_s": round(rollup_s, 2)}
+
+
 def bench_sink(args) -> None:
     from infra import stack
     from producers.pseudonym import Pseudonymiser
     from producers.sdk import EventProducer
     from producers.simulator import simulate
-    from projections.sink import Runner, Sink, sink_lag
-    from schemas.codec import Codec
-    from schemas.registry_client import RegistryClient
-    from streams.worker import Router
 
     daily = max(1000, int(args.events / 6.4 / 3))  # ~6.4 events per planned dose in the national scenario, 3 days
     sim = simulate("national", seed=3, days=3, daily_doses=daily)
@@ -334,73 +418,20 @@ def bench_sink(args) -> None:
             print(f"published {n:,} events in {time.perf_counter() - t:.1f}s (not timed)")
             warm_up_group_coordinator(settings)
             urls = {"clickhouse": settings.analytics_url(), "chdb": f"chdb://{Path(tmp) / 'chdb'}?database=bench"}
+            if not server_binary():
+                del urls["clickhouse"]
             results = {"events": n, "machine": machine()}
+            # Every end-to-end run first, each once the server has finished merging what the run
+            # before it wrote: those merges are another database's load, not this sink's.
             for name, url in urls.items():
-                if name == "clickhouse" and not server_binary():
-                    continue
-                store = open_store(url, purpose="bench sink")
-                try:
-                    runner = Runner(settings, Sink(store), group=f"bench-{name}")
-                    thread = threading.Thread(target=runner.run, daemon=True)
-                    t = started = time.perf_counter()
-                    thread.start()
-                    first = None  # the first commit: the group joined, the decoders up, one batch through
-                    while runner.processed < n:  # messages committed after ClickHouse acknowledged them
-                        if first is None and runner.processed:
-                            first = (time.perf_counter(), runner.processed)
-                        time.sleep(0.02)
-                    elapsed = time.perf_counter() - t
-                    sustained = (n - first[1]) / (time.perf_counter() - first[0]) if first else n / elapsed
-                    assert sum(sink_lag(settings, f"bench-{name}").values()) == 0
-                    runner.stop_event.set()
-                    thread.join(60)
-                    e2e = n / elapsed
-                    # the write path alone: already decoded events into a fresh database
-                    from kafka import KafkaConsumer, TopicPartition
-
-                    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers,
-                                             enable_auto_commit=False, max_poll_records=20_000,
-                                             fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20)
-                    parts = [TopicPartition("health.events", p) for p in range(settings.kafka_partitions)]
-                    consumer.assign(parts)
-                    consumer.seek_to_beginning(*parts)
-                    records = []
-                    while len(records) < n:
-                        records += [r for rs in consumer.poll(timeout_ms=2000).values() for r in rs]
-                    consumer.close()
-                    router = Router(Codec(RegistryClient(settings.registry_url)))
-                    t = time.perf_counter()
-                    decoded = []
-                    for i in range(0, len(records), 10_000):
-                        chunk = records[i:i + 10_000]
-                        good, _ = router.split([r.value for r in chunk])
-                        decoded.append([(chunk[j].partition, chunk[j].offset, ev) for j, ev in good])
-                    decode_s = time.perf_counter() - t
-                    store.execute("CREATE DATABASE IF NOT EXISTS bench_write")
-                    wurl = (f"chdb://{Path(tmp) / 'chdb'}?database=bench_write" if name == "chdb"
-                            else f"clickhouse://127.0.0.1:{settings.clickhouse_port}/bench_write")
-                    wstore = open_store(wurl, purpose="bench sink")
-                    sink = Sink(wstore)
-                    t = time.perf_counter()
-                    for batch in decoded:
-                        sink.process(batch)
-                    write_s = time.perf_counter() - t
-                    t = time.perf_counter()
-                    sink.refresh_all()
-                    rollup_s = time.perf_counter() - t
-                    wstore.close()
-                    results[name] = {
-                        "end_to_end_rows_per_s": round(e2e), "end_to_end_s": round(elapsed, 1),
-                        "after_first_commit_rows_per_s": round(sustained),
-                        "first_commit_s": round(first[0] - started, 1) if first else None,
-                        "decode_rows_per_s": round(n / decode_s), "write_path_rows_per_s": round(n / write_s),
-                        "rollups_refresh_s": round(rollup_s, 2), "retries": runner.retries,
-                    }
-                    print(f"  {name:10s} end to end {e2e:>9,.0f} rows/s ({elapsed:.1f}s), {sustained:>9,.0f} rows/s "
-                          f"after the first commit; decode alone "
-                          f"{n / decode_s:>9,.0f} rows/s; Sink.process alone {n / write_s:>9,.0f} rows/s")
-                finally:
-                    store.close()
+                wait_for_merges(settings)
+                results[name] = run_sink(settings, name, url, n)
+            for name, url in urls.items():
+                results[name] |= measure_parts(settings, name, url, n, Path(tmp))
+                r = results[name]
+                print(f"  {name:10s} end to end {r['end_to_end_rows_per_s']:>9,} rows/s ({r['end_to_end_s']}s), "
+                      f"{r['after_first_commit_rows_per_s']:>9,} rows/s after the first commit; decode alone "
+                      f"{r['decode_rows_per_s']:>9,} rows/s; Sink.process alone {r['write_path_rows_per_s']:>9,} rows/s")
             merge_results(f"sink/{n}", results)
         finally:
             for step in reversed(steps):

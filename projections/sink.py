@@ -27,7 +27,9 @@ decode: the worker's Router (codec + semantic checks) and the projector's own
     worker sends them to the DLQ, with the reason); an unreachable registry
     is retried, never skipped. It runs in NHDP_SINK_DECODERS (2) spawned
     processes, which return each batch pickled: decoding and shaping were
-    half of the sink's Python, and one process runs Python on one core.
+    half of the sink's Python, and one process runs Python on one core. The
+    rows only they make (events, event_index, voids) come encoded as Native
+    blocks, inserted as they are.
 
 the pipeline: three stages at once, each in log order. The decoders decode
     batch k+2; this process's thread plans batch k+1 (steps 1–2 below); a
