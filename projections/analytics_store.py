@@ -297,7 +297,8 @@ class Block:
         return Block, (self.columns, self.data, self.rows)
 
 
-def encode_block(columns_with_types: Sequence[tuple[str, str]], rows: Sequence[Sequence]) -> Block:
+def encode_block(columns_with_types: Sequence[tuple[str, str]], rows: Sequence[Sequence], *,
+                 what: str = "rows", engine: str | None = None) -> Block:
     """rows → a Block; AnalyticsStoreError naming the column whose values don't fit its type."""
     columns = [c for c, _ in columns_with_types]
     try:
@@ -306,14 +307,15 @@ def encode_block(columns_with_types: Sequence[tuple[str, str]], rows: Sequence[S
     except AnalyticsStoreError:
         raise
     except Exception:
-        raise AnalyticsStoreError(f"rows do not fit: {_native().explain(list(columns_with_types), rows)}") from None
+        why = _native().explain(list(columns_with_types), rows)
+        raise AnalyticsStoreError(f"{what} do not fit: {why}", engine=engine) from None
     return Block(columns, data, len(rows))
 
 
-def _rows_of(block: Block, columns: Sequence[str]) -> list[tuple]:
+def _check_block(block: Block, table: str, columns: Sequence[str], engine: str, label: str) -> None:
     if tuple(columns) != block.columns:
-        raise AnalyticsStoreError(f"a block of columns {list(block.columns)} given for {list(columns)}")
-    return _native().decode(block.data)[1]
+        raise AnalyticsStoreError(f"{label}: a block of columns {list(block.columns)} given for "
+                                  f"{table} {list(columns)}", engine=engine)
 
 
 _CODE = re.compile(r"Code: (\d+)")
@@ -422,18 +424,24 @@ class NativeStore:
 
     def column_types(self, table: str, columns: Sequence[str]) -> list[tuple[str, str]] | None:
         """[(column, its type)] for encode_block, or None if this connection cannot take blocks as they are."""
-        from clickhouse_driver import defines
-
         self.execute("SELECT 1")  # connected, so the protocol revision is known
-        conn = self._client.connection
-        if conn.compression or conn.server_info.used_revision >= defines.DBMS_MIN_REVISION_WITH_CUSTOM_SERIALIZATION:
-            return None  # compressed frames, or a flag per column that a block does not have
+        if not self._takes_blocks():
+            return None
         qtable, _ = _insert_target(table, columns)
         types = {r[0]: r[1] for r in self.execute(f"DESCRIBE TABLE {qtable}")}
         missing = [c for c in columns if c.strip("`") not in types]
         if missing:
             raise AnalyticsStoreError(f"ClickHouse: table {table} has no column(s) {missing}", engine=self.engine)
         return [(c, types[c.strip("`")]) for c in columns]
+
+    def _takes_blocks(self) -> bool:
+        """A block is laid out as this connection's data packets are: no compressed frames, and no
+        serialization flag per column (a protocol revision before 54454, as 18.16's)."""
+        from clickhouse_driver import defines
+
+        conn = self._client.connection
+        revision = conn.server_info.used_revision
+        return not conn.compression and revision < defines.DBMS_MIN_REVISION_WITH_CUSTOM_SERIALIZATION
 
     def _insert_block(self, sql: str, block: Block) -> int | None:
         """Send a block's bytes as the INSERT's data packet, as Client.process_insert_query sends the
@@ -446,10 +454,10 @@ class NativeStore:
 
         client = self._client
         with client.disconnect_on_error(sql, None):
+            if not self._takes_blocks():
+                return None
             conn = client.connection
             revision = conn.server_info.used_revision
-            if conn.compression or revision >= defines.DBMS_MIN_REVISION_WITH_CUSTOM_SERIALIZATION:
-                return None
             conn.send_query(sql)
             conn.send_external_tables(None)
             client.receive_sample_block()
@@ -471,9 +479,7 @@ class NativeStore:
         qtable, qcolumns = _insert_target(table, columns)
         sql = f"INSERT INTO {qtable} ({qcolumns}) VALUES"
         if isinstance(rows, Block):
-            if tuple(columns) != rows.columns:
-                raise AnalyticsStoreError(f"ClickHouse: a block of columns {list(rows.columns)} given for "
-                                          f"{table} {list(columns)}", engine=self.engine)
+            _check_block(rows, table, columns, self.engine, "ClickHouse")
             try:
                 with self._lock:
                     done = self._insert_block(sql, rows)
@@ -481,7 +487,7 @@ class NativeStore:
                 raise self._error(exc, sql) from exc
             if done is not None:
                 return done
-            rows = _rows_of(rows, columns)
+            rows = _native().decode(rows.data)[1]
         try:
             with self._lock, collector_paused():
                 data = _transpose(columns, rows)
@@ -767,16 +773,11 @@ class ChdbStore:
             return 0
         qtable, qcolumns = _insert_target(table, columns)
         if isinstance(rows, Block):
-            if tuple(columns) != rows.columns:
-                raise AnalyticsStoreError(f"chDB: a block of columns {list(rows.columns)} given for "
-                                          f"{table} {list(columns)}", engine=self.engine)
+            _check_block(rows, table, columns, self.engine, "chDB")
             block = rows.data
         else:
-            try:
-                block = encode_block(self.column_types(table, columns), rows).data
-            except AnalyticsStoreError as exc:
-                raise AnalyticsStoreError(f"chDB: rows for {table} do not fit: "
-                                          f"{str(exc).removeprefix('rows do not fit: ')}", engine=self.engine) from None
+            block = encode_block(self.column_types(table, columns), rows, what=f"chDB: rows for {table}",
+                                 engine=self.engine).data
         sql = f"INSERT INTO {qtable} ({qcolumns})"
         with self._lock:
             session = self._session_or_fail()

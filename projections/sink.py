@@ -699,10 +699,7 @@ class Sink:
         return total
 
 
-# -- Kafka → Sink ---------------------------------------------------------------------------------
-
-
-# -- the decoding process ------------------------------------------------------------------------
+# -- the decoding processes -----------------------------------------------------------------------
 
 _decoder_router = None
 
@@ -753,6 +750,8 @@ def decode_and_shape(values: list[bytes], partitions: list[int], offsets: list[i
         return pickle.dumps((tuple(parts), shaped.skipped), protocol=pickle.HIGHEST_PROTOCOL), len(good)
 
 
+# -- Kafka → Sink ---------------------------------------------------------------------------------
+
 
 class Runner:
     """The consumer loop: poll, batch, decode, plan, write, commit; back-pressure while ClickHouse is down.
@@ -786,7 +785,7 @@ class Runner:
         self.retries = 0
         self._buffer: list = []
         self._paused = False
-        self._decoder = None  # the decoding process (a ProcessPoolExecutor of one)
+        self._decoder = None  # the decoding processes (a ProcessPoolExecutor of settings.sink_decoders)
         # batches cut from the buffer, in log order: (future, values, partitions, offsets, to commit, messages)
         self._decoding: collections.deque = collections.deque()
         self._writing: tuple | None = None  # (future, Planned, offsets to commit, messages): the batch in flight
@@ -922,7 +921,7 @@ class Runner:
         return self._decoder
 
     def _cut(self) -> None:
-        """The buffer becomes a batch, sent to the decoding process."""
+        """The buffer becomes a batch, sent to the decoding processes."""
         records, self._buffer = self._buffer, []
         values = [r.value() for r in records]
         partitions = [r.partition() for r in records]
@@ -1271,7 +1270,7 @@ def rebuild(settings: Settings, name: str, *, upto: dict[int, int] | None = None
     from infra.kafka import LogPrefix
     from schemas.codec import Codec
     from schemas.registry_client import RegistryClient
-    from streams.worker import Router
+    from streams.routing import Router
 
     url = replay_url(settings, name)
     _reset_database(url)

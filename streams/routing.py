@@ -7,16 +7,11 @@ Kept apart from streams.worker so that those processes need not import Faust.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from schemas.catalog import CITIZEN_EVENT_TYPES
 from schemas.codec import Codec, CodecError
 from schemas.reference import provinces
-
-# What the projector (and a uuid column) accepts: dashed, either case.
-UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
-
 
 def semantic_error(event: dict[str, Any]) -> str | None:
     """Checks a decodable event must still pass; the gateway enforces them too."""
@@ -41,7 +36,8 @@ def semantic_error(event: dict[str, Any]) -> str | None:
 
 
 def _is_uuid(value: str) -> bool:
-    """UUID.match, without a regex: 5x faster, and it runs once or twice per event.
+    """Dashed, either case, as the projector (and a uuid column) accepts; without a regex: 5x
+    faster, and it runs once or twice per event.
     (bytes.fromhex skips whitespace between pairs, so 16 bytes from 32 characters means 32 hex digits.)"""
     if len(value) != 36 or value[8] != "-" or value[13] != "-" or value[18] != "-" or value[23] != "-":
         return False
