@@ -271,7 +271,8 @@ def invalid_events() -> list[tuple[dict[str, Any], list[str]]]:
         (future, ["occurred_at: is in the future (more than 5 minutes ahead of the server clock)"]),
         (slot, ["payload.slot_end: must be after slot_start"]),
         (bad_uuid, ["event_id: not a valid UUID"]),
-        (dose(citizen_id="12345"), ["payload.citizen_id: must be a 9- or 12-digit national identity number "
+        # 10 digits: one too many, and long enough that no random event_id in the answer holds it by chance
+        (dose(citizen_id="0791234567"), ["payload.citizen_id: must be a 9- or 12-digit national identity number "
                                     "(digits only)"]),
         ("not an object", ["event: must be a JSON object, got a string"]),
     ]
