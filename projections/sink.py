@@ -802,6 +802,7 @@ class Runner:
         self._decoding: collections.deque = collections.deque()
         self._writing: tuple | None = None  # (future, Planned, offsets to commit, messages): the batch in flight
         self._write_store: AnalyticsStore | None = None
+        self._next_collection = 0.0  # run() collects garbage itself (_collect_if_due)
         # The store takes ready-made Native blocks: the decoders encode the rows only they make.
         column_types = getattr(sink.store, "column_types", None)
         types = [column_types(t, c) for t, c in BLOCK_TABLES] if column_types is not None else []
@@ -870,12 +871,10 @@ class Runner:
         # for garbage that is almost never cyclic. It runs on this loop's schedule instead.
         collecting = gc.isenabled()
         gc.disable()
-        next_collection = time.monotonic() + COLLECT_EVERY_S
+        self._next_collection = time.monotonic() + COLLECT_EVERY_S
         try:
             while not self.stop_event.is_set():
-                if time.monotonic() >= next_collection:
-                    gc.collect()
-                    next_collection = time.monotonic() + COLLECT_EVERY_S
+                self._collect_if_due()
                 wait_s = self.within_s if first_at is None else max(0.0, first_at + self.within_s - time.monotonic())
                 if self._decoding or self._writing is not None:  # move them on soon after they are done
                     wait_s = min(wait_s, 0.05)
@@ -931,6 +930,11 @@ class Runner:
                 self._write_store.close()
                 self._write_store = None
             consumer.close()
+
+    def _collect_if_due(self) -> None:
+        if time.monotonic() >= self._next_collection:
+            gc.collect()
+            self._next_collection = time.monotonic() + COLLECT_EVERY_S
 
     def _decoder_pool(self):
         if self._decoder is None:
@@ -1028,6 +1032,7 @@ class Runner:
                 if not self._paused:
                     self._paused = True
                     consumer.pause(consumer.assignment())
+                self._collect_if_due()  # a long outage keeps this loop out of run()'s
                 deadline = time.monotonic() + delay
                 while time.monotonic() < deadline and not self.stop_event.is_set():
                     # paused: nothing arrives, but rebalances are served; anything fetched before

@@ -23,6 +23,7 @@ for /v1/analytics/doses. No mocks, no timed assertions.
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import shutil
@@ -102,6 +103,7 @@ class World:
             self.chdb_runner.stop_event.set()
             self.chdb_thread.join(60)
             assert not self.chdb_thread.is_alive()
+            assert gc.isenabled(), "the Runner runs the collector itself, and must give it back when it stops"
             self.chdb_runner = self.chdb_thread = None
 
 
