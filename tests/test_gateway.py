@@ -273,7 +273,7 @@ def invalid_events() -> list[tuple[dict[str, Any], list[str]]]:
         (bad_uuid, ["event_id: not a valid UUID"]),
         # 10 digits: one too many, and long enough that no random event_id in the answer holds it by chance
         (dose(citizen_id="0791234567"), ["payload.citizen_id: must be a 9- or 12-digit national identity number "
-                                    "(digits only)"]),
+                                         "(digits only)"]),
         ("not an object", ["event: must be a JSON object, got a string"]),
     ]
 
