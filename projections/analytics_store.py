@@ -312,6 +312,15 @@ def encode_block(columns_with_types: Sequence[tuple[str, str]], rows: Sequence[S
     return Block(columns, data, len(rows))
 
 
+def _typed(types: Mapping[str, str], table: str, columns: Sequence[str], engine: str,
+           label: str) -> list[tuple[str, str]]:
+    """[(column, its type)] from a table's DESCRIBE; AnalyticsStoreError naming the columns it lacks."""
+    missing = [c for c in columns if c.strip("`") not in types]
+    if missing:
+        raise AnalyticsStoreError(f"{label}: table {table} has no column(s) {missing}", engine=engine)
+    return [(c, types[c.strip("`")]) for c in columns]
+
+
 def _check_block(block: Block, table: str, columns: Sequence[str], engine: str, label: str) -> None:
     if tuple(columns) != block.columns:
         raise AnalyticsStoreError(f"{label}: a block of columns {list(block.columns)} given for "
@@ -429,10 +438,7 @@ class NativeStore:
             return None
         qtable, _ = _insert_target(table, columns)
         types = {r[0]: r[1] for r in self.execute(f"DESCRIBE TABLE {qtable}")}
-        missing = [c for c in columns if c.strip("`") not in types]
-        if missing:
-            raise AnalyticsStoreError(f"ClickHouse: table {table} has no column(s) {missing}", engine=self.engine)
-        return [(c, types[c.strip("`")]) for c in columns]
+        return _typed(types, table, columns, self.engine, "ClickHouse")
 
     def _takes_blocks(self) -> bool:
         """A block is laid out as this connection's data packets are: no compressed frames, and no
@@ -763,10 +769,7 @@ class ChdbStore:
         if types is None:
             rows = self.execute(f"DESCRIBE TABLE {qtable}")
             types = self._types[table] = {row[0]: row[1] for row in rows}
-        missing = [c for c in columns if c.strip("`") not in types]
-        if missing:
-            raise AnalyticsStoreError(f"chDB: table {table} has no column(s) {missing}", engine=self.engine)
-        return [(c, types[c.strip("`")]) for c in columns]
+        return _typed(types, table, columns, self.engine, "chDB")
 
     def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence] | Block) -> int:
         if not rows:

@@ -124,13 +124,7 @@ from projections.analytics import (
     refresh_rollups,
     sink_url_path,
 )
-from projections.analytics_store import (
-    AnalyticsStore,
-    AnalyticsStoreError,
-    collector_paused,
-    encode_block,
-    open_store,
-)
+from projections.analytics_store import AnalyticsStore, AnalyticsStoreError, encode_block, open_store
 from projections.projector import ETYPES, VOID, _micros
 from schemas.reference import provinces
 
@@ -704,11 +698,10 @@ class Sink:
 # -- the decoding processes -----------------------------------------------------------------------
 
 _decoder_router = None
-_decoder_collects = False
 
 
 def _start_decoder(registry_url: str) -> None:
-    global _decoder_router, _decoder_collects
+    global _decoder_router
     from schemas.codec import Codec
     from schemas.registry_client import RegistryClient
     from streams.routing import Router
@@ -721,7 +714,6 @@ def _start_decoder(registry_url: str) -> None:
     gc.collect()
     gc.freeze()
     gc.disable()
-    _decoder_collects = True
     parent = os.getppid()
 
     def orphaned() -> None:  # a sink killed outright cannot stop it: leave with it
@@ -741,25 +733,23 @@ def decode_and_shape(values: list[bytes], partitions: list[int], offsets: list[i
                      block_types: Sequence[list[tuple[str, str]]] | None = None) -> tuple[bytes, int]:
     """In the decoding process: raw messages → (the pickled shape() of the good ones, how many were good).
 
-    Pickled here so that the sink unpickles it on its own thread with the
-    collector paused, not on the executor's result thread. With block_types
+    Pickled here so that the sink unpickles it on its own thread (where
+    run() keeps the collector off), not on the executor's result thread. With block_types
     (the column types of BLOCK_TABLES), those rows are sent encoded: the sink
     process plans every batch on one thread, and unpickling and encoding
     ~30 values per event there was a third of its time."""
-    if _decoder_collects:  # the last batch is gone by now: nothing to scan (_start_decoder)
-        gc.collect()
-    with collector_paused():
-        good, _bad = _decoder_router.split(values)  # the worker dead-letters the bad ones, with the reason
-        shaped = shape([(partitions[i], offsets[i], ev) for i, ev in good], _REGIONS)
-        parts = list(shaped)
-        if block_types is not None:
-            for i, types in enumerate(block_types):
-                if parts[i]:
-                    try:
-                        parts[i] = encode_block(types, parts[i])
-                    except AnalyticsStoreError:
-                        pass  # sent as rows: the sink's insert then names the column at fault
-        return pickle.dumps((tuple(parts), shaped.skipped), protocol=pickle.HIGHEST_PROTOCOL), len(good)
+    gc.collect()  # the collector is off here (_start_decoder), and the last batch is gone: nothing to scan
+    good, _bad = _decoder_router.split(values)  # the worker dead-letters the bad ones, with the reason
+    shaped = shape([(partitions[i], offsets[i], ev) for i, ev in good], _REGIONS)
+    parts = list(shaped)
+    if block_types is not None:
+        for i, types in enumerate(block_types):
+            if parts[i]:
+                try:
+                    parts[i] = encode_block(types, parts[i])
+                except AnalyticsStoreError:
+                    pass  # sent as rows: the sink's insert then names the column at fault
+    return pickle.dumps((tuple(parts), shaped.skipped), protocol=pickle.HIGHEST_PROTOCOL), len(good)
 
 
 # -- Kafka → Sink ---------------------------------------------------------------------------------
@@ -975,23 +965,19 @@ class Runner:
                 raise OSError(f"the sink's decoding process died: {exc}") from exc
 
         data, good = self._with_retry(consumer, decoded)
-        # Unpickling and planning allocate a few objects per field and free none of them
-        # until the batch is written: full collections would only rescan them.
-        with collector_paused():
-            parts, skipped = pickle.loads(data)
-            shaped = Shaped(parts)
-            shaped.skipped = skipped
-            # planned while the batch before it is written: what it writes is taken from memory
-            writing = self._writing[1] if self._writing is not None else None
-            planned = self._with_retry(consumer, lambda: self.sink.plan(shaped, good, writing))
-            self._finish(consumer)  # writes go one batch at a time, in log order
+        parts, skipped = pickle.loads(data)
+        shaped = Shaped(parts)
+        shaped.skipped = skipped
+        # planned while the batch before it is written: what it writes is taken from memory
+        writing = self._writing[1] if self._writing is not None else None
+        planned = self._with_retry(consumer, lambda: self.sink.plan(shaped, good, writing))
+        self._finish(consumer)  # writes go one batch at a time, in log order
         self._writing = (writer.submit(self._write, planned), planned, commit, count)
 
     def _write(self, planned: Planned) -> BatchStats:
         if self._write_store is None:  # its own connection: the next batch's reads need not wait for it
             self._write_store = open_store(self.sink.store.url, purpose="nhdp sink (writer thread)")
-        with collector_paused():
-            return self.sink.write(planned, self._write_store)
+        return self.sink.write(planned, self._write_store)
 
     def _finish(self, consumer) -> None:
         """Wait for the batch in flight; retry its write here while ClickHouse is down; then commit it."""

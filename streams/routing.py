@@ -13,6 +13,7 @@ from schemas.catalog import CITIZEN_EVENT_TYPES
 from schemas.codec import Codec, CodecError
 from schemas.reference import provinces
 
+
 def semantic_error(event: dict[str, Any]) -> str | None:
     """Checks a decodable event must still pass; the gateway enforces them too."""
     et = event.get("event_type")
