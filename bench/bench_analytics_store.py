@@ -15,15 +15,15 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from infra.clickhouse import ensure_database, server_binary, server_service  # noqa: E402
-from nhdp.settings import Settings  # noqa: E402
-from projections.analytics_store import open_store  # noqa: E402
-from infra.stack import free_ports  # noqa: E402
+from infra.clickhouse import ensure_database, server_binary, server_service
+from infra.stack import free_ports
+from nhdp.settings import Settings
+from projections.analytics_store import open_store
 
 DDL = """
 CREATE TABLE IF NOT EXISTS dose_facts_bench (
@@ -34,24 +34,50 @@ CREATE TABLE IF NOT EXISTS dose_facts_bench (
 ) ENGINE = ReplacingMergeTree(version) PARTITION BY toYYYYMM(occurred_at) ORDER BY (province_code, event_id)
 """
 COLUMNS = [
-    "event_id", "event_type", "occurred_at", "local_day", "province_code", "source", "subject_id",
-    "site_id", "vaccine", "lot_number", "dose_number", "severity", "symptoms", "doses", "version",
+    "event_id",
+    "event_type",
+    "occurred_at",
+    "local_day",
+    "province_code",
+    "source",
+    "subject_id",
+    "site_id",
+    "vaccine",
+    "lot_number",
+    "dose_number",
+    "severity",
+    "symptoms",
+    "doses",
+    "version",
 ]
 
 
 def make_rows(n: int, epoch_seconds: bool) -> list[tuple]:
     rnd = random.Random(7)
-    start = datetime(2021, 8, 10, tzinfo=timezone.utc)
+    start = datetime(2021, 8, 10, tzinfo=UTC)
     vaccines = ["astrazeneca", "pfizer", "moderna", "sinopharm", "janssen"]
     rows = []
     for i in range(n):
         t = start + timedelta(seconds=i)
-        rows.append((
-            uuid.UUID(int=rnd.getrandbits(128)), "DoseAdministered", int(t.timestamp()) if epoch_seconds else t,
-            (t + timedelta(hours=7)).date(), f"{i % 63 + 1:02d}", "site-app", f"{rnd.getrandbits(256):064x}",
-            f"site-{i % 500}", vaccines[i % 5], f"LOT{i % 100}", 1 + i % 2, None if i % 3 else "mild",
-            ["fever"] if i % 5 == 0 else [], 0, i,
-        ))
+        rows.append(
+            (
+                uuid.UUID(int=rnd.getrandbits(128)),
+                "DoseAdministered",
+                int(t.timestamp()) if epoch_seconds else t,
+                (t + timedelta(hours=7)).date(),
+                f"{i % 63 + 1:02d}",
+                "site-app",
+                f"{rnd.getrandbits(256):064x}",
+                f"site-{i % 500}",
+                vaccines[i % 5],
+                f"LOT{i % 100}",
+                1 + i % 2,
+                None if i % 3 else "mild",
+                ["fever"] if i % 5 == 0 else [],
+                0,
+                i,
+            )
+        )
     return rows
 
 
@@ -67,8 +93,6 @@ def bench(store, rows: list[tuple], batch: int) -> float:
     return len(rows) / elapsed
 
 
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
@@ -81,7 +105,9 @@ def main() -> None:
         service = None
         if server_binary():
             tcp, http = free_ports(2)
-            settings = Settings(data_dir=Path(tmp) / "data", clickhouse_url=None, clickhouse_port=tcp, clickhouse_http_port=http)
+            settings = Settings(
+                data_dir=Path(tmp) / "data", clickhouse_url=None, clickhouse_port=tcp, clickhouse_http_port=http
+            )
             service = server_service(settings)
             started = time.perf_counter()
             service.start(timeout_s=60)

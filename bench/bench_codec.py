@@ -20,20 +20,21 @@ import random
 import sys
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import fastavro  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: E402
-from rich.table import Table  # noqa: E402
+import fastavro
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
-from schemas import catalog  # noqa: E402
-from schemas.codec import Codec  # noqa: E402
-from schemas.models import VACCINES, to_avro_record, validate_event  # noqa: E402
-from schemas.registry_client import RegistryClient  # noqa: E402
+from schemas import catalog
+from schemas.codec import Codec
+from schemas.models import VACCINES, to_avro_record, validate_event
+from schemas.registry_client import RegistryClient
 
 EVENT_TYPE = "DoseAdministered"
 console = Console()
@@ -65,17 +66,18 @@ def realistic_records(n: int, seed: int = 7) -> list[tuple[str, dict[str, Any]]]
         }
         validated, errors = validate_event(ev)
         assert validated is not None, errors
-        subject = "%064x" % rng.getrandbits(256)
+        subject = f"{rng.getrandbits(256):064x}"
         out.append((EVENT_TYPE, to_avro_record(validated, subject)))
     return out
 
 
 def batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def measure(label: str, fn: Callable[[Sequence[Any]], Any], items: Sequence[Any], batch: int, repeat: int,
-            progress: Progress) -> tuple[float, list[Any]]:
+def measure(
+    label: str, fn: Callable[[Sequence[Any]], Any], items: Sequence[Any], batch: int, repeat: int, progress: Progress
+) -> tuple[float, list[Any]]:
     """Best events/s over repeat runs of fn on each batch; also the last run's output."""
     chunks = batches(items, batch)
     best = 0.0
@@ -134,8 +136,11 @@ def confluent_pair(url: str) -> tuple[Callable, Callable] | None:
     import json
 
     client = SchemaRegistryClient({"url": url})
-    ser = AvroSerializer(client, json.dumps(catalog.current_schema(EVENT_TYPE)),
-                         conf={"subject.name.strategy": topic_record_subject_name_strategy})
+    ser = AvroSerializer(
+        client,
+        json.dumps(catalog.current_schema(EVENT_TYPE)),
+        conf={"subject.name.strategy": topic_record_subject_name_strategy},
+    )
     des = AvroDeserializer(client)
     ctx = SerializationContext(catalog.TOPIC, MessageField.VALUE)
 
@@ -166,8 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         where = "not pinned"
 
-    console.print(f"[bold]NHDP codec benchmark[/]: {args.events:,} {EVENT_TYPE} events, batches of "
-                  f"{args.batch:,}, best of {args.repeat}, one core ({where}), Python {sys.version.split()[0]}")
+    console.print(
+        f"[bold]NHDP codec benchmark[/]: {args.events:,} {EVENT_TYPE} events, batches of "
+        f"{args.batch:,}, best of {args.repeat}, one core ({where}), Python {sys.version.split()[0]}"
+    )
     with console.status("building realistic events (validate + to_avro_record)"):
         records = realistic_records(args.events)
 
@@ -185,23 +192,39 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[tuple[str, str, float, str]] = []
     columns = (TextColumn("{task.description:<44}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        enc_rate, encoded = measure("nhdp Codec.encode_many", codec.encode_many, records, args.batch,
-                                    args.repeat, progress)
-        dec_rate, decoded = measure("nhdp Codec.decode_many", codec.decode_many, encoded, args.batch,
-                                    args.repeat, progress)
+        enc_rate, encoded = measure(
+            "nhdp Codec.encode_many", codec.encode_many, records, args.batch, args.repeat, progress
+        )
+        dec_rate, decoded = measure(
+            "nhdp Codec.decode_many", codec.decode_many, encoded, args.batch, args.repeat, progress
+        )
         if not args.logical_types:
             assert decoded == [r for _, r in records], "decode_many did not return the encoded records"
         size = sum(map(len, encoded)) / len(encoded)
-        rows += [("nhdp Codec", "encode_many", enc_rate, f"{size:.0f} B/event"),
-                 ("nhdp Codec", "decode_many", dec_rate, "ints/str" if not args.logical_types else "datetime/UUID")]
+        rows += [
+            ("nhdp Codec", "encode_many", enc_rate, f"{size:.0f} B/event"),
+            ("nhdp Codec", "decode_many", dec_rate, "ints/str" if not args.logical_types else "datetime/UUID"),
+        ]
 
         if not args.no_reference:
-            rate, fa_encoded = measure("fastavro schemaless_writer (per message)", fastavro_encoder(ids), records,
-                                       args.batch, args.repeat, progress)
+            rate, fa_encoded = measure(
+                "fastavro schemaless_writer (per message)",
+                fastavro_encoder(ids),
+                records,
+                args.batch,
+                args.repeat,
+                progress,
+            )
             assert fa_encoded == encoded, "fastavro and the codec disagree on the bytes"
             rows.append(("fastavro", "schemaless_writer", rate, "same bytes"))
-            rate, _ = measure("fastavro schemaless_reader (per message)", fastavro_decoder(), encoded,
-                              args.batch, args.repeat, progress)
+            rate, _ = measure(
+                "fastavro schemaless_reader (per message)",
+                fastavro_decoder(),
+                encoded,
+                args.batch,
+                args.repeat,
+                progress,
+            )
             rows.append(("fastavro", "schemaless_reader", rate, "datetime/UUID"))
 
             if args.registry:
@@ -209,11 +232,13 @@ def main(argv: list[str] | None = None) -> int:
                 if pair is None:
                     console.print("[yellow]confluent-kafka is not importable: no reference row for it[/]")
                 else:
-                    rate, ck_encoded = measure("confluent-kafka AvroSerializer", pair[0], records, args.batch,
-                                               args.repeat, progress)
+                    rate, ck_encoded = measure(
+                        "confluent-kafka AvroSerializer", pair[0], records, args.batch, args.repeat, progress
+                    )
                     rows.append(("confluent-kafka", "AvroSerializer", rate, ""))
-                    rate, _ = measure("confluent-kafka AvroDeserializer", pair[1], encoded, args.batch,
-                                      args.repeat, progress)
+                    rate, _ = measure(
+                        "confluent-kafka AvroDeserializer", pair[1], encoded, args.batch, args.repeat, progress
+                    )
                     rows.append(("confluent-kafka", "AvroDeserializer (our bytes)", rate, "datetime/UUID"))
                     # A stock deserializer must read what the codec writes and the other way round.
                     pair[1](encoded[:100])
@@ -232,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table)
     target = 150_000
     ok = enc_rate >= target and dec_rate >= target
-    console.print(("[green]" if ok else "[red]") + f"target {target:,}/s each way: "
-                  f"{'met' if ok else 'NOT met'} (encode {enc_rate:,.0f}/s, decode {dec_rate:,.0f}/s)[/]")
+    console.print(
+        ("[green]" if ok else "[red]") + f"target {target:,}/s each way: "
+        f"{'met' if ok else 'NOT met'} (encode {enc_rate:,.0f}/s, decode {dec_rate:,.0f}/s)[/]"
+    )
     return 0
 
 

@@ -33,12 +33,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import orjson  # noqa: E402
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
-from rich.table import Table  # noqa: E402
+import orjson
+from bench_sdk import console, machine, own_stack
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-from bench_sdk import console, machine, own_stack  # noqa: E402
-from nhdp.settings import Settings  # noqa: E402
+from nhdp.settings import Settings
 
 LOAD = Path(__file__).resolve().parent / "load_gateway.py"
 TARGET = 10_000
@@ -53,8 +53,9 @@ def percentile(values: list[float], q: float) -> float:
 
 def server_process(url: str):
     """The local process listening on the API's port (psutil), or None."""
-    import psutil
     from urllib.parse import urlsplit
+
+    import psutil
 
     port = urlsplit(url).port
     try:
@@ -78,7 +79,12 @@ def run_load(url: str, label: str, *args: str, seconds: float, warmup: float) ->
     server = server_process(url)
     first = last = None  # (cpu seconds, accepted) at the window's first and latest progress
     cmd = [sys.executable, str(LOAD), "--url", url, "--seconds", str(seconds), "--warmup", str(warmup), *args]
-    columns = (TextColumn("{task.description:<34}"), BarColumn(), TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
+    columns = (
+        TextColumn("{task.description:<34}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+    )
     result = None
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(label, total=warmup + seconds, info="starting the load process")
@@ -91,8 +97,11 @@ def run_load(url: str, label: str, *args: str, seconds: float, warmup: float) ->
                         last = (cpu_seconds(server), msg["accepted"])
                         first = first or last
                     rate = msg["accepted"] / max(msg["elapsed"] - warmup, 1e-9) if not msg["warmup"] else 0
-                    info = ("warming up" if msg["warmup"] else
-                            f"{msg['accepted']:,} accepted, ~{rate:,.0f}/s, {msg['errors']} errors")
+                    info = (
+                        "warming up"
+                        if msg["warmup"]
+                        else f"{msg['accepted']:,} accepted, ~{rate:,.0f}/s, {msg['errors']} errors"
+                    )
                     progress.update(task, completed=min(msg["elapsed"], warmup + seconds), info=info)
                 else:
                     result = msg
@@ -104,7 +113,8 @@ def run_load(url: str, label: str, *args: str, seconds: float, warmup: float) ->
     if proc.returncode != 0 or result is None:
         raise SystemExit(f"load process failed ({proc.returncode}):\n{proc.stderr.read().decode()[-3000:]}")
     result["server_cpu_us_per_event"] = (
-        (last[0] - first[0]) / (last[1] - first[1]) * 1e6 if first and last and last[1] > first[1] else None)
+        (last[0] - first[0]) / (last[1] - first[1]) * 1e6 if first and last and last[1] > first[1] else None
+    )
     return result
 
 
@@ -123,24 +133,49 @@ def bench(settings: Settings, args) -> int:
     console.print(f"[bold]NHDP gateway benchmark[/]: {url}, load from a separate process")
     console.print(f"machine: {machine()}")
 
-    mx = run_load(url, f"max: {args.batch:,}-event requests", "--mode", "max", "--batch", str(args.batch),
-                  "--connections", str(args.connections), seconds=args.seconds, warmup=args.warmup)
+    mx = run_load(
+        url,
+        f"max: {args.batch:,}-event requests",
+        "--mode",
+        "max",
+        "--batch",
+        str(args.batch),
+        "--connections",
+        str(args.connections),
+        seconds=args.seconds,
+        warmup=args.warmup,
+    )
     check(mx, "max")
     max_rate = mx["accepted"] / mx["seconds"]
     lat_ms = mx["latency_ms"]
-    console.print(f"max throughput: [bold]{max_rate:,.0f} events/s[/] accepted "
-                  f"({mx['requests'] / mx['seconds']:.1f} requests/s of {args.batch:,}; "
-                  f"request p50 {percentile(lat_ms, 0.5):.0f} ms, p99 {percentile(lat_ms, 0.99):.0f} ms)")
+    console.print(
+        f"max throughput: [bold]{max_rate:,.0f} events/s[/] accepted "
+        f"({mx['requests'] / mx['seconds']:.1f} requests/s of {args.batch:,}; "
+        f"request p50 {percentile(lat_ms, 0.5):.0f} ms, p99 {percentile(lat_ms, 0.99):.0f} ms)"
+    )
     cpu_us = mx["server_cpu_us_per_event"]
     if cpu_us:
-        console.print(f"gateway process CPU: [bold]{cpu_us:.0f} µs per accepted event[/] "
-                      f"(all its threads), i.e. at most ~{1e6 / cpu_us:,.0f} events/s from one fully available core; "
-                      f"it got {max_rate * cpu_us / 1e6:.0%} of a core here")
+        console.print(
+            f"gateway process CPU: [bold]{cpu_us:.0f} µs per accepted event[/] "
+            f"(all its threads), i.e. at most ~{1e6 / cpu_us:,.0f} events/s from one fully available core; "
+            f"it got {max_rate * cpu_us / 1e6:.0%} of a core here"
+        )
 
     paced_rate = max_rate / 2
-    pc = run_load(url, f"paced: {args.latency_batch}-event requests", "--mode", "paced", "--rate", f"{paced_rate:.1f}",
-                  "--batch", str(args.latency_batch), "--connections", str(args.latency_connections),
-                  seconds=args.latency_seconds, warmup=args.warmup)
+    pc = run_load(
+        url,
+        f"paced: {args.latency_batch}-event requests",
+        "--mode",
+        "paced",
+        "--rate",
+        f"{paced_rate:.1f}",
+        "--batch",
+        str(args.latency_batch),
+        "--connections",
+        str(args.latency_connections),
+        seconds=args.latency_seconds,
+        warmup=args.warmup,
+    )
     check(pc, "paced")
     achieved = pc["accepted"] / pc["seconds"]
 
@@ -151,18 +186,33 @@ def bench(settings: Settings, args) -> int:
     table.add_column("p50 ms", justify="right")
     table.add_column("p99 ms", justify="right")
     table.add_column("p99 ms from schedule", justify="right")
-    table.add_row(f"max, {args.connections} connections", f"{args.batch:,} events", f"{max_rate:,.0f}",
-                  f"{percentile(mx['latency_ms'], 0.5):.1f}", f"{percentile(mx['latency_ms'], 0.99):.1f}", "")
-    table.add_row(f"paced at {paced_rate:,.0f}/s (half of max)", f"{args.latency_batch} events", f"{achieved:,.0f}",
-                  f"{percentile(pc['latency_ms'], 0.5):.1f}", f"{percentile(pc['latency_ms'], 0.99):.1f}",
-                  f"{percentile(pc['schedule_latency_ms'], 0.99):.1f}")
+    table.add_row(
+        f"max, {args.connections} connections",
+        f"{args.batch:,} events",
+        f"{max_rate:,.0f}",
+        f"{percentile(mx['latency_ms'], 0.5):.1f}",
+        f"{percentile(mx['latency_ms'], 0.99):.1f}",
+        "",
+    )
+    table.add_row(
+        f"paced at {paced_rate:,.0f}/s (half of max)",
+        f"{args.latency_batch} events",
+        f"{achieved:,.0f}",
+        f"{percentile(pc['latency_ms'], 0.5):.1f}",
+        f"{percentile(pc['latency_ms'], 0.99):.1f}",
+        f"{percentile(pc['schedule_latency_ms'], 0.99):.1f}",
+    )
     console.print(table)
     if pc["latency_ms"]:
-        console.print(f"paced: {pc['requests']:,} requests, mean {statistics.fmean(pc['latency_ms']):.1f} ms, "
-                      f"max {max(pc['latency_ms']):.1f} ms; sends started up to {pc['behind_max_ms']:.0f} ms late")
+        console.print(
+            f"paced: {pc['requests']:,} requests, mean {statistics.fmean(pc['latency_ms']):.1f} ms, "
+            f"max {max(pc['latency_ms']):.1f} ms; sends started up to {pc['behind_max_ms']:.0f} ms late"
+        )
     ok = max_rate >= TARGET
-    console.print(("[green]" if ok else "[red]") + f"target {TARGET:,} events/s: {'met' if ok else 'NOT met'} "
-                  f"({max_rate:,.0f}/s)[/]")
+    console.print(
+        ("[green]" if ok else "[red]") + f"target {TARGET:,} events/s: {'met' if ok else 'NOT met'} "
+        f"({max_rate:,.0f}/s)[/]"
+    )
     return 0
 
 

@@ -33,17 +33,17 @@ import platform
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import psutil  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
-from rich.table import Table  # noqa: E402
+import psutil
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-from nhdp.settings import Settings  # noqa: E402
+from nhdp.settings import Settings
 
 console = Console()
 TARGET_RATE = 20_000
@@ -53,8 +53,6 @@ SEED = int(time.time()) % 1_000_000 * 100
 
 
 # -- the stack ------------------------------------------------------------------------
-
-
 
 
 @contextlib.contextmanager
@@ -75,8 +73,10 @@ def bench_stack(from_env: bool, label: str = "bench") -> Iterator[Settings]:
 def machine() -> str:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{os.cpu_count()} cores ({usable} usable), load average {load} at the start, "
-            f"Python {platform.python_version()}, {platform.machine()}")
+    return (
+        f"{os.cpu_count()} cores ({usable} usable), load average {load} at the start, "
+        f"Python {platform.python_version()}, {platform.machine()}"
+    )
 
 
 def sink_service(settings: Settings):
@@ -131,11 +131,18 @@ def preload(settings: Settings, messages: list[tuple[bytes, bytes]], progress: P
     from infra.kafka import TOPIC_EVENTS
 
     failed: list[str] = []
-    producer = Producer({
-        "bootstrap.servers": settings.kafka_bootstrap_servers, "acks": "all", "enable.idempotence": True,
-        "compression.type": "lz4", "linger.ms": 20, "batch.size": 1_000_000, "partitioner": "murmur2_random",
-        "queue.buffering.max.messages": 1_000_000,
-    })
+    producer = Producer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            "acks": "all",
+            "enable.idempotence": True,
+            "compression.type": "lz4",
+            "linger.ms": 20,
+            "batch.size": 1_000_000,
+            "partitioner": "murmur2_random",
+            "queue.buffering.max.messages": 1_000_000,
+        }
+    )
     task = progress.add_task("pre-load into health.events", total=len(messages)) if progress else None
     headers = [("source", b"bench-pipeline")]
 
@@ -186,7 +193,7 @@ def applied(conn) -> int:
             'SELECT coalesce(sum("offset" + 1), 0) FROM proj.tracking WHERE consumer_group = %s AND topic = %s',
             (GROUP, TOPIC_EVENTS),
         ).fetchone()
-    except Exception:  # noqa: BLE001 - the schema does not exist before the first worker starts
+    except Exception:
         conn.rollback()
         return 0
     return int(row[0])
@@ -264,7 +271,7 @@ def run_workers(settings: Settings, n_workers: int, backlog: int, progress: Prog
             pid, _ = svc.start(settings.start_timeout_s)
             ready.append(time.perf_counter())
             startup_cpu.append(cpu_of([pid]))  # imports and joining the group: not the pipeline's cost
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     task = progress.add_task(f"{n_workers} worker(s): apply the backlog", total=backlog)
@@ -298,12 +305,19 @@ def run_workers(settings: Settings, n_workers: int, backlog: int, progress: Prog
     first_applied = next((t for t, d in samples if d > before), t_done)
     seconds = t_done - first_ready
     return {
-        "workers": n_workers, "events": target - before, "seconds": seconds, "rate": (target - before) / seconds,
-        "start_seconds": first_ready - t0, "first_batch_seconds": first_applied - first_ready,
+        "workers": n_workers,
+        "events": target - before,
+        "seconds": seconds,
+        "rate": (target - before) / seconds,
+        "start_seconds": first_ready - t0,
+        "first_batch_seconds": first_applied - first_ready,
         "wall_seconds": t_done - t0,
         # The workers' CPU is read at the end (their own processes); the services' as a difference.
-        "cpu": {"workers": cpu1["workers"] - sum(startup_cpu), "postgres": cpu1["postgres"] - cpu0["postgres"],
-                "kafka": cpu1["kafka"] - cpu0["kafka"]},
+        "cpu": {
+            "workers": cpu1["workers"] - sum(startup_cpu),
+            "postgres": cpu1["postgres"] - cpu0["postgres"],
+            "kafka": cpu1["kafka"] - cpu0["kafka"],
+        },
     }
 
 
@@ -324,8 +338,11 @@ def plain_consumer(settings: Settings, limit: int, progress: Progress, timeout_s
 
     codec = Codec(RegistryClient(settings.registry_url))
     consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False,
-        max_poll_records=10_000, fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024,
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        enable_auto_commit=False,
+        max_poll_records=10_000,
+        fetch_max_bytes=64 * 1024 * 1024,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
     )
     try:
         tps = [TopicPartition(TOPIC_EVENTS, p) for p in sorted(consumer.partitions_for_topic(TOPIC_EVENTS))]
@@ -354,8 +371,11 @@ def freshness(settings: Settings, rate: int, seconds: float, poll_ms: int, batch
     """POST events at `rate`/s; per request, from the POST's return to its increment showing in the summary."""
     import httpx
 
-    COUNTED = {"VaccinationRegistered": "registrations", "HealthDeclarationSubmitted": "declarations",
-               "DoseAdministered": "doses_administered"}
+    COUNTED = {
+        "VaccinationRegistered": "registrations",
+        "HealthDeclarationSubmitted": "declarations",
+        "DoseAdministered": "doses_administered",
+    }
 
     def counted(summary: dict) -> int:
         return sum(summary[f] for f in COUNTED.values())
@@ -413,9 +433,14 @@ def freshness(settings: Settings, rate: int, seconds: float, poll_ms: int, batch
     latencies.sort()
     n_events = sum(len(b) for b in requests[: len(accepted)])
     return {
-        "requests": len(accepted), "events": n_events, "offered_rate": n_events / offered_seconds,
-        "p50": percentile(latencies, 0.50), "p99": percentile(latencies, 0.99),
-        "max": latencies[-1] if latencies else float("nan"), "unseen": unseen, "polls": len(samples),
+        "requests": len(accepted),
+        "events": n_events,
+        "offered_rate": n_events / offered_seconds,
+        "p50": percentile(latencies, 0.50),
+        "p99": percentile(latencies, 0.99),
+        "max": latencies[-1] if latencies else float("nan"),
+        "unseen": unseen,
+        "polls": len(samples),
     }
 
 
@@ -437,8 +462,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--freshness-batch", type=int, default=100, help="events per POST")
     ap.add_argument("--poll-ms", type=int, default=20, help="pause between summary polls")
     ap.add_argument("--timeout", type=float, default=900.0, help="deadline of each phase, seconds")
-    ap.add_argument("--settings-from-env", action="store_true",
-                    help="measure the stack named by NHDP_* instead of a private one (appends events to its log)")
+    ap.add_argument(
+        "--settings-from-env",
+        action="store_true",
+        help="measure the stack named by NHDP_* instead of a private one (appends events to its log)",
+    )
     ap.add_argument("--keep-sink", action="store_true", help="leave the ClickHouse sink running meanwhile")
     ap.add_argument("--skip-freshness", action="store_true")
     args = ap.parse_args(argv)
@@ -449,8 +477,9 @@ def main(argv: list[str] | None = None) -> int:
         sink = sink_service(settings)
         if sink is not None and not args.keep_sink:
             sink.stop()
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=console)
+        progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        )
         with progress:
             for k, n_workers in enumerate(int(w) for w in args.workers.split(",")):
                 stop_workers(settings)
@@ -460,10 +489,12 @@ def main(argv: list[str] | None = None) -> int:
                 r = results[-1]
                 progress.console.print(
                     f"{n_workers} worker(s): {r['events']:,} events in {r['seconds']:.1f}s = "
-                    f"[bold]{r['rate']:,.0f} events/s[/] (start-up {r['start_seconds']:.1f}s not counted)")
+                    f"[bold]{r['rate']:,.0f} events/s[/] (start-up {r['start_seconds']:.1f}s not counted)"
+                )
             ceiling = plain_consumer(settings, results[0]["events"], progress, args.timeout)
-            progress.console.print(f"plain consumer: {ceiling['events']:,} in {ceiling['seconds']:.1f}s = "
-                                   f"{ceiling['rate']:,.0f} events/s")
+            progress.console.print(
+                f"plain consumer: {ceiling['events']:,} in {ceiling['seconds']:.1f}s = {ceiling['rate']:,.0f} events/s"
+            )
             stop_workers(settings)
             from infra.stack import worker_service
 
@@ -472,24 +503,44 @@ def main(argv: list[str] | None = None) -> int:
                 sink.start(settings.start_timeout_s)  # the stack as it runs normally, for freshness
             fresh = None
             if not args.skip_freshness:
-                fresh = freshness(settings, args.freshness_rate, args.freshness_seconds, args.poll_ms,
-                                  args.freshness_batch, progress)
+                fresh = freshness(
+                    settings, args.freshness_rate, args.freshness_seconds, args.poll_ms, args.freshness_batch, progress
+                )
 
     table = Table(title=f"Kafka → PostgreSQL projections ({machine()})")
-    columns = ("measurement", "events", "seconds", "events/s", "vs ceiling",
-               "CPU s per 100k: worker / postgres / kafka", "target")
+    columns = (
+        "measurement",
+        "events",
+        "seconds",
+        "events/s",
+        "vs ceiling",
+        "CPU s per 100k: worker / postgres / kafka",
+        "target",
+    )
     for col in columns:
         table.add_column(col, justify="right" if col not in ("measurement", "target") else "left")
     for r in results:
         cpu = r["cpu"]
         per = 100_000 / r["events"]
         ok = "[green]met[/]" if r["rate"] >= TARGET_RATE else "[red]missed[/]"
-        table.add_row(f"{r['workers']} worker(s), caught up", f"{r['events']:,}", f"{r['seconds']:.1f}",
-                      f"{r['rate']:,.0f}", f"{r['rate'] / ceiling['rate']:.0%}",
-                      f"{cpu['workers'] * per:.1f} / {cpu['postgres'] * per:.1f} / {cpu['kafka'] * per:.1f}",
-                      f"≥ {TARGET_RATE:,}/s {ok}")
-    table.add_row("plain consumer (read + decode)", f"{ceiling['events']:,}", f"{ceiling['seconds']:.1f}",
-                  f"{ceiling['rate']:,.0f}", "100%", "", "the ceiling")
+        table.add_row(
+            f"{r['workers']} worker(s), caught up",
+            f"{r['events']:,}",
+            f"{r['seconds']:.1f}",
+            f"{r['rate']:,.0f}",
+            f"{r['rate'] / ceiling['rate']:.0%}",
+            f"{cpu['workers'] * per:.1f} / {cpu['postgres'] * per:.1f} / {cpu['kafka'] * per:.1f}",
+            f"≥ {TARGET_RATE:,}/s {ok}",
+        )
+    table.add_row(
+        "plain consumer (read + decode)",
+        f"{ceiling['events']:,}",
+        f"{ceiling['seconds']:.1f}",
+        f"{ceiling['rate']:,.0f}",
+        "100%",
+        "",
+        "the ceiling",
+    )
     console.print(table)
     if fresh:
         ok = "[green]met[/]" if fresh["p99"] <= TARGET_FRESHNESS_P99 else "[red]missed[/]"

@@ -21,18 +21,18 @@ import random
 import sys
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import psycopg  # noqa: E402
+import psycopg
 
-from projections.projector import Projector  # noqa: E402
+from projections.projector import Projector
 
 PROVINCES = [f"{c:02d}" for c in (1, 79, 48, 92, 31, 75, 74, 26, 27, 38, 40, 44, 46, 56, 60, 80, 83, 87, 89, 91)]
 VACCINES = ["astrazeneca", "pfizer", "moderna", "sinopharm", "janssen"]
-T0 = datetime(2021, 6, 1, tzinfo=timezone.utc)
+T0 = datetime(2021, 6, 1, tzinfo=UTC)
 
 
 def subject(i: int) -> str:
@@ -45,44 +45,84 @@ def generate(n: int, seed: int, n_subjects: int) -> list[dict]:
     rand = rng.random
     out: list[dict] = []
     recent: list[str] = []
-    for i in range(n):
+    for _i in range(n):
         r = rand()
         sid = subject(seed * 10_000_000 + rng.randrange(n_subjects))
         prov = PROVINCES[int(rand() * len(PROVINCES))]
         ms = int(T0.timestamp() * 1000) + rng.randrange(90 * 86_400_000)
         eid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
         if r < 0.2:
-            et, p = "HealthDeclarationSubmitted", {
-                "symptoms": ["fever"] if rand() < 0.1 else [], "contact_with_confirmed_case": False, "channel": "app"}
+            et, p = (
+                "HealthDeclarationSubmitted",
+                {"symptoms": ["fever"] if rand() < 0.1 else [], "contact_with_confirmed_case": False, "channel": "app"},
+            )
         elif r < 0.4:
-            et, p = "VaccinationRegistered", {
-                "birth_year": 1950 + rng.randrange(50), "sex": "female", "priority_group": "general", "channel": "app"}
+            et, p = (
+                "VaccinationRegistered",
+                {
+                    "birth_year": 1950 + rng.randrange(50),
+                    "sex": "female",
+                    "priority_group": "general",
+                    "channel": "app",
+                },
+            )
         elif r < 0.6:
-            et, p = "AppointmentScheduled", {
-                "appointment_id": eid[:8], "site_id": f"site-{prov}-{rng.randrange(50)}", "slot_start": ms,
-                "slot_end": ms + 1_800_000, "dose_number": 1}
+            et, p = (
+                "AppointmentScheduled",
+                {
+                    "appointment_id": eid[:8],
+                    "site_id": f"site-{prov}-{rng.randrange(50)}",
+                    "slot_start": ms,
+                    "slot_end": ms + 1_800_000,
+                    "dose_number": 1,
+                },
+            )
         elif r < 0.79:
             et, p = "CheckedIn", {"site_id": f"site-{prov}-{rng.randrange(50)}", "appointment_id": None}
         elif r < 0.97:
-            et, p = "DoseAdministered", {
-                "site_id": f"site-{prov}-{rng.randrange(50)}", "vaccine": VACCINES[int(rand() * 5)],
-                "lot_number": "L42", "dose_number": 1 + int(rand() * 2), "vaccinator_id": None}
+            et, p = (
+                "DoseAdministered",
+                {
+                    "site_id": f"site-{prov}-{rng.randrange(50)}",
+                    "vaccine": VACCINES[int(rand() * 5)],
+                    "lot_number": "L42",
+                    "dose_number": 1 + int(rand() * 2),
+                    "vaccinator_id": None,
+                },
+            )
             recent.append(eid)
             if len(recent) > 5000:
                 recent = recent[-2500:]
         elif r < 0.985:
-            et, p = "AdverseEventReported", {
-                "severity": "serious" if rand() < 0.05 else "mild", "dose_event_id": None, "symptoms": ["fever"]}
+            et, p = (
+                "AdverseEventReported",
+                {"severity": "serious" if rand() < 0.05 else "mild", "dose_event_id": None, "symptoms": ["fever"]},
+            )
         elif r < 0.995 and recent:
             et, p, sid = "RecordVoided", {"voided_event_id": rng.choice(recent), "reason": "entered in error"}, None
         else:
-            et, p, sid = "VaccineAllocated", {
-                "allocation_id": eid[:12], "vaccine": VACCINES[int(rand() * 5)], "doses": 1000 * (1 + rng.randrange(900)),
-                "recipient": "province_health"}, None
-        out.append({
-            "event_id": eid, "event_type": et, "occurred_at": ms, "province_code": prov, "source": "bench",
-            "subject_id": sid, "trace_id": None, "payload": p,
-        })
+            et, p, sid = (
+                "VaccineAllocated",
+                {
+                    "allocation_id": eid[:12],
+                    "vaccine": VACCINES[int(rand() * 5)],
+                    "doses": 1000 * (1 + rng.randrange(900)),
+                    "recipient": "province_health",
+                },
+                None,
+            )
+        out.append(
+            {
+                "event_id": eid,
+                "event_type": et,
+                "occurred_at": ms,
+                "province_code": prov,
+                "source": "bench",
+                "subject_id": sid,
+                "trace_id": None,
+                "payload": p,
+            }
+        )
     return out
 
 
@@ -104,7 +144,7 @@ def worker(dsn: str, namespace: str, partition: int, n: int, batch: int, n_subje
     start.wait()
     t0, py0, pg0 = time.perf_counter(), time.process_time(), cpu_seconds(backend)
     for i in range(0, len(msgs), batch):
-        projector.apply_batch(msgs[i:i + batch], "bench")
+        projector.apply_batch(msgs[i : i + batch], "bench")
     wall = time.perf_counter() - t0
     results.put((partition, n, wall, projector.retries, time.process_time() - py0, cpu_seconds(backend) - pg0))
     conn.close()
@@ -142,8 +182,10 @@ def run(dsn: str, batch: int, events: int, workers: int, n_subjects: int, keep: 
     ctx = mp.get_context("fork")
     start, results = ctx.Barrier(workers + 1), ctx.Queue()
     per = events // workers
-    procs = [ctx.Process(target=worker, args=(dsn, namespace, p, per, batch, n_subjects // workers, start, results))
-             for p in range(workers)]
+    procs = [
+        ctx.Process(target=worker, args=(dsn, namespace, p, per, batch, n_subjects // workers, start, results))
+        for p in range(workers)
+    ]
     for p in procs:
         p.start()
     if read_clients:
@@ -162,15 +204,21 @@ def run(dsn: str, batch: int, events: int, workers: int, n_subjects: int, keep: 
         reader.join()
         if lat:
             pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000  # noqa: E731
-            print(f"  national_summary with {read_clients} clients during the run: {len(lat)} reads, "
-                  f"p50 {pct(0.5):.1f} ms, p99 {pct(0.99):.1f} ms, max {lat[-1] * 1000:.1f} ms", flush=True)
+            print(
+                f"  national_summary with {read_clients} clients during the run: {len(lat)} reads, "
+                f"p50 {pct(0.5):.1f} ms, p99 {pct(0.99):.1f} ms, max {lat[-1] * 1000:.1f} ms",
+                flush=True,
+            )
     retries = sum(r[3] for r in out)
     py_cpu, pg_cpu = sum(r[4] for r in out), sum(r[5] for r in out)
     rate = per * workers / wall
     total = per * workers
-    print(f"batch {batch:>6}: {total:>8} events by {workers} worker(s) in {wall:6.2f}s = {rate:>8,.0f} events/s; "
-          f"CPU per 100k events: python {py_cpu / total * 1e5:.2f}s, postgres {pg_cpu / total * 1e5:.2f}s "
-          f"(= {total / (py_cpu + pg_cpu):,.0f} events per CPU-second); retried batches: {retries}", flush=True)
+    print(
+        f"batch {batch:>6}: {total:>8} events by {workers} worker(s) in {wall:6.2f}s = {rate:>8,.0f} events/s; "
+        f"CPU per 100k events: python {py_cpu / total * 1e5:.2f}s, postgres {pg_cpu / total * 1e5:.2f}s "
+        f"(= {total / (py_cpu + pg_cpu):,.0f} events per CPU-second); retried batches: {retries}",
+        flush=True,
+    )
     if not keep:
         setup.drop_schema()
     setup.close()
@@ -183,10 +231,16 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--batch-sizes", default="1000,5000,10000")
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--subjects", type=int, default=100_000, help="distinct subjects (doses per subject ≈ doses/subjects)")
+    ap.add_argument(
+        "--subjects", type=int, default=100_000, help="distinct subjects (doses per subject ≈ doses/subjects)"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the namespaces for inspection")
-    ap.add_argument("--read-clients", type=int, default=0,
-                    help="also run this many clients reading national_summary meanwhile, and report latency")
+    ap.add_argument(
+        "--read-clients",
+        type=int,
+        default=0,
+        help="also run this many clients reading national_summary meanwhile, and report latency",
+    )
     args = ap.parse_args()
     dsn = args.dsn
     if dsn is None:

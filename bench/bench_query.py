@@ -27,12 +27,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_pipeline import (  # noqa: E402
-    bench_stack, encode, machine, percentile, preload, simulated, wait_caught_up,
+from bench_pipeline import (
+    bench_stack,
+    encode,
+    machine,
+    percentile,
+    preload,
+    simulated,
+    wait_caught_up,
 )
-from rich.console import Console  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
-from rich.table import Table  # noqa: E402
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 console = Console()
 TARGET_P99_MS = 50.0
@@ -106,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
 
     console.print(f"[bold]bench_query[/]: {machine()}")
     with bench_stack(args.settings_from_env, "query") as settings:
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=console)
+        progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        )
         with progress:
             if not args.settings_from_env and args.events:
                 events = simulated(args.events, seed=int(time.time()) % 1_000_000)
@@ -118,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             summary = httpx.get(settings.api_url + PATH, timeout=30).json()
             ctx = mp.get_context("spawn")
             counter, results = ctx.Value("l", 0), ctx.Queue()
-            child = ctx.Process(target=load_generator,
-                                args=(settings.api_url, args.clients, args.requests, args.warmup, counter, results))
+            child = ctx.Process(
+                target=load_generator,
+                args=(settings.api_url, args.clients, args.requests, args.warmup, counter, results),
+            )
             task = progress.add_task(f"{args.clients} clients → GET {PATH}", total=args.requests)
             child.start()
             deadline = time.monotonic() + 900
@@ -139,13 +148,23 @@ def main(argv: list[str] | None = None) -> int:
     for col in ("requests", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors", "client CPU", "target p99"):
         table.add_column(col, justify="right")
     ok = "[green]met[/]" if ms(0.99) <= TARGET_P99_MS else "[red]missed[/]"
-    table.add_row(f"{len(latencies):,}", f"{len(latencies) / seconds:,.0f}", f"{ms(0.5):.1f}", f"{ms(0.9):.1f}",
-                  f"{ms(0.99):.1f}", f"{latencies[-1] * 1000:.1f}", str(errors),
-                  f"{client_cpu / seconds:.0%} of a core", f"≤ {TARGET_P99_MS:.0f} ms {ok}")
+    table.add_row(
+        f"{len(latencies):,}",
+        f"{len(latencies) / seconds:,.0f}",
+        f"{ms(0.5):.1f}",
+        f"{ms(0.9):.1f}",
+        f"{ms(0.99):.1f}",
+        f"{latencies[-1] * 1000:.1f}",
+        str(errors),
+        f"{client_cpu / seconds:.0%} of a core",
+        f"≤ {TARGET_P99_MS:.0f} ms {ok}",
+    )
     console.print(table)
-    console.print(f"summary served: {summary.get('doses_administered', 0):,} doses, "
-                  f"{summary.get('people_vaccinated', 0):,} people; load average at the end "
-                  f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    console.print(
+        f"summary served: {summary.get('doses_administered', 0):,} doses, "
+        f"{summary.get('people_vaccinated', 0):,} people; load average at the end "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
     return 0 if errors == 0 else 1
 
 

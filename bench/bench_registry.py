@@ -34,7 +34,10 @@ SCHEMA = {
         {"name": "event_id", "type": "string"},
         {"name": "subject_id", "type": "string"},
         {"name": "site_id", "type": "string"},
-        {"name": "vaccine", "type": {"type": "enum", "name": "Vaccine", "symbols": ["pfizer", "moderna", "astrazeneca"]}},
+        {
+            "name": "vaccine",
+            "type": {"type": "enum", "name": "Vaccine", "symbols": ["pfizer", "moderna", "astrazeneca"]},
+        },
         {"name": "dose_number", "type": "int"},
         {"name": "occurred_at", "type": {"type": "long", "logicalType": "timestamp-micros"}},
         {"name": "lot_number", "type": ["null", "string"], "default": None},
@@ -91,8 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--url", default="http://127.0.0.1:8081")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--threads", type=int, default=4)
-    ap.add_argument("--client", choices=["stdlib", "httpx"], default="stdlib",
-                    help="HTTP client of the load threads (both keep connections alive)")
+    ap.add_argument(
+        "--client",
+        choices=["stdlib", "httpx"],
+        default="stdlib",
+        help="HTTP client of the load threads (both keep connections alive)",
+    )
     ap.add_argument("--keep", action="store_true", help="leave the bench subject registered")
     args = ap.parse_args(argv)
     console = Console()
@@ -107,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         schema_id = r.json()["id"]
         for _ in range(20):  # warm the server's caches and the connection
             c.post(f"/subjects/{subject}", content=body).raise_for_status()
-    console.print(f"registry {args.url}: subject {subject}, schema id {schema_id}; "
-                  f"{args.threads} {args.client} client threads for {args.seconds:.0f}s")
+    console.print(
+        f"registry {args.url}: subject {subject}, schema id {schema_id}; "
+        f"{args.threads} {args.client} client threads for {args.seconds:.0f}s"
+    )
 
     worker = stdlib_worker if args.client == "stdlib" else httpx_worker
     path = f"/subjects/{quote(subject, safe='')}"
@@ -124,8 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     for t in threads:
         t.start()
     with Progress(
-        TextColumn("lookups"), BarColumn(), TextColumn("{task.fields[done]:>8} done  {task.fields[rate]:>7.0f}/s"),
-        TimeElapsedColumn(), console=console, transient=False,
+        TextColumn("lookups"),
+        BarColumn(),
+        TextColumn("{task.fields[done]:>8} done  {task.fields[rate]:>7.0f}/s"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
     ) as progress:
         task = progress.add_task("bench", total=args.seconds, done=0, rate=0.0)
         while any(t.is_alive() for t in threads):

@@ -31,12 +31,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_pipeline import bench_stack, encode, log_end, machine, preload, simulated, sink_service  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
-from rich.table import Table  # noqa: E402
+from bench_pipeline import bench_stack, encode, log_end, machine, preload, simulated, sink_service
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-from nhdp.settings import CHECKOUT  # noqa: E402
+from nhdp.settings import CHECKOUT
 
 console = Console()
 TARGET_RATE = 20_000
@@ -62,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
 
     console.print(f"[bold]bench_replay[/]: {machine()}")
     with bench_stack(args.settings_from_env, "replay") as settings:
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=console)
+        progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        )
         with progress:
             if not args.settings_from_env:
                 from infra.stack import worker_service
@@ -83,8 +84,14 @@ def main(argv: list[str] | None = None) -> int:
             env.update(settings.as_env())
             env["COLUMNS"] = "200"
             t0 = time.perf_counter()
-            child = subprocess.run([sys.executable, "-c", CHILD, args.name], cwd=CHECKOUT, env=env,
-                                   capture_output=True, text=True, timeout=args.timeout)
+            child = subprocess.run(
+                [sys.executable, "-c", CHILD, args.name],
+                cwd=CHECKOUT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=args.timeout,
+            )
             wall = time.perf_counter() - t0
             progress.update(task, total=1, completed=1)
         usage = next((json.loads(line[7:]) for line in child.stdout.splitlines() if line.startswith("RUSAGE ")), None)
@@ -107,12 +114,20 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(col, justify="right")
     ok_rate = "[green]met[/]" if rate >= TARGET_RATE else "[red]missed[/]"
     ok_rss = "[green]met[/]" if rss <= TARGET_RSS else "[red]missed[/]"
-    table.add_row(f"{events:,}", f"{seconds:.1f}", f"{rate:,.0f}", f"{wall:.1f}", f"{rss / 2**20:,.0f} MiB",
-                  f"{10_000_000 / rate / 60:.1f} min, same RSS",
-                  f"≥ {TARGET_RATE:,}/s {ok_rate}; ≤ 1 GiB {ok_rss}")
+    table.add_row(
+        f"{events:,}",
+        f"{seconds:.1f}",
+        f"{rate:,.0f}",
+        f"{wall:.1f}",
+        f"{rss / 2**20:,.0f} MiB",
+        f"{10_000_000 / rate / 60:.1f} min, same RSS",
+        f"≥ {TARGET_RATE:,}/s {ok_rate}; ≤ 1 GiB {ok_rss}",
+    )
     console.print(table)
-    console.print(f"log: {total:,} messages; DLQ during the replay: {rebuilt.group(3)}; load average at the end "
-                  f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    console.print(
+        f"log: {total:,} messages; DLQ during the replay: {rebuilt.group(3)}; load average at the end "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
     return 0
 
 

@@ -34,17 +34,18 @@ import platform
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rich.console import Console  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: E402
-from rich.table import Table  # noqa: E402
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
-from nhdp.settings import Settings  # noqa: E402
+from nhdp.settings import Settings
 
 console = Console()
 
@@ -60,15 +61,19 @@ def own_stack(keep_data: bool = False) -> Iterator[Settings]:
     console.print("starting a private stack (temporary folder, free ports; stopped and wiped afterwards)")
     t0 = time.perf_counter()
     with stack.private("bench", keep_data=keep_data) as settings:
-        console.print(f"private stack up in {time.perf_counter() - t0:.0f}s: Kafka {settings.kafka_bootstrap_servers}, "
-                      f"registry {settings.registry_url}, API {settings.api_url}")
+        console.print(
+            f"private stack up in {time.perf_counter() - t0:.0f}s: Kafka {settings.kafka_bootstrap_servers}, "
+            f"registry {settings.registry_url}, API {settings.api_url}"
+        )
         yield settings
 
 
 def machine() -> str:
     allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{os.cpu_count()} cores ({allowed} usable by this process), {platform.machine()}, "
-            f"Python {platform.python_version()}, load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return (
+        f"{os.cpu_count()} cores ({allowed} usable by this process), {platform.machine()}, "
+        f"Python {platform.python_version()}, load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
 
 
 # -- events -----------------------------------------------------------------------------------
@@ -133,29 +138,32 @@ class Topics:
 
 def batches(seq: Sequence, size: int) -> Iterator[Sequence]:
     for i in range(0, len(seq), size):
-        yield seq[i:i + size]
+        yield seq[i : i + size]
 
 
 def confluent_producer(bootstrap: str):
     from confluent_kafka import Producer
 
-    return Producer({
-        "bootstrap.servers": bootstrap,
-        "client.id": "nhdp-bench-confluent",
-        "partitioner": "murmur2_random",  # the Java client's (and the SDK's) choice of partition per key
-        "enable.idempotence": True,
-        "acks": "all",
-        "compression.type": "lz4",
-        "linger.ms": 5,
-        "batch.size": 512 * 1024,
-        "max.in.flight.requests.per.connection": 5,
-        "queue.buffering.max.messages": 1_000_000,
-        "queue.buffering.max.kbytes": 1_048_576,
-    })
+    return Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "client.id": "nhdp-bench-confluent",
+            "partitioner": "murmur2_random",  # the Java client's (and the SDK's) choice of partition per key
+            "enable.idempotence": True,
+            "acks": "all",
+            "compression.type": "lz4",
+            "linger.ms": 5,
+            "batch.size": 512 * 1024,
+            "max.in.flight.requests.per.connection": 5,
+            "queue.buffering.max.messages": 1_000_000,
+            "queue.buffering.max.kbytes": 1_048_576,
+        }
+    )
 
 
-def confluent_publish(producer, topic: str, keys: Sequence[bytes], values: Sequence[bytes],
-                      headers: Sequence[list[tuple[str, bytes]]]) -> None:
+def confluent_publish(
+    producer, topic: str, keys: Sequence[bytes], values: Sequence[bytes], headers: Sequence[list[tuple[str, bytes]]]
+) -> None:
     """Send one batch and wait for every delivery report, as publish_many does."""
     failed: list[str] = []
 
@@ -191,8 +199,14 @@ class AioBatches:
         self.thread.start()
 
         async def start():
-            producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
-                                        compression_type="lz4", linger_ms=5, max_batch_size=512 * 1024)
+            producer = AIOKafkaProducer(
+                bootstrap_servers=bootstrap,
+                acks="all",
+                enable_idempotence=True,
+                compression_type="lz4",
+                linger_ms=5,
+                max_batch_size=512 * 1024,
+            )
             await producer.start()
             return producer
 
@@ -257,8 +271,10 @@ def bench(settings: Settings, args) -> int:
     from schemas.models import validate_event
     from schemas.registry_client import RegistryClient
 
-    console.print(f"[bold]NHDP producer SDK benchmark[/]: {args.events:,} national-scenario events, calls of "
-                  f"{args.batch:,}, Kafka {settings.kafka_bootstrap_servers}, registry {settings.registry_url}")
+    console.print(
+        f"[bold]NHDP producer SDK benchmark[/]: {args.events:,} national-scenario events, calls of "
+        f"{args.batch:,}, Kafka {settings.kafka_bootstrap_servers}, registry {settings.registry_url}"
+    )
     console.print(f"machine: {machine()}")
     with console.status("simulating events and pre-building records"):
         events = national_events(args.events, args.seed)
@@ -285,6 +301,7 @@ def bench(settings: Settings, args) -> int:
     columns = (TextColumn("{task.description:<58}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:
         with Progress(*columns, console=console) as progress:
+
             def sdk(topic: str) -> EventProducer:
                 p = EventProducer(settings, codec=codec, source="bench", topic=topic)
                 p.publish_many(records[:200])  # connect + metadata before the clock starts
@@ -300,14 +317,24 @@ def bench(settings: Settings, args) -> int:
             if "a" in args.rows:
                 topic = topics.fresh("a")
                 p = sdk(topic)
-                checked("(a) SDK publish_json", "validate + pseudonymise + encode + send + acks", topic,
-                        lambda ix: p.publish_json(events[ix.start:ix.stop], pseudonymiser), 200)
+                checked(
+                    "(a) SDK publish_json",
+                    "validate + pseudonymise + encode + send + acks",
+                    topic,
+                    lambda ix: p.publish_json(events[ix.start : ix.stop], pseudonymiser),
+                    200,
+                )
                 p.close()
             if "b" in args.rows:
                 topic = topics.fresh("b")
                 p = sdk(topic)
-                checked("(b) SDK publish_many", "encode + send + acks (records pre-built)", topic,
-                        lambda ix: p.publish_many(records[ix.start:ix.stop]), 200)
+                checked(
+                    "(b) SDK publish_many",
+                    "encode + send + acks (records pre-built)",
+                    topic,
+                    lambda ix: p.publish_many(records[ix.start : ix.stop]),
+                    200,
+                )
                 p.close()
             if "c" in args.rows:
                 topic = topics.fresh("c")
@@ -315,8 +342,10 @@ def bench(settings: Settings, args) -> int:
                 raw: KafkaProducer = p._producer
 
                 def kp(ix):
-                    futures = [raw.send(topic, key=keys[i], value=values[i], headers=headers[i],
-                                        partition=partition_of[i]) for i in ix]
+                    futures = [
+                        raw.send(topic, key=keys[i], value=values[i], headers=headers[i], partition=partition_of[i])
+                        for i in ix
+                    ]
                     raw.flush()
                     for f in futures:
                         f.get(timeout=0)
@@ -331,14 +360,20 @@ def bench(settings: Settings, args) -> int:
                 raw = p._producer
                 compiled, default_records.calc_crc32c = default_records.calc_crc32c, util.calc_crc32c
                 try:
+
                     def kp_before(ix):
                         futures = [raw.send(topic, key=keys[i], value=values[i], headers=headers[i]) for i in ix]
                         raw.flush()
                         for f in futures:
                             f.get(timeout=0)
 
-                    checked("(g) as (c), as the SDK was before", "kafka-python partitioner + Python CRC-32C",
-                            topic, kp_before, 200)
+                    checked(
+                        "(g) as (c), as the SDK was before",
+                        "kafka-python partitioner + Python CRC-32C",
+                        topic,
+                        kp_before,
+                        200,
+                    )
                 finally:
                     default_records.calc_crc32c = compiled
                 p.close()
@@ -347,34 +382,51 @@ def bench(settings: Settings, args) -> int:
                 try:
                     ck = confluent_producer(settings.kafka_bootstrap_servers)
                 except ImportError:
-                    console.print("[yellow]confluent-kafka is not installed (pip install -e '.[test]'): rows d, e skipped")
+                    console.print(
+                        "[yellow]confluent-kafka is not installed (pip install -e '.[test]'): rows d, e skipped"
+                    )
             if ck is not None and "d" in args.rows:
                 topic = topics.fresh("d")
                 confluent_publish(ck, topic, keys[:200], values[:200], headers[:200])
-                checked("(d) confluent-kafka produce of the same bytes", "librdkafka, same config", topic,
-                        lambda ix: confluent_publish(ck, topic, keys[ix.start:ix.stop], values[ix.start:ix.stop],
-                                                     headers[ix.start:ix.stop]), 200)
+                checked(
+                    "(d) confluent-kafka produce of the same bytes",
+                    "librdkafka, same config",
+                    topic,
+                    lambda ix: confluent_publish(
+                        ck, topic, keys[ix.start : ix.stop], values[ix.start : ix.stop], headers[ix.start : ix.stop]
+                    ),
+                    200,
+                )
             if ck is not None and "e" in args.rows:
                 topic = topics.fresh("e")
                 confluent_publish(ck, topic, keys[:200], values[:200], headers[:200])
 
                 def full(ix):
                     recs = []
-                    for e in events[ix.start:ix.stop]:
+                    for e in events[ix.start : ix.stop]:
                         validated, errors = validate_event(e)
                         recs.append(edge_record(validated, pseudonymiser))
                     vals = codec.encode_many([(r["event_type"], r) for r in recs])
-                    confluent_publish(ck, topic, [partition_key(r) for r in recs], vals, headers[ix.start:ix.stop])
+                    confluent_publish(ck, topic, [partition_key(r) for r in recs], vals, headers[ix.start : ix.stop])
 
                 checked("(e) validate + pseudonymise + encode, confluent-kafka", "(a) on librdkafka", topic, full, 200)
             if "f" in args.rows:
                 topic = topics.fresh("f")
                 with AioBatches(settings.kafka_bootstrap_servers) as aio:
                     aio.publish(topic, keys[:200], values[:200], headers[:200], partition_of[:200])
-                    checked("(f) aiokafka send_batch of the same bytes", "compiled batch builder, same config",
-                            topic, lambda ix: aio.publish(topic, keys[ix.start:ix.stop], values[ix.start:ix.stop],
-                                                          headers[ix.start:ix.stop], partition_of[ix.start:ix.stop]),
-                            200)
+                    checked(
+                        "(f) aiokafka send_batch of the same bytes",
+                        "compiled batch builder, same config",
+                        topic,
+                        lambda ix: aio.publish(
+                            topic,
+                            keys[ix.start : ix.stop],
+                            values[ix.start : ix.stop],
+                            headers[ix.start : ix.stop],
+                            partition_of[ix.start : ix.stop],
+                        ),
+                        200,
+                    )
     finally:
         topics.close()
 
@@ -388,15 +440,25 @@ def bench(settings: Settings, args) -> int:
     console.print(table)
     by = {label[:3]: rate for label, _, rate in rows}
     if "(c)" in by and "(g)" in by:
-        console.print(f"kafka-python with the SDK's partitioning and CRC / as before = [bold]{by['(c)'] / by['(g)']:.1f}x[/]")
+        console.print(
+            f"kafka-python with the SDK's partitioning and CRC / as before = [bold]{by['(c)'] / by['(g)']:.1f}x[/]"
+        )
     if "(c)" in by and "(f)" in by:
-        console.print(f"client alone, same bytes: aiokafka batches / kafka-python = [bold]{by['(f)'] / by['(c)']:.1f}x[/]")
+        console.print(
+            f"client alone, same bytes: aiokafka batches / kafka-python = [bold]{by['(f)'] / by['(c)']:.1f}x[/]"
+        )
     if "(c)" in by and "(d)" in by:
-        console.print(f"client alone, same bytes: confluent-kafka / kafka-python send() = [bold]{by['(d)'] / by['(c)']:.1f}x[/]")
+        console.print(
+            f"client alone, same bytes: confluent-kafka / kafka-python send() = [bold]{by['(d)'] / by['(c)']:.1f}x[/]"
+        )
     if "(b)" in by and "(d)" in by:
-        console.print(f"confluent-kafka (bytes only) / the SDK's batch path (encoding included) = [bold]{by['(d)'] / by['(b)']:.1f}x[/]")
+        console.print(
+            f"confluent-kafka (bytes only) / the SDK's batch path (encoding included) = [bold]{by['(d)'] / by['(b)']:.1f}x[/]"
+        )
     if "(a)" in by and "(e)" in by:
-        console.print(f"whole publish_json path: on confluent-kafka / on kafka-python = [bold]{by['(e)'] / by['(a)']:.1f}x[/]")
+        console.print(
+            f"whole publish_json path: on confluent-kafka / on kafka-python = [bold]{by['(e)'] / by['(a)']:.1f}x[/]"
+        )
     if "(b)" in by and "(c)" in by:
         console.print(f"the SDK's batch path / kafka-python send() per record = [bold]{by['(b)'] / by['(c)']:.1f}x[/]")
     return 0
@@ -417,7 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.own_stack:
         with own_stack() as settings:
             return bench(settings, args)
-    settings = defaults.model_copy(update={"kafka_bootstrap_servers": args.bootstrap, "registry_url_override": args.registry})
+    settings = defaults.model_copy(
+        update={"kafka_bootstrap_servers": args.bootstrap, "registry_url_override": args.registry}
+    )
     return bench(settings, args)
 
 

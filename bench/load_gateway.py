@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import orjson  # noqa: E402
+import orjson
 
 
 class Bodies:
@@ -101,8 +101,7 @@ def post(conn: http.client.HTTPConnection, body: bytes) -> tuple[int, bytes]:
     return resp.status, resp.read()
 
 
-def connection_loop(url: str, bodies: Bodies, batch: int, stats: Stats, deadline: float,
-                    next_slot=None) -> None:
+def connection_loop(url: str, bodies: Bodies, batch: int, stats: Stats, deadline: float, next_slot=None) -> None:
     u = urlsplit(url)
     conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=120)
     while True:
@@ -164,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                 return start + next(tickets) * interval
 
     threads = [
-        threading.Thread(target=connection_loop, args=(args.url, bodies, args.batch, stats, deadline, next_slot),
-                         daemon=True)
+        threading.Thread(
+            target=connection_loop, args=(args.url, bodies, args.batch, stats, deadline, next_slot), daemon=True
+        )
         for _ in range(args.connections)
     ]
     for t in threads:
@@ -178,15 +178,34 @@ def main(argv: list[str] | None = None) -> int:
     while any(t.is_alive() for t in threads):
         now = time.perf_counter()
         with stats.lock:
-            emit("progress", elapsed=now - start, warmup=now < stats.lo, accepted=stats.accepted,
-                 requests=stats.requests, errors=sum(stats.errors.values()))
+            emit(
+                "progress",
+                elapsed=now - start,
+                warmup=now < stats.lo,
+                accepted=stats.accepted,
+                requests=stats.requests,
+                errors=sum(stats.errors.values()),
+            )
         time.sleep(0.5)
     for t in threads:
         t.join()
-    emit("result", mode=args.mode, connections=args.connections, batch=args.batch, rate=args.rate,
-         seconds=args.seconds, accepted=stats.accepted, duplicates=stats.duplicates, rejected=stats.rejected,
-         requests=stats.requests, errors=stats.errors, latency_ms=stats.latency_ms,
-         schedule_latency_ms=stats.schedule_latency_ms, behind_max_ms=stats.behind_max_ms, pid=os.getpid())
+    emit(
+        "result",
+        mode=args.mode,
+        connections=args.connections,
+        batch=args.batch,
+        rate=args.rate,
+        seconds=args.seconds,
+        accepted=stats.accepted,
+        duplicates=stats.duplicates,
+        rejected=stats.rejected,
+        requests=stats.requests,
+        errors=stats.errors,
+        latency_ms=stats.latency_ms,
+        schedule_latency_ms=stats.schedule_latency_ms,
+        behind_max_ms=stats.behind_max_ms,
+        pid=os.getpid(),
+    )
     return 0
 
 

@@ -107,9 +107,7 @@ def format_storage(settings: Settings, config: Path) -> None:
     """Format once; the broker refuses unformatted storage."""
     if (kafka_dir(settings) / "data" / "meta.properties").exists():
         return
-    uuid = subprocess.run(
-        _java_cmd(settings, "kafka.tools.StorageTool", "random-uuid"), capture_output=True, text=True
-    )
+    uuid = subprocess.run(_java_cmd(settings, "kafka.tools.StorageTool", "random-uuid"), capture_output=True, text=True)
     cluster_id = uuid.stdout.strip().splitlines()[-1] if uuid.returncode == 0 and uuid.stdout.strip() else ""
     if not cluster_id:
         raise ServiceError(f"kafka: StorageTool random-uuid failed:\n{uuid.stderr[-2000:]}")
@@ -125,9 +123,7 @@ def metadata_ok(bootstrap: str, timeout_ms: int = 2000) -> bool:
     """Ready means a metadata request succeeds, not just an open port."""
     from kafka import KafkaAdminClient
 
-    admin = KafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms, client_id="nhdp-ready"
-    )
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms, client_id="nhdp-ready")
     try:
         admin.list_topics()
         return True
@@ -201,11 +197,16 @@ class LogPrefix:
 
         self.batch_size = batch_size
         self.consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=batch_size,
-            fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024,
+            bootstrap_servers=bootstrap,
+            enable_auto_commit=False,
+            max_poll_records=batch_size,
+            fetch_max_bytes=64 * 1024 * 1024,
+            max_partition_fetch_bytes=16 * 1024 * 1024,
         )
         try:
-            parts = [TopicPartition(TOPIC_EVENTS, p) for p in sorted(self.consumer.partitions_for_topic(TOPIC_EVENTS) or [])]
+            parts = [
+                TopicPartition(TOPIC_EVENTS, p) for p in sorted(self.consumer.partitions_for_topic(TOPIC_EVENTS) or [])
+            ]
             self.consumer.assign(parts)
             self.consumer.seek_to_beginning(*parts)
             if upto is None:
@@ -237,7 +238,7 @@ class LogPrefix:
     def close(self) -> None:
         self.consumer.close()
 
-    def __enter__(self) -> "LogPrefix":
+    def __enter__(self) -> LogPrefix:
         return self
 
     def __exit__(self, *exc) -> None:

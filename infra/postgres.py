@@ -62,7 +62,7 @@ def as_user(user: str | None) -> dict:
 def _grant_to(user: str, path: Path) -> None:
     """Let the postgres user own its folder and traverse the folders above it."""
     entry = pwd.getpwnam(user)
-    for root, dirs, files in os.walk(path):
+    for root, _dirs, files in os.walk(path):
         os.chown(root, entry.pw_uid, entry.pw_gid)
         for f in files:
             os.chown(os.path.join(root, f), entry.pw_uid, entry.pw_gid)
@@ -88,8 +88,10 @@ def prepare(settings: Settings) -> None:
         return
     cmd = [
         str(bin_dir() / "initdb"),
-        "-D", str(data),
-        "-U", "postgres",
+        "-D",
+        str(data),
+        "-U",
+        "postgres",
         "--auth=trust",  # loopback only; see postgresql.conf below
         "--encoding=UTF8",
         "--no-locale",
@@ -97,7 +99,9 @@ def prepare(settings: Settings) -> None:
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, **as_user(user))
     if proc.returncode != 0:
-        raise ServiceError(f"postgres: initdb failed.\n  command: {' '.join(cmd)}\n  output:\n{proc.stdout}{proc.stderr}")
+        raise ServiceError(
+            f"postgres: initdb failed.\n  command: {' '.join(cmd)}\n  output:\n{proc.stdout}{proc.stderr}"
+        )
     with open(data / "postgresql.conf", "a") as conf:
         conf.write(
             "\n# nhdp local stack\n"
@@ -118,9 +122,12 @@ def service(settings: Settings) -> Managed:
         log_dir=settings.log_dir,
         command=[
             str(bin_dir() / "postgres"),
-            "-D", str(data),
-            "-p", str(settings.postgres_port),
-            "-k", str(sock),
+            "-D",
+            str(data),
+            "-p",
+            str(settings.postgres_port),
+            "-k",
+            str(sock),
         ],
         marker=str(data),
         ready=lambda: _ping(settings),

@@ -17,9 +17,9 @@ import shlex
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import psutil
 
@@ -140,8 +140,9 @@ class Managed:
             raise ServiceError(f"{self.name}: could not run {shlex.join(self.command)}: {exc}") from exc
         finally:
             log.close()
-        self.pid_file.write_text(json.dumps(
-            {"pid": proc.pid, "command": list(self.command), "started": started_at(proc.pid)}))
+        self.pid_file.write_text(
+            json.dumps({"pid": proc.pid, "command": list(self.command), "started": started_at(proc.pid)})
+        )
         self._wait_ready(proc.pid, timeout_s, popen=proc)
         return proc.pid, True
 

@@ -12,11 +12,11 @@ import contextlib
 import os
 import shutil
 import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from infra import clickhouse, kafka, postgres
 from infra.process import Managed, ServiceError
@@ -51,9 +51,15 @@ def private_settings(data_dir: Path, **overrides) -> Settings:
 
     kafka_port, controller, pg, ch, ch_http, registry, api = free_ports(7)
     values = dict(
-        data_dir=data_dir, jar_cache=CHECKOUT / ".nhdp" / "cache" / "kafka-jars",
-        kafka_bootstrap_servers=f"127.0.0.1:{kafka_port}", kafka_controller_port=controller, postgres_port=pg,
-        clickhouse_port=ch, clickhouse_http_port=ch_http, registry_port=registry, api_port=api,
+        data_dir=data_dir,
+        jar_cache=CHECKOUT / ".nhdp" / "cache" / "kafka-jars",
+        kafka_bootstrap_servers=f"127.0.0.1:{kafka_port}",
+        kafka_controller_port=controller,
+        postgres_port=pg,
+        clickhouse_port=ch,
+        clickhouse_http_port=ch_http,
+        registry_port=registry,
+        api_port=api,
     )
     return Settings(**(values | overrides))
 
@@ -106,8 +112,10 @@ def registry_service(settings: Settings) -> Managed:
         settings,
         "registry",
         "schemas.registry",
-        "--host", settings.registry_host,
-        "--port", str(settings.registry_port),
+        "--host",
+        settings.registry_host,
+        "--port",
+        str(settings.registry_port),
         ready=lambda: _http_ok(f"{settings.registry_url}/subjects"),
         port=settings.registry_port,
         url=settings.registry_url,
@@ -168,14 +176,22 @@ def province_codes() -> list[str]:
 def steps(settings: Settings) -> list[Step]:
     out: list[Step] = []
     if settings.local_postgres:
-        out.append(Step(postgres.service(settings), lambda: postgres.prepare(settings), lambda: postgres.ensure_database(settings)))
+        out.append(
+            Step(
+                postgres.service(settings),
+                lambda: postgres.prepare(settings),
+                lambda: postgres.ensure_database(settings),
+            )
+        )
     out.append(
-        Step(kafka.service(settings), lambda: kafka.prepare(settings), lambda: kafka.ensure_topics(settings, province_codes()))
+        Step(
+            kafka.service(settings),
+            lambda: kafka.prepare(settings),
+            lambda: kafka.ensure_topics(settings, province_codes()),
+        )
     )
     if settings.local_clickhouse_server:
-        out.append(
-            Step(clickhouse.server_service(settings), lambda: None, lambda: migrate_analytics(settings))
-        )
+        out.append(Step(clickhouse.server_service(settings), lambda: None, lambda: migrate_analytics(settings)))
     out.append(Step(registry_service(settings), lambda: None, lambda: register_catalog(settings)))
     out.append(Step(worker_service(settings), retry=True))
     out.append(Step(sink_service(settings), retry=True))  # kafka-python's group join can stall too
@@ -223,8 +239,9 @@ def down(settings: Settings) -> list[str]:
     # any more, or one that outlived its stop) would keep its consumer group
     # membership and partitions: end it too.
     want = ["--nhdp-data", str(settings.data_dir.resolve())]
-    stopped += [f"orphan {pid}" for pid in end_matching(
-        lambda args: any(args[i:i + 2] == want for i in range(len(args))))]
+    stopped += [
+        f"orphan {pid}" for pid in end_matching(lambda args: any(args[i : i + 2] == want for i in range(len(args))))
+    ]
     return stopped
 
 
@@ -260,8 +277,15 @@ def _recorded(pid_file: Path) -> psutil.Process | None:
 
 def _recorded_status(pid_file: Path) -> dict:
     proc = _recorded(pid_file)
-    return {"service": pid_file.stem, "state": "up" if proc else "down", "pid": proc.pid if proc else None,
-            "port": None, "url": None, "data_bytes": 0, "log": str(pid_file.parent.parent / "logs" / f"{pid_file.stem}.log")}
+    return {
+        "service": pid_file.stem,
+        "state": "up" if proc else "down",
+        "pid": proc.pid if proc else None,
+        "port": None,
+        "url": None,
+        "data_bytes": 0,
+        "log": str(pid_file.parent.parent / "logs" / f"{pid_file.stem}.log"),
+    }
 
 
 def stop_recorded(pid_file: Path) -> bool:
@@ -289,8 +313,15 @@ def status(settings: Settings) -> list[dict]:
 
         path = Path(url.removeprefix("chdb://"))
         rows.append(
-            {"service": "chdb", "state": "embedded", "pid": None, "port": None, "url": url,
-             "data_bytes": dir_size(path) if path.exists() else 0, "log": None}
+            {
+                "service": "chdb",
+                "state": "embedded",
+                "pid": None,
+                "port": None,
+                "url": url,
+                "data_bytes": dir_size(path) if path.exists() else 0,
+                "log": None,
+            }
         )
     return rows
 

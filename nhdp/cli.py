@@ -56,7 +56,9 @@ def cmd_status(args) -> int:
     rows = stack.status(settings)
     if args.json:
         sys.stdout.write(
-            orjson.dumps({"services": rows, "endpoints": stack.endpoints(settings)}, option=orjson.OPT_INDENT_2).decode()
+            orjson.dumps(
+                {"services": rows, "endpoints": stack.endpoints(settings)}, option=orjson.OPT_INDENT_2
+            ).decode()
             + "\n"
         )
         return 0
@@ -66,8 +68,12 @@ def cmd_status(args) -> int:
     for r in rows:
         color = {"up": "green", "embedded": "green", "starting": "yellow"}.get(r["state"], "red")
         table.add_row(
-            r["service"], f"[{color}]{r['state']}[/]", str(r["pid"] or "-"), str(r["port"] or "-"),
-            _human(r["data_bytes"]), r["url"] or "",
+            r["service"],
+            f"[{color}]{r['state']}[/]",
+            str(r["pid"] or "-"),
+            str(r["port"] or "-"),
+            _human(r["data_bytes"]),
+            r["url"] or "",
         )
     console.print(table)
     return 0
@@ -101,8 +107,12 @@ def _progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        console=console,
     )
 
 
@@ -197,7 +207,9 @@ def cmd_import(args) -> int:
                 flush()
         flush()
     client.close()
-    rejected = local_rejects + [{"line": r["line"], "event_id": r.get("event_id"), "errors": r["errors"]} for r in tally.rejected]
+    rejected = local_rejects + [
+        {"line": r["line"], "event_id": r.get("event_id"), "errors": r["errors"]} for r in tally.rejected
+    ]
     rejected.sort(key=lambda r: r["line"])
     with open(rejects_path, "wb") as out:
         for r in rejected:
@@ -224,8 +236,15 @@ def cmd_api(args) -> int:
     settings = get_settings()
     # uvloop and httptools (both pinned): the event loop and HTTP parser in C, about
     # half the per-request CPU of asyncio + h11 on a core the API shares with Kafka.
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level="warning",
-                access_log=False, loop="uvloop", http="httptools")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level="warning",
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+    )
     return 0
 
 
@@ -325,15 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--batch", type=int, default=5000)
     imp.set_defaults(fn=cmd_import)
     rp = sub.add_parser("replay", help="rebuild the projections (PostgreSQL and ClickHouse) from offset 0 on their own")
-    rp.add_argument("--into", default="audit",
-                    help="name of the rebuild: PostgreSQL schema and ClickHouse database replay_NAME")
+    rp.add_argument(
+        "--into", default="audit", help="name of the rebuild: PostgreSQL schema and ClickHouse database replay_NAME"
+    )
     rp.add_argument("--verify", action="store_true", help="rebuild up to the live positions and list every difference")
     rp.set_defaults(fn=cmd_replay)
     sk = sub.add_parser("sink", help="run the ClickHouse sink in the foreground")
     sk.add_argument("rest", nargs=argparse.REMAINDER)
     sk.set_defaults(fn=cmd_sink)
     va = sub.add_parser("verify-analytics", help="compare every ClickHouse figure with the PostgreSQL projections")
-    va.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for both to reach the same log position")
+    va.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait for both to reach the same log position"
+    )
     va.set_defaults(fn=cmd_verify_analytics)
     w = sub.add_parser("worker", help="run a stream worker (Faust) in the foreground")
     w.add_argument("rest", nargs=argparse.REMAINDER)

@@ -21,9 +21,17 @@ from rich.table import Table
 from nhdp.settings import Settings
 
 SHOWN = (
-    "registrations", "declarations", "declarations_with_symptoms", "doses_administered",
-    "people_vaccinated", "people_fully_vaccinated", "coverage_pct", "doses_allocated",
-    "doses_remaining", "adverse_events", "serious_adverse_events",
+    "registrations",
+    "declarations",
+    "declarations_with_symptoms",
+    "doses_administered",
+    "people_vaccinated",
+    "people_fully_vaccinated",
+    "coverage_pct",
+    "doses_allocated",
+    "doses_remaining",
+    "adverse_events",
+    "serious_adverse_events",
 )
 
 
@@ -57,7 +65,11 @@ def compare_table(title: str, rows: list[tuple[str, dict, dict]]) -> tuple[Table
     for figure in SHOWN:
         cells = []
         for _, got, want in rows:
-            same = abs(got[figure] - want[figure]) < 1e-4 if isinstance(want[figure], float) else got[figure] == want[figure]
+            same = (
+                abs(got[figure] - want[figure]) < 1e-4
+                if isinstance(want[figure], float)
+                else got[figure] == want[figure]
+            )
             mismatches += not same
             cells += [f"[{'green' if same else 'red'}]{_fmt(got[figure])}[/]", _fmt(want[figure])]
         table.add_row(figure, *cells)
@@ -68,8 +80,14 @@ def run(settings: Settings, console: Console, args: Namespace) -> int:
     from nhdp import cli
 
     sim_args = Namespace(
-        scenario="hcmc-2021-06", seed=args.seed, scale=args.scale, days=1, daily_doses=0,
-        via="sdk", batch=5000, out=None,
+        scenario="hcmc-2021-06",
+        seed=args.seed,
+        scale=args.scale,
+        days=1,
+        daily_doses=0,
+        via="sdk",
+        batch=5000,
+        out=None,
     )
     out = settings.data_dir / "simulations" / f"hcmc-2021-06-seed{args.seed}-x{args.scale:g}"
     # The figures are exact only if the log holds this simulation alone (re-runs
@@ -98,7 +116,9 @@ def run(settings: Settings, console: Console, args: Namespace) -> int:
     provinces = sorted(api.get("/v1/provinces").json(), key=lambda p: -p["doses_administered"])[:3]
     rows = [("national", national, expected["national"])]
     rows += [(f"{p['province_code']} {p['name']}", p, expected["provinces"][p["province_code"]]) for p in provinces]
-    table, mismatches = compare_table("HCMC campaign, 19–25 June 2021: live projections vs the simulator's own count", rows)
+    table, mismatches = compare_table(
+        "HCMC campaign, 19–25 June 2021: live projections vs the simulator's own count", rows
+    )
     console.print(table)
     if mismatches and mixed:
         console.print(
@@ -110,7 +130,9 @@ def run(settings: Settings, console: Console, args: Namespace) -> int:
     else:
         console.print("[green]every figure equals the simulator's independent computation[/]")
 
-    console.print(f"\nAPI serving at [bold]{settings.api_url}[/] (docs: {settings.api_url}/docs). Ctrl-C stops the stack.")
+    console.print(
+        f"\nAPI serving at [bold]{settings.api_url}[/] (docs: {settings.api_url}/docs). Ctrl-C stops the stack."
+    )
     failed = bool(mismatches) and not mixed
     if args.no_wait:
         return 1 if failed else 0

@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     start_timeout_s: float = 60.0
 
     @model_validator(mode="after")
-    def _refuse_unsafe_secret(self) -> "Settings":
+    def _refuse_unsafe_secret(self) -> Settings:
         if self.env != "local" and self.pseudonym_secret in ("", LOCAL_DEV_SECRET):
             raise ConfigError(
                 "NHDP_PSEUDONYM_SECRET must be set to a private value when NHDP_ENV is "

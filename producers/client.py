@@ -8,8 +8,9 @@ as duplicates, never as second copies, so retrying the whole batch is safe.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import httpx
 import orjson

@@ -21,8 +21,9 @@ Conventions (the query API returns the same shapes):
 from __future__ import annotations
 
 from array import array
-from datetime import datetime, timedelta, timezone
-from typing import Any, Sequence
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 NEVER = 1 << 62  # "not voided" / "no cut-off": later than any event time (epoch seconds)
 
@@ -30,7 +31,7 @@ VACCINES: tuple[str, ...] = ("astrazeneca", "pfizer", "moderna", "sinopharm", "j
 JANSSEN = VACCINES.index("janssen")
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _M64 = (1 << 64) - 1
 
 
@@ -183,8 +184,18 @@ class GroundTruth:
 
 
 def _summary(
-    population: int, *, registrations: int, declarations: int, declarations_with_symptoms: int, doses: int,
-    by_num: dict[str, int], by_vac: dict[str, int], people: int, fully: int, allocated: int, ae: int,
+    population: int,
+    *,
+    registrations: int,
+    declarations: int,
+    declarations_with_symptoms: int,
+    doses: int,
+    by_num: dict[str, int],
+    by_vac: dict[str, int],
+    people: int,
+    fully: int,
+    allocated: int,
+    ae: int,
     ae_serious: int,
 ) -> dict[str, Any]:
     return {
@@ -209,9 +220,20 @@ def national(provinces: dict[str, dict[str, Any]], population: int) -> dict[str,
     """National figures: the sum over provinces, percentages from the sums."""
     by_num: dict[str, int] = {}
     by_vac: dict[str, int] = {}
-    tot = {k: 0 for k in ("registrations", "declarations", "declarations_with_symptoms", "doses_administered",
-                          "people_vaccinated", "people_fully_vaccinated", "doses_allocated", "adverse_events",
-                          "serious_adverse_events")}
+    tot = {
+        k: 0
+        for k in (
+            "registrations",
+            "declarations",
+            "declarations_with_symptoms",
+            "doses_administered",
+            "people_vaccinated",
+            "people_fully_vaccinated",
+            "doses_allocated",
+            "adverse_events",
+            "serious_adverse_events",
+        )
+    }
     for f in provinces.values():
         for k in tot:
             tot[k] += f[k]

@@ -44,7 +44,8 @@ SEEN_RETENTION = "7 days"
 
 EVENTS = Counter("nhdp_gateway_events_total", "Events posted to the gateway, by outcome", ["outcome"])
 REQUEST_SECONDS = Histogram(
-    "nhdp_gateway_request_seconds", "POST /v1/events latency",
+    "nhdp_gateway_request_seconds",
+    "POST /v1/events latency",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
@@ -115,8 +116,13 @@ class Gateway:
                 if seen == h:
                     duplicates += 1
                 else:
-                    rejected.append({"index": i, "event_id": event_id, "errors": [
-                        "event_id: repeated in this request with different content"]})
+                    rejected.append(
+                        {
+                            "index": i,
+                            "event_id": event_id,
+                            "errors": ["event_id: repeated in this request with different content"],
+                        }
+                    )
                 continue
             first_by_id[event_id] = h
             if trace_id and not record.get("trace_id"):
@@ -127,13 +133,17 @@ class Gateway:
         if candidates:
             if not self.producer.reachable():
                 # Nothing reserved, nothing published: the whole request can be retried as is.
-                return 503, {"error": "Kafka is unavailable; nothing from this request was published. "
-                             f"Retry after {RETRY_AFTER_S} s."}
+                return 503, {
+                    "error": "Kafka is unavailable; nothing from this request was published. "
+                    f"Retry after {RETRY_AFTER_S} s."
+                }
             try:
                 accepted, dup, conflicts, failure = self._publish_once(candidates, trace_id)
             except psycopg.OperationalError as exc:
-                return 503, {"error": f"PostgreSQL is unavailable ({exc.__class__.__name__}); "
-                             f"nothing from this request was published. Retry after {RETRY_AFTER_S} s."}
+                return 503, {
+                    "error": f"PostgreSQL is unavailable ({exc.__class__.__name__}); "
+                    f"nothing from this request was published. Retry after {RETRY_AFTER_S} s."
+                }
             duplicates += dup
             rejected.extend(conflicts)
             if failure is not None:
@@ -164,8 +174,10 @@ class Gateway:
                     "INSERT INTO gateway.seen_events (event_id, content_hash) "
                     "SELECT i, decode(h, 'hex') FROM unnest(%s::text::uuid[], %s::text::text[]) AS t(i, h) "
                     "ON CONFLICT (event_id) DO NOTHING RETURNING event_id::text",
-                    ("{" + ",".join([ids[k] for k in order]) + "}",
-                     "{" + ",".join([hashes[k].hex() for k in order]) + "}"),
+                    (
+                        "{" + ",".join([ids[k] for k in order]) + "}",
+                        "{" + ",".join([hashes[k].hex() for k in order]) + "}",
+                    ),
                 )
             }
             old = [c for c in candidates if c[1] not in new]
@@ -184,9 +196,16 @@ class Gateway:
                 if known.get(event_id) == h:
                     duplicates += 1
                 else:
-                    conflicts.append({"index": i, "event_id": event_id, "errors": [
-                        "event_id: already accepted with different content; a correction is a "
-                        "RecordVoided of the original plus a new event with a new event_id"]})
+                    conflicts.append(
+                        {
+                            "index": i,
+                            "event_id": event_id,
+                            "errors": [
+                                "event_id: already accepted with different content; a correction is a "
+                                "RecordVoided of the original plus a new event with a new event_id"
+                            ],
+                        }
+                    )
             to_publish = [c for c in candidates if c[1] in new]
             try:
                 self.producer.publish_many([c[3] for c in to_publish], trace_id=trace_id)

@@ -23,7 +23,7 @@ class Pseudonymiser:
         self._key = secret.encode()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Pseudonymiser":
+    def from_settings(cls, settings: Settings) -> Pseudonymiser:
         return cls(settings.pseudonym_secret)
 
     def subject_id(self, citizen_id: str) -> str:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from kafka import KafkaProducer
@@ -73,7 +74,7 @@ def murmur2(data: bytes) -> int:
 _M = np.uint32(0x5BD1E995)
 
 
-def murmur2_many(keys: Sequence[bytes]) -> "np.ndarray":
+def murmur2_many(keys: Sequence[bytes]) -> np.ndarray:
     """Kafka's murmur2 of many keys at once, as kafka-python's DefaultPartitioner
     computes it for one: keys of equal length (all subject_ids are 64 hex digits,
     all UUIDs 36 characters) are hashed together, a column of 4-byte words per
@@ -263,7 +264,9 @@ class EventProducer:
         keys = [partition_key(r) for r in records]
         for i, index in enumerate(partitions_of(keys, len(partitions))):
             if len(values[i]) + len(keys[i]) > limit:  # KafkaProducer.send's own check, which this path skips
-                failed[i] = f"MessageSizeTooLargeError: {len(values[i]):,} bytes encoded; at most {limit:,} fit one request"
+                failed[i] = (
+                    f"MessageSizeTooLargeError: {len(values[i]):,} bytes encoded; at most {limit:,} fit one request"
+                )
                 continue
             by_partition.setdefault(partitions[index], []).append(i)
         timestamp = int(time.time() * 1000)
@@ -320,7 +323,9 @@ class EventProducer:
                 acc._incomplete.add(batch)
         self._producer._sender.wakeup()
 
-    def publish_json(self, events: Sequence[dict[str, Any]], pseudonymiser, *, trace_id: str | None = None) -> list[Position]:
+    def publish_json(
+        self, events: Sequence[dict[str, Any]], pseudonymiser, *, trace_id: str | None = None
+    ) -> list[Position]:
         """Validate and pseudonymise JSON-form events, then publish them all or none.
 
         Invalid input raises ValueError naming every bad event and reason before
@@ -342,7 +347,7 @@ class EventProducer:
     def close(self, timeout: float = 10.0) -> None:
         self._producer.close(timeout=timeout)
 
-    def __enter__(self) -> "EventProducer":
+    def __enter__(self) -> EventProducer:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -51,11 +51,12 @@ import sys
 import time
 from array import array
 from bisect import bisect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from itertools import accumulate
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 
@@ -95,11 +96,24 @@ AE_SYMPTOMS = (
 DECL_SYMPTOMS = ("fever", "cough", "shortness_of_breath", "sore_throat", "loss_of_taste_or_smell", "fatigue")
 CHANNELS = ("app", "web", "kiosk", "paper")
 CHANNEL_CUM = list(accumulate((0.86, 0.08, 0.03, 0.03)))
-CHANNEL_SOURCE = {"app": "so-suc-khoe-dien-tu/2.1", "web": "tiemchungcovid19.gov.vn", "kiosk": "kiosk", "paper": "paper-entry"}
+CHANNEL_SOURCE = {
+    "app": "so-suc-khoe-dien-tu/2.1",
+    "web": "tiemchungcovid19.gov.vn",
+    "kiosk": "kiosk",
+    "paper": "paper-entry",
+}
 BOOKING_SOURCE = "tiemchungcovid19.gov.vn"
 LOGISTICS_SOURCE = "logistics:moh-epi"
-PRIORITY = ("health_worker", "frontline_worker", "armed_forces", "police", "elderly_65_plus",
-            "chronic_condition", "essential_worker", "general")
+PRIORITY = (
+    "health_worker",
+    "frontline_worker",
+    "armed_forces",
+    "police",
+    "elderly_65_plus",
+    "chronic_condition",
+    "essential_worker",
+    "general",
+)
 PRIORITY_CUM = list(accumulate((0.03, 0.14, 0.037, 0.025, 0.09, 0.08, 0.33, 0.258)))
 ELDERLY = PRIORITY.index("elderly_65_plus")
 # AstraZeneca ABV…, Pfizer FF…, Moderna 7 digits, Sinopharm 2021MMBxxxx, Janssen XD…
@@ -115,8 +129,12 @@ VOID_REASONS = {
     "HealthDeclarationSubmitted": ("entered in error: wrong symptoms", "entered in error: wrong contact answer"),
     "AppointmentScheduled": ("entered in error: wrong site",),
     "CheckedIn": ("entered in error: wrong site",),
-    "DoseAdministered": ("entered in error: wrong lot number", "entered in error: wrong vaccine",
-                         "entered in error: wrong dose number", "entered in error: wrong time"),
+    "DoseAdministered": (
+        "entered in error: wrong lot number",
+        "entered in error: wrong vaccine",
+        "entered in error: wrong dose number",
+        "entered in error: wrong time",
+    ),
     "AdverseEventReported": ("entered in error: wrong severity",),
     "VaccineAllocated": ("entered in error: wrong quantity",),
 }
@@ -171,7 +189,7 @@ def _v4(bits: int) -> int:
 
 
 def _uuid_str(n: int) -> str:
-    h = "%032x" % n
+    h = f"{n:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
@@ -227,9 +245,20 @@ def _config(scenario: str, scale: float, days: int, daily_doses: int, start: dat
             for recipient, doses in (("armed_forces", 30_000), ("police", 20_000), ("province_health", 786_000))
         )
         return _Config(
-            name=scenario, day0=date(2021, 6, 19), day_counts=counts, p_hist2=0.02, p_janssen=0.0,
-            p_noshow=0.03, p_ae=0.002, p_cross_hist=0.0, p_cross_win2=0.0, p_dup_elsewhere=0.0, p_return=0.0,
-            new_cum=_cum({AZ: 0.975, SI: 0.025}), hist_cum=_cum({AZ: 1.0}), fixed_allocations=allocs,
+            name=scenario,
+            day0=date(2021, 6, 19),
+            day_counts=counts,
+            p_hist2=0.02,
+            p_janssen=0.0,
+            p_noshow=0.03,
+            p_ae=0.002,
+            p_cross_hist=0.0,
+            p_cross_win2=0.0,
+            p_dup_elsewhere=0.0,
+            p_return=0.0,
+            new_cum=_cum({AZ: 0.975, SI: 0.025}),
+            hist_cum=_cum({AZ: 1.0}),
+            fixed_allocations=allocs,
         )
     if scenario == "national":
         if days < 1:
@@ -238,11 +267,20 @@ def _config(scenario: str, scale: float, days: int, daily_doses: int, start: dat
         per_day = max(1, round(daily_doses * scale))
         split = tuple(_apportion(per_day, pops))
         return _Config(
-            name=scenario, day0=start or date(2021, 8, 1), day_counts=(split,) * days, p_hist2=0.30,
-            p_janssen=0.01, p_noshow=0.03, p_ae=0.003, p_cross_hist=0.05, p_cross_win2=0.03,
-            p_dup_elsewhere=0.5, p_return=0.9,
+            name=scenario,
+            day0=start or date(2021, 8, 1),
+            day_counts=(split,) * days,
+            p_hist2=0.30,
+            p_janssen=0.01,
+            p_noshow=0.03,
+            p_ae=0.003,
+            p_cross_hist=0.05,
+            p_cross_win2=0.03,
+            p_dup_elsewhere=0.5,
+            p_return=0.9,
             new_cum=_cum({AZ: 0.42, SI: 0.33, PF: 0.13, MO: 0.12}),
-            hist_cum=_cum({AZ: 0.60, MO: 0.15, PF: 0.10, SI: 0.15}), fixed_allocations=(),
+            hist_cum=_cum({AZ: 0.60, MO: 0.15, PF: 0.10, SI: 0.15}),
+            fixed_allocations=(),
         )
     raise ValueError(f"unknown scenario {scenario!r}; expected one of {', '.join(SCENARIOS)}")
 
@@ -253,7 +291,7 @@ def _config(scenario: str, scale: float, days: int, daily_doses: int, start: dat
 class _Run:
     """One deterministic pass. With render=False only the plan (and ground truth) is made."""
 
-    def __init__(self, sim: "Simulation", render: bool):
+    def __init__(self, sim: Simulation, render: bool):
         cfg = self.cfg = sim._cfg
         self.render = render
         tag = f"nhdp-sim/{cfg.name}/{sim.seed}"
@@ -322,27 +360,61 @@ class _Run:
             out.append(heapq.heappop(heap)[2])
 
     def _event(self, eid: str, et: str, ts: int, code: str, source: str, payload: dict) -> dict[str, Any]:
-        return {"event_id": eid, "event_type": et, "occurred_at": _fmt(ts), "province_code": code,
-                "source": source, "payload": payload}
+        return {
+            "event_id": eid,
+            "event_type": et,
+            "occurred_at": _fmt(ts),
+            "province_code": code,
+            "source": source,
+            "payload": payload,
+        }
 
     def _void(self, target: dict[str, Any], tv: int, reason: str) -> None:
-        self._push(tv, self._event(self._uuid(), "RecordVoided", tv, target["province_code"], target["source"],
-                                   {"voided_event_id": target["event_id"], "reason": reason}))
+        self._push(
+            tv,
+            self._event(
+                self._uuid(),
+                "RecordVoided",
+                tv,
+                target["province_code"],
+                target["source"],
+                {"voided_event_id": target["event_id"], "reason": reason},
+            ),
+        )
 
-    def _put(self, et: str, ts: int, code: str, source: str, payload: dict, void: tuple[int, int] | None,
-             wrong: dict | None = None, wrong_ts: int | None = None, eid: str | None = None,
-             eid2: str | None = None) -> str:
+    def _put(
+        self,
+        et: str,
+        ts: int,
+        code: str,
+        source: str,
+        payload: dict,
+        void: tuple[int, int] | None,
+        wrong: dict | None = None,
+        wrong_ts: int | None = None,
+        eid: str | None = None,
+        eid2: str | None = None,
+    ) -> str:
         """Emit a record; with `void`, emit `wrong` now and, at the void's time, its void and this record."""
         if void is None:  # the common path, inlined
             if eid is None:
                 h = "%032x" % ((self.rr.getrandbits(128) & _V4_CLEAR) | _V4_SET)
                 eid = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-            self.out.append({"event_id": eid, "event_type": et, "occurred_at": _fmt(ts), "province_code": code,
-                             "source": source, "payload": payload})
+            self.out.append(
+                {
+                    "event_id": eid,
+                    "event_type": et,
+                    "occurred_at": _fmt(ts),
+                    "province_code": code,
+                    "source": source,
+                    "payload": payload,
+                }
+            )
             return eid
         tv, reason = void
-        bad = self._event(eid or self._uuid(), et, ts if wrong_ts is None else wrong_ts, code, source,
-                          {**payload, **(wrong or {})})
+        bad = self._event(
+            eid or self._uuid(), et, ts if wrong_ts is None else wrong_ts, code, source, {**payload, **(wrong or {})}
+        )
         self.out.append(bad)
         good = self._event(eid2 or self._uuid(), et, ts, code, source, payload)
         if self.rr.random() < 0.5:
@@ -411,8 +483,7 @@ class _Run:
 
     # -- one person's visit
 
-    def _flow(self, pid: int, p: int, slot_ts: int, first: bool, vac: int, num: int, later_ts: int,
-              cid_p: int) -> None:
+    def _flow(self, pid: int, p: int, slot_ts: int, first: bool, vac: int, num: int, later_ts: int, cid_p: int) -> None:
         """[registration,] appointment, declaration[, check-in, dose[, duplicate], adverse event].
 
         vac < 0: a no-show. later_ts: when this person's second dose in another province is due (first
@@ -516,12 +587,20 @@ class _Run:
             grp = min(bisect(PRIORITY_CUM, rr() * PRIORITY_CUM[-1]), len(PRIORITY) - 1)
             by = 1931 + int(rr() * 26) if grp == ELDERLY else 1961 + int(rr() * 43)
             ch = CHANNELS[min(bisect(CHANNEL_CUM, rr() * CHANNEL_CUM[-1]), 3)]
-            pl = {"citizen_id": cid, "birth_year": by, "sex": "female" if rr() < 0.51 else "male",
-                  "priority_group": PRIORITY[grp], "channel": ch}
+            pl = {
+                "citizen_id": cid,
+                "birth_year": by,
+                "sex": "female" if rr() < 0.51 else "male",
+                "priority_group": PRIORITY[grp],
+                "channel": ch,
+            }
             wrong = None
             if v_reg:
-                wrong = ({"birth_year": by + 1 + int(rr() * 9)} if v_reg[1] == 0
-                         else {"priority_group": PRIORITY[(grp + 1) % len(PRIORITY)]})
+                wrong = (
+                    {"birth_year": by + 1 + int(rr() * 9)}
+                    if v_reg[1] == 0
+                    else {"priority_group": PRIORITY[(grp + 1) % len(PRIORITY)]}
+                )
             put("VaccinationRegistered", reg_t, code, CHANNEL_SOURCE[ch], pl, v_reg, wrong)
         self.appt_seq += 1
         appt_id = f"{code}-AP{self.appt_seq:09d}"
@@ -529,8 +608,14 @@ class _Run:
         slot_text = self.slot_text  # slot bounds repeat for thousands of people
         a = slot_text.get(slot_ts) or slot_text.setdefault(slot_ts, _fmt(slot_ts))
         b = slot_text.get(slot_end) or slot_text.setdefault(slot_end, _fmt(slot_end))
-        pl = {"citizen_id": cid, "appointment_id": appt_id, "site_id": site, "slot_start": a, "slot_end": b,
-              "dose_number": max(num, 1)}
+        pl = {
+            "citizen_id": cid,
+            "appointment_id": appt_id,
+            "site_id": site,
+            "slot_start": a,
+            "slot_end": b,
+            "dose_number": max(num, 1),
+        }
         wrong = {"site_id": sites[int(rr() * len(sites))]} if v_appt else None
         put("AppointmentScheduled", appt_t, code, BOOKING_SOURCE, pl, v_appt, wrong)
         ch = CHANNELS[min(bisect(CHANNEL_CUM, rr() * CHANNEL_CUM[-1]), 3)]
@@ -539,8 +624,11 @@ class _Run:
         pl = {"citizen_id": cid, "symptoms": symptoms, "contact_with_confirmed_case": contact, "channel": ch}
         wrong = None
         if v_decl:
-            wrong = ({"symptoms": [] if sym else [DECL_SYMPTOMS[int(rr() * 6)]]} if v_decl[1] == 0
-                     else {"contact_with_confirmed_case": not contact})
+            wrong = (
+                {"symptoms": [] if sym else [DECL_SYMPTOMS[int(rr() * 6)]]}
+                if v_decl[1] == 0
+                else {"contact_with_confirmed_case": not contact}
+            )
         put("HealthDeclarationSubmitted", decl_t, code, CHANNEL_SOURCE[ch], pl, v_decl, wrong)
         if vac < 0:
             return
@@ -561,8 +649,9 @@ class _Run:
                 wrong = {"dose_number": bad_num}
             else:
                 wrong = None
-            valid_id = put("DoseAdministered", dose_t, code, site_src, pl, v_dose, wrong, bad_t,
-                           dose_id, _uuid_str(eid2))
+            valid_id = put(
+                "DoseAdministered", dose_t, code, site_src, pl, v_dose, wrong, bad_t, dose_id, _uuid_str(eid2)
+            )
             if ae and ae[0] < v_dose[0]:
                 valid_id = dose_id  # reported before the correction existed
         else:
@@ -573,28 +662,33 @@ class _Run:
             pd = dup[0]
             dsites = self.sites[pd]
             dsite = dsites[int(rr() * len(dsites))]
-            ev = self._event(_uuid_str(dup[2]), "DoseAdministered", dose_t, self.codes[pd], "site:" + dsite,
-                             {**pl, "site_id": dsite})
+            ev = self._event(
+                _uuid_str(dup[2]), "DoseAdministered", dose_t, self.codes[pd], "site:" + dsite, {**pl, "site_id": dsite}
+            )
             self.out.append(ev)
             self._void(ev, dup[1], REASON_DUPLICATE)
         if ae:
             ae_t, sev, bad_sev, v_ae = ae
             opts = AE_SYMPTOMS[sev]
-            pl = {"citizen_id": cid, "severity": SEVERITIES[sev], "dose_event_id": valid_id,
-                  "symptoms": list(opts[int(rr() * len(opts))])}
+            pl = {
+                "citizen_id": cid,
+                "severity": SEVERITIES[sev],
+                "dose_event_id": valid_id,
+                "symptoms": list(opts[int(rr() * len(opts))]),
+            }
             wrong = {"severity": SEVERITIES[bad_sev]} if v_ae else None
             # the AE is reported after its dose; it waits in the heap for its own time
             out, self.out = self.out, []
-            put("AdverseEventReported", ae_t, code, site_src if rr() < 0.6 else CHANNEL_SOURCE["app"], pl, v_ae,
-                wrong)
+            put("AdverseEventReported", ae_t, code, site_src if rr() < 0.6 else CHANNEL_SOURCE["app"], pl, v_ae, wrong)
             for ev in self.out:
                 self._push(ae_t, ev)
             self.out = out
 
     # -- allocations
 
-    def _plan_allocations(self, window_tally: list[list[int]], hist_tally: list[list[int]],
-                          first_hist_ts: int) -> list[tuple[int, int, int, str, int, int]]:
+    def _plan_allocations(
+        self, window_tally: list[list[int]], hist_tally: list[list[int]], first_hist_ts: int
+    ) -> list[tuple[int, int, int, str, int, int]]:
         """[(ts, province, vaccine, recipient, doses, wrong doses or 0, void time)] in time order."""
         rp = self.rp.random
         wanted: list[tuple[int, int, str, int, int]] = []  # (earliest ts, province, recipient, vaccine, doses)
@@ -605,11 +699,20 @@ class _Run:
             for p in range(self.np):
                 for v in range(len(VACCINES)):
                     if hist_tally[p][v]:
-                        wanted.append((first_hist_ts - 10 * DAY, p, "province_health", v,
-                                       100 * math.ceil(hist_tally[p][v] * 1.1 / 100)))
+                        wanted.append(
+                            (
+                                first_hist_ts - 10 * DAY,
+                                p,
+                                "province_health",
+                                v,
+                                100 * math.ceil(hist_tally[p][v] * 1.1 / 100),
+                            )
+                        )
                     if window_tally[p][v]:
                         total = 100 * math.ceil(window_tally[p][v] * 1.15 / 100)
-                        shares = (("armed_forces", 0.04), ("police", 0.03), ("other_unit", 0.02)) if total >= 1000 else ()
+                        shares = (
+                            (("armed_forces", 0.04), ("police", 0.03), ("other_unit", 0.02)) if total >= 1000 else ()
+                        )
                         rest = total
                         for recipient, share in shares:
                             k = int(total * share) // 10 * 10
@@ -637,10 +740,21 @@ class _Run:
     def _allocation(self, i: int, plan: tuple[int, int, int, str, int, int, int]) -> None:
         ts, p, v, recipient, doses, wrong, tv = plan
         code = self.codes[p]
-        pl = {"allocation_id": f"AL-{code}-{_fmt(ts)[:10].replace('-', '')}-{i:05d}", "vaccine": VACCINES[v],
-              "doses": doses, "recipient": recipient}
-        self._put("VaccineAllocated", ts, code, LOGISTICS_SOURCE, pl, (tv, 0) if wrong else None,
-                  {"doses": wrong} if wrong else None)
+        pl = {
+            "allocation_id": f"AL-{code}-{_fmt(ts)[:10].replace('-', '')}-{i:05d}",
+            "vaccine": VACCINES[v],
+            "doses": doses,
+            "recipient": recipient,
+        }
+        self._put(
+            "VaccineAllocated",
+            ts,
+            code,
+            LOGISTICS_SOURCE,
+            pl,
+            (tv, 0) if wrong else None,
+            {"doses": wrong} if wrong else None,
+        )
 
     # -- the whole pass
 
@@ -795,13 +909,25 @@ class Simulation:
 
     def describe(self) -> dict[str, Any]:
         a, b = self.window
-        return {"scenario": self.scenario, "seed": self.seed, "scale": self.scale, "days": self.days,
-                "daily_doses": self.daily_doses if self.scenario == "national" else None,
-                "window": [a.isoformat(), b.isoformat()], "planned_doses": self.planned_doses}
+        return {
+            "scenario": self.scenario,
+            "seed": self.seed,
+            "scale": self.scale,
+            "days": self.days,
+            "daily_doses": self.daily_doses if self.scenario == "national" else None,
+            "window": [a.isoformat(), b.isoformat()],
+            "planned_doses": self.planned_doses,
+        }
 
 
-def simulate(scenario: str, seed: int = 2021, scale: float = 1.0, days: int = 1, daily_doses: int = 1_400_000,
-             start: date | None = None) -> Simulation:
+def simulate(
+    scenario: str,
+    seed: int = 2021,
+    scale: float = 1.0,
+    days: int = 1,
+    daily_doses: int = 1_400_000,
+    start: date | None = None,
+) -> Simulation:
     """A deterministic campaign. `days`, `daily_doses` and `start` apply to "national" only;
     `scale` multiplies people, doses and (hcmc) allocations."""
     return Simulation(scenario, seed, scale, days, daily_doses, start)
@@ -822,10 +948,16 @@ def write(sim: Simulation, out_dir: str | Path, *, progress: bool = True) -> dic
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        with open(events_path, "wb") as f, Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            disable=not progress,
-        ) as bar:
+        with (
+            open(events_path, "wb") as f,
+            Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                disable=not progress,
+            ) as bar,
+        ):
             task = bar.add_task(f"{sim.scenario} events", total=total)
             for batch in sim.batches(20_000):
                 f.write(b"\n".join(map(dumps, batch)) + b"\n")
@@ -837,9 +969,15 @@ def write(sim: Simulation, out_dir: str | Path, *, progress: bool = True) -> dic
     seconds = time.perf_counter() - t0
     expected = {"scenario": sim.describe(), **sim.expected()}
     expected_path.write_bytes(orjson.dumps(expected, option=orjson.OPT_INDENT_2))
-    return {**sim.describe(), "events": n, "seconds": round(seconds, 3), "events_per_s": round(n / seconds),
-            "events_path": str(events_path), "expected_path": str(expected_path),
-            "national": expected["national"]}
+    return {
+        **sim.describe(),
+        "events": n,
+        "seconds": round(seconds, 3),
+        "events_per_s": round(n / seconds),
+        "events_path": str(events_path),
+        "expected_path": str(expected_path),
+        "national": expected["national"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -855,8 +993,9 @@ def main(argv: list[str] | None = None) -> int:
     sim = simulate(args.scenario, args.seed, args.scale, args.days, args.daily_doses, args.start)
     summary = write(sim, args.out)
     nat = summary.pop("national")
-    sys.stdout.write(orjson.dumps({**summary, "national": {k: nat[k] for k in FIGURES}},
-                                  option=orjson.OPT_INDENT_2).decode() + "\n")
+    sys.stdout.write(
+        orjson.dumps({**summary, "national": {k: nat[k] for k in FIGURES}}, option=orjson.OPT_INDENT_2).decode() + "\n"
+    )
     return 0
 
 

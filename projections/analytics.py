@@ -135,16 +135,17 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from projections import read_models
 from projections.analytics_store import AnalyticsStore, AnalyticsStoreError, open_store
 from schemas.reference import provinces, regions
 
-UTC = timezone.utc
+UTC = UTC
 HCM = timezone(timedelta(hours=7))  # Asia/Ho_Chi_Minh: UTC+7 all year, no DST since 1975
 
 # Kinds: 1-5 are the projector's event codes (projections.projector.ETYPES).
@@ -378,7 +379,8 @@ def migrate(store: AnalyticsStore, migrations: Sequence[Migration] = MIGRATIONS)
         for statement in m.statements:
             store.execute(statement)
         store.insert(
-            "schema_migrations", ["version", "name", "applied_at"],
+            "schema_migrations",
+            ["version", "name", "applied_at"],
             [(m.version, m.name, int(datetime.now(UTC).timestamp()))],
         )
         now.append(m.version)
@@ -413,7 +415,8 @@ def parse_as_of(value: str | datetime | None) -> datetime | None:
             parsed = datetime.fromisoformat(text)
         except ValueError:
             raise ParameterError(
-                "as_of", f"{value!r} is not an RFC 3339 time; use e.g. 2021-08-10T12:00:00+07:00 or 2021-08-10T05:00:00Z"
+                "as_of",
+                f"{value!r} is not an RFC 3339 time; use e.g. 2021-08-10T12:00:00+07:00 or 2021-08-10T05:00:00Z",
             ) from None
     if parsed.tzinfo is None or parsed.utcoffset() is None:
         raise ParameterError("as_of", f"{value!r} has no UTC offset; add one, e.g. 2021-08-10T12:00:00+07:00")
@@ -452,7 +455,6 @@ GROUP BY hour
 HAVING maxIf(version, mark = 0) > maxIf(version, mark = 1)
 ORDER BY hour
 """
-
 
 
 def dirty_hours(store: AnalyticsStore) -> list[int]:
@@ -579,8 +581,9 @@ def refresh_doses(store: AnalyticsStore, version: int, limit: int = 31) -> int:
     `version` as for refresh_rollups; safe to repeat at any time."""
     todo = sorted(dirty_dose_days(store).items())[:limit]
     for day, changed in todo:
-        store.execute(REFRESH_DOSES_SQL, {"hours": tuple(_dt(h) for h in day_hours(day)), "days": (day,),
-                                          "version": version})
+        store.execute(
+            REFRESH_DOSES_SQL, {"hours": tuple(_dt(h) for h in day_hours(day)), "days": (day,), "version": version}
+        )
         store.insert("hour_marks", ["hour", "mark", "version"], [(h, 2, version) for h in changed])
     return len(todo)
 
@@ -719,7 +722,7 @@ class StorePool:
                 self._all.remove(store)
                 try:
                     store.close()
-                except Exception:  # noqa: BLE001
+                except Exception:
                     pass
             else:
                 self._idle.append(store)
@@ -776,7 +779,9 @@ class Analytics:
 
     def province_summary(self, code: str, as_of: str | None = None) -> dict[str, Any]:
         if code not in provinces():
-            raise ParameterError("code", f"unknown province code {code!r}; codes are the 63 two-digit 2008 codes, e.g. 01, 79")
+            raise ParameterError(
+                "code", f"unknown province code {code!r}; codes are the 63 two-digit 2008 codes, e.g. 01, 79"
+            )
         values = self._values(as_of, (code,)).get(code, {})
         return read_models._province_dict(code, values, _populations())
 
@@ -817,19 +822,34 @@ class Analytics:
         }
 
     @staticmethod
-    def _doses_rows(store: AnalyticsStore, keys: list[str], cols: list[str], first: date | None,
-                    last: date | None, codes: list[str] | None, by_day: bool,
-                    stale_days: Iterable[date] | None = None) -> list[tuple]:
+    def _doses_rows(
+        store: AnalyticsStore,
+        keys: list[str],
+        cols: list[str],
+        first: date | None,
+        last: date | None,
+        codes: list[str] | None,
+        by_day: bool,
+        stale_days: Iterable[date] | None = None,
+    ) -> list[tuple]:
         """(group columns..., doses, people) in group order: clean days from doses_daily,
         the rest (or everything, when not by_day) from `events`. `stale_days`: treat
         these days as stale as well (tests take both paths with it)."""
         stale: list[date] = []
         rollup: list[tuple] = []
         if by_day:
-            stale = sorted({d for d in [*dirty_dose_days(store), *(stale_days or ())]
-                            if (not first or d >= first) and (not last or d <= last)})
-            g = (1 if "province" in keys or codes else 0) | (2 if "vaccine" in keys else 0) | (
-                4 if "dose_number" in keys else 0)
+            stale = sorted(
+                {
+                    d
+                    for d in [*dirty_dose_days(store), *(stale_days or ())]
+                    if (not first or d >= first) and (not last or d <= last)
+                }
+            )
+            g = (
+                (1 if "province" in keys or codes else 0)
+                | (2 if "vaccine" in keys else 0)
+                | (4 if "dose_number" in keys else 0)
+            )
             where = ["grouping = %(g)s", "doses > 0"]
             params: dict[str, Any] = {"g": g}
             if first:
@@ -846,7 +866,8 @@ class Analytics:
                 params["provinces"] = tuple(codes)
             rollup = store.execute(
                 f"SELECT {', '.join(cols + ['doses', 'people'])} FROM doses_daily FINAL WHERE {' AND '.join(where)}",
-                params)
+                params,
+            )
             if not stale:
                 return sorted(rollup)
         where = ["kind = 3", "event_id NOT IN (SELECT target_id FROM voids)"]
@@ -909,7 +930,10 @@ class Analytics:
                 row.update(region=group, provinces=sorted(c for c, r in refs.items() if r.region == group))
             cov, full = read_models._pct(p, pop), read_models._pct(f, pop)
             row.update(
-                population=pop, people_vaccinated=p, people_fully_vaccinated=f, coverage_pct=cov,
+                population=pop,
+                people_vaccinated=p,
+                people_fully_vaccinated=f,
+                coverage_pct=cov,
                 full_coverage_pct=full,
                 vs_national_pp=round(cov - national["coverage_pct"], 6),
                 full_vs_national_pp=round(full - national["full_coverage_pct"], 6),
@@ -923,13 +947,17 @@ class Analytics:
         full_order = sorted(rows, key=lambda r: -r["full_coverage_pct"])
         for i, row in enumerate(full_order):
             prev = full_order[i - 1] if i else None
-            row["full_rank"] = prev["full_rank"] if prev and prev["full_coverage_pct"] == row["full_coverage_pct"] else i + 1
+            row["full_rank"] = (
+                prev["full_rank"] if prev and prev["full_coverage_pct"] == row["full_coverage_pct"] else i + 1
+            )
         return {"by": by, "as_of": as_of, "national": national, "rows": rows}
 
     # -- state, for operators and for verify ------------------------------------------------------
     def status(self) -> dict[str, Any]:
         def q(store):
-            counts = dict(store.execute("SELECT 'events', count() FROM events UNION ALL SELECT 'voids', count() FROM voids"))
+            counts = dict(
+                store.execute("SELECT 'events', count() FROM events UNION ALL SELECT 'voids', count() FROM voids")
+            )
             return {
                 "engine": store.engine,
                 "migrations": sorted(applied_versions(store)),
@@ -948,7 +976,9 @@ def _parse_group_by(group_by: str | Sequence[str] | None) -> list[str]:
     keys = []
     for item in (i.strip() for i in items):
         if item not in GROUP_BY:
-            raise ParameterError("group_by", f"{item!r} is not allowed; use a comma-separated subset of: {', '.join(GROUP_BY)}")
+            raise ParameterError(
+                "group_by", f"{item!r} is not allowed; use a comma-separated subset of: {', '.join(GROUP_BY)}"
+            )
         if item not in keys:
             keys.append(item)
     return keys
@@ -961,7 +991,10 @@ def _parse_provinces(value: str | Sequence[str] | None) -> list[str] | None:
     codes = [i.strip() for i in items if i.strip()]
     bad = [c for c in codes if c not in provinces()]
     if bad:
-        raise ParameterError("province", f"unknown province code(s) {', '.join(map(repr, bad))}; use the two-digit 2008 codes, e.g. 01,79")
+        raise ParameterError(
+            "province",
+            f"unknown province code(s) {', '.join(map(repr, bad))}; use the two-digit 2008 codes, e.g. 01,79",
+        )
     return sorted(set(codes))
 
 
@@ -982,7 +1015,9 @@ class RemoteAnalytics:
     def _url(self) -> str:
         url = self._url_source() if callable(self._url_source) else self._url_source
         if not url:
-            raise AnalyticsUnavailable("the ClickHouse sink, which owns the chDB folder and answers analytics, is not running")
+            raise AnalyticsUnavailable(
+                "the ClickHouse sink, which owns the chDB folder and answers analytics, is not running"
+            )
         return url
 
     def call(self, method: str, **kwargs: Any) -> Any:
@@ -1008,8 +1043,11 @@ class RemoteAnalytics:
 
 
 def _positional(method: str, args: tuple) -> dict[str, Any]:
-    names = {"province_summary": ("code", "as_of"), "doses": ("group_by", "from_", "to", "province"),
-             "coverage": ("by", "as_of")}.get(method, ("as_of",))
+    names = {
+        "province_summary": ("code", "as_of"),
+        "doses": ("group_by", "from_", "to", "province"),
+        "coverage": ("by", "as_of"),
+    }.get(method, ("as_of",))
     return dict(zip(names, args))
 
 
@@ -1018,7 +1056,7 @@ def sink_url_path(settings) -> Path:
     return settings.run_dir / "sink.url"
 
 
-def analytics_for(settings, *, pool_size: int = 4) -> "Analytics | RemoteAnalytics":
+def analytics_for(settings, *, pool_size: int = 4) -> Analytics | RemoteAnalytics:
     """How a process other than the sink reaches the analytics: directly (server), or via the sink (chDB)."""
     url = settings.analytics_url()
     if url.startswith("chdb:"):
@@ -1073,8 +1111,25 @@ def region_of(code: str) -> str:
 
 
 __all__ = [
-    "Analytics", "AnalyticsUnavailable", "COVERAGE_BY", "GROUP_BY", "MIGRATIONS", "NEVER_MS", "ParameterError",
-    "RemoteAnalytics", "StorePool", "analytics_for", "compare_summaries", "cut_ms", "diff_with_postgres",
-    "dirty_hours", "ensure_schema", "figure_rows", "figure_values", "migrate", "parse_as_of", "refresh_rollups",
+    "Analytics",
+    "AnalyticsUnavailable",
+    "COVERAGE_BY",
+    "GROUP_BY",
+    "MIGRATIONS",
+    "NEVER_MS",
+    "ParameterError",
+    "RemoteAnalytics",
+    "StorePool",
+    "analytics_for",
+    "compare_summaries",
+    "cut_ms",
+    "diff_with_postgres",
+    "dirty_hours",
+    "ensure_schema",
+    "figure_rows",
+    "figure_values",
+    "migrate",
+    "parse_as_of",
+    "refresh_rollups",
     "regions",
 ]

@@ -94,18 +94,19 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from enum import Enum
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qs, urlparse
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
-UTC = timezone.utc
+UTC = UTC
 OWNER_LOCK = ".nhdp-owner.lock"
 
 __all__ = [
@@ -159,13 +160,26 @@ def open_store(url: str, *, purpose: str | None = None) -> AnalyticsStore:
         return NativeStore(url)
     if scheme == "chdb":
         return ChdbStore(url, purpose=purpose)
-    raise AnalyticsStoreError(f"unsupported analytics URL {url!r}: expected clickhouse://host:port/db or chdb:///abs/path")
+    raise AnalyticsStoreError(
+        f"unsupported analytics URL {url!r}: expected clickhouse://host:port/db or chdb:///abs/path"
+    )
 
 
 # -- parameters ----------------------------------------------------------------
 
 _STRING_ESCAPES = str.maketrans(
-    {"\\": "\\\\", "'": "\\'", "\b": "\\b", "\f": "\\f", "\r": "\\r", "\n": "\\n", "\t": "\\t", "\0": "\\0", "\a": "\\a", "\v": "\\v"}
+    {
+        "\\": "\\\\",
+        "'": "\\'",
+        "\b": "\\b",
+        "\f": "\\f",
+        "\r": "\\r",
+        "\n": "\\n",
+        "\t": "\\t",
+        "\0": "\\0",
+        "\a": "\\a",
+        "\v": "\\v",
+    }
 )
 
 
@@ -297,8 +311,13 @@ class Block:
         return Block, (self.columns, self.data, self.rows)
 
 
-def encode_block(columns_with_types: Sequence[tuple[str, str]], rows: Sequence[Sequence], *,
-                 what: str = "rows", engine: str | None = None) -> Block:
+def encode_block(
+    columns_with_types: Sequence[tuple[str, str]],
+    rows: Sequence[Sequence],
+    *,
+    what: str = "rows",
+    engine: str | None = None,
+) -> Block:
     """rows → a Block; AnalyticsStoreError naming the column whose values don't fit its type."""
     columns = [c for c, _ in columns_with_types]
     try:
@@ -312,8 +331,9 @@ def encode_block(columns_with_types: Sequence[tuple[str, str]], rows: Sequence[S
     return Block(columns, data, len(rows))
 
 
-def _typed(types: Mapping[str, str], table: str, columns: Sequence[str], engine: str,
-           label: str) -> list[tuple[str, str]]:
+def _typed(
+    types: Mapping[str, str], table: str, columns: Sequence[str], engine: str, label: str
+) -> list[tuple[str, str]]:
     """[(column, its type)] from a table's DESCRIBE; AnalyticsStoreError naming the columns it lacks."""
     missing = [c for c in columns if c.strip("`") not in types]
     if missing:
@@ -323,8 +343,9 @@ def _typed(types: Mapping[str, str], table: str, columns: Sequence[str], engine:
 
 def _check_block(block: Block, table: str, columns: Sequence[str], engine: str, label: str) -> None:
     if tuple(columns) != block.columns:
-        raise AnalyticsStoreError(f"{label}: a block of columns {list(block.columns)} given for "
-                                  f"{table} {list(columns)}", engine=engine)
+        raise AnalyticsStoreError(
+            f"{label}: a block of columns {list(block.columns)} given for {table} {list(columns)}", engine=engine
+        )
 
 
 _CODE = re.compile(r"Code: (\d+)")
@@ -701,7 +722,9 @@ def _release(owner: _Owner) -> None:
             os.close(owner.fd)  # drops the flock
 
 
-_READ_ONLY = re.compile(r"^\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*|\(\s*)*(SELECT|WITH|SHOW|DESCRIBE|DESC|EXISTS|EXPLAIN)\b", re.I | re.S)
+_READ_ONLY = re.compile(
+    r"^\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*|\(\s*)*(SELECT|WITH|SHOW|DESCRIBE|DESC|EXISTS|EXPLAIN)\b", re.I | re.S
+)
 
 
 class ChdbStore:
@@ -779,8 +802,9 @@ class ChdbStore:
             _check_block(rows, table, columns, self.engine, "chDB")
             block = rows.data
         else:
-            block = encode_block(self.column_types(table, columns), rows, what=f"chDB: rows for {table}",
-                                 engine=self.engine).data
+            block = encode_block(
+                self.column_types(table, columns), rows, what=f"chDB: rows for {table}", engine=self.engine
+            ).data
         sql = f"INSERT INTO {qtable} ({qcolumns})"
         with self._lock:
             session = self._session_or_fail()

@@ -72,9 +72,10 @@ import random
 import re
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import psycopg
 from psycopg import errors, sql
@@ -107,7 +108,7 @@ KEYED_FIGURES = ("doses_by_number", "doses_by_vaccine")
 RETRYABLE = (errors.DeadlockDetected, errors.SerializationFailure)
 MAX_ATTEMPTS = 8
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 _NAMESPACE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -471,8 +472,20 @@ def _prepare(messages: Sequence[tuple[str, int, int, Mapping[str, Any] | None]])
                 number = p["dose_number"]
                 if type(number) is not int:
                     raise ValueError(f"dose_number must be an integer, not {number!r}")
-                row = (event_id, DOSE, prov, us, subject, _text(p["vaccine"], "vaccine"), number, p["site_id"],
-                       None, None, None, None)
+                row = (
+                    event_id,
+                    DOSE,
+                    prov,
+                    us,
+                    subject,
+                    _text(p["vaccine"], "vaccine"),
+                    number,
+                    p["site_id"],
+                    None,
+                    None,
+                    None,
+                    None,
+                )
                 append((key, offset, event_id, row, None, subject))
                 continue
             if etype == DECLARATION:
@@ -480,14 +493,25 @@ def _prepare(messages: Sequence[tuple[str, int, int, Mapping[str, Any] | None]])
             elif etype == REGISTRATION:
                 row = (event_id, etype, prov, us, None, None, None, None, None, None, None, None)
             elif etype == ADVERSE:
-                row = (event_id, etype, prov, us, None, None, None, None, p["severity"] == "serious",
-                       None, None, None)
+                row = (event_id, etype, prov, us, None, None, None, None, p["severity"] == "serious", None, None, None)
             else:  # ALLOCATION
                 doses = p["doses"]
                 if type(doses) is not int:
                     raise ValueError(f"doses must be an integer, not {doses!r}")
-                row = (event_id, etype, prov, us, None, p["vaccine"], None, None, None, doses,
-                       p["allocation_id"], p["recipient"])
+                row = (
+                    event_id,
+                    etype,
+                    prov,
+                    us,
+                    None,
+                    p["vaccine"],
+                    None,
+                    None,
+                    None,
+                    doses,
+                    p["allocation_id"],
+                    p["recipient"],
+                )
             append((key, offset, event_id, row, None, None))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InvalidEvent(topic, partition, offset, f"{type(e).__name__}: {e}") from e
@@ -559,7 +583,9 @@ class Projector:
 
     def __init__(self, pool_or_conn_factory: Any, namespace: str = "proj"):
         if not _NAMESPACE.match(namespace):
-            raise ValueError(f"namespace {namespace!r}: use lower-case letters, digits and _ (a PostgreSQL schema name)")
+            raise ValueError(
+                f"namespace {namespace!r}: use lower-case letters, digits and _ (a PostgreSQL schema name)"
+            )
         self.namespace = namespace
         self.retries = 0  # batch transactions retried after a deadlock or serialization failure
         self._conns = _Connections(pool_or_conn_factory)

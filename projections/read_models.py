@@ -11,8 +11,9 @@ computed here, at read time, rounded to 6 decimals.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Any, Mapping
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -101,7 +102,7 @@ def all_provinces(
 
 
 def _iso(t: datetime) -> str:
-    return t.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def citizen_record(conn: psycopg.Connection, namespace: str, subject_id: str) -> dict[str, Any] | None:
@@ -174,10 +175,22 @@ def _subject_cols(alias: str) -> sql.Composable:
     cols[5] = sql.SQL("coalesce({}, false)").format(cols[5])
     return sql.SQL(", ").join(cols)
 
+
 # Arrived facts, their content and whether they are voided. A placeholder
 # (a void whose target never came) has no figures, so it is not compared.
-_EVENT_COLUMNS = ("etype", "province", "occurred_at", "subject_id", "vaccine", "dose_number", "site_id",
-                  "flag", "amount", "allocation_id", "recipient")
+_EVENT_COLUMNS = (
+    "etype",
+    "province",
+    "occurred_at",
+    "subject_id",
+    "vaccine",
+    "dose_number",
+    "site_id",
+    "flag",
+    "amount",
+    "allocation_id",
+    "recipient",
+)
 _EVENT_DIFF = """
 SELECT coalesce(a.event_id, b.event_id), {a_cols}, a.voided_by IS NOT NULL, {b_cols}, b.voided_by IS NOT NULL
 FROM (SELECT * FROM {a}.events WHERE etype IS NOT NULL) a
@@ -231,8 +244,6 @@ def diff_namespaces(conn: psycopg.Connection, a: str, b: str, limit: int = 1000)
             missing = a if ea[0] is None else b
             out.append(f"event {eid}: missing in {missing}")
             continue
-        parts = [
-            f"{name}: {a}={x} {b}={y}" for name, x, y in zip((*_EVENT_COLUMNS, "voided"), ea, eb) if x != y
-        ]
+        parts = [f"{name}: {a}={x} {b}={y}" for name, x, y in zip((*_EVENT_COLUMNS, "voided"), ea, eb) if x != y]
         out.append(f"event {eid} " + "; ".join(parts))
     return out

@@ -101,9 +101,10 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 from infra.kafka import TOPIC_EVENTS
 from nhdp.settings import Settings
@@ -145,18 +146,64 @@ COLLECT_EVERY_S = 10.0  # the sink's cyclic garbage collection (Runner.run)
 _REGIONS = {code: p.region for code, p in provinces().items()}
 
 EVENT_COLUMNS = [
-    "event_id", "event_type", "kind", "occurred_at", "occurred_ms", "province_code", "region", "source",
-    "subject_id", "flag", "vaccine", "dose_number", "site_id", "lot_number", "severity", "doses", "recipient",
-    "voided_event_id", "kafka_partition", "kafka_offset",
+    "event_id",
+    "event_type",
+    "kind",
+    "occurred_at",
+    "occurred_ms",
+    "province_code",
+    "region",
+    "source",
+    "subject_id",
+    "flag",
+    "vaccine",
+    "dose_number",
+    "site_id",
+    "lot_number",
+    "severity",
+    "doses",
+    "recipient",
+    "voided_event_id",
+    "kafka_partition",
+    "kafka_offset",
 ]
-INDEX_COLUMNS = ["event_id", "kind", "occurred_ms", "province_code", "subject_id", "vaccine", "dose_number", "flag", "amount"]
+INDEX_COLUMNS = [
+    "event_id",
+    "kind",
+    "occurred_ms",
+    "province_code",
+    "subject_id",
+    "vaccine",
+    "dose_number",
+    "flag",
+    "amount",
+]
 VOID_COLUMNS = ["target_id", "void_id", "occurred_ms", "province_code"]
 SUBJECT_COLUMNS = [
-    "subject_id", "version", "dose_ids", "dose_ms", "dose_province", "dose_janssen", "dose_void_ms",
-    "ever_ms", "ever_kind", "ever_province", "ever_delta",
+    "subject_id",
+    "version",
+    "dose_ids",
+    "dose_ms",
+    "dose_province",
+    "dose_janssen",
+    "dose_void_ms",
+    "ever_ms",
+    "ever_kind",
+    "ever_province",
+    "ever_delta",
 ]
 POINT_COLUMNS = [
-    "hour", "key_id", "kind", "t_ms", "province_code", "delta", "vaccine", "dose_number", "flag", "amount", "live",
+    "hour",
+    "key_id",
+    "kind",
+    "t_ms",
+    "province_code",
+    "delta",
+    "vaccine",
+    "dose_number",
+    "flag",
+    "amount",
+    "live",
     "version",
 ]
 
@@ -321,7 +368,7 @@ def shape(messages: Sequence[tuple[int, int, Mapping[str, Any]]], regions: Mappi
                 if type(number) is not int:
                     raise ValueError(f"dose_number must be an integer, not {number!r}")
                 vaccine = _nonempty(p["vaccine"], "vaccine")
-                p["site_id"]  # noqa: B018 - required, as in the projector
+                p["site_id"]
             elif kind == DECLARATION:
                 flag = 1 if p["symptoms"] else 0
             elif kind == ADVERSE:
@@ -331,10 +378,15 @@ def shape(messages: Sequence[tuple[int, int, Mapping[str, Any]]], regions: Mappi
                 if type(amount) is not int:
                     raise ValueError(f"doses must be an integer, not {amount!r}")
                 vaccine = p["vaccine"]
-                p["allocation_id"], p["recipient"]  # noqa: B018
+                p["allocation_id"], p["recipient"]
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            log.warning("skipping partition %s offset %s: %s: %s (the worker dead-letters it)",
-                        partition, offset, type(exc).__name__, exc)
+            log.warning(
+                "skipping partition %s offset %s: %s: %s (the worker dead-letters it)",
+                partition,
+                offset,
+                type(exc).__name__,
+                exc,
+            )
             skipped += 1
             continue
         if event_id in seen:
@@ -348,12 +400,30 @@ def shape(messages: Sequence[tuple[int, int, Mapping[str, Any]]], regions: Mappi
             void_rows.append((raw_target, raw_id, t_ms, province))
         else:
             vaccine, number = p.get("vaccine") or "", p.get("dose_number") or 0
-        add_event((
-            raw_id, et, kind, t_ms // 1000, t_ms % 1000, province, regions.get(province, ""),
-            ev.get("source") or "", subject, flag, vaccine, number, p.get("site_id") or "",
-            p.get("lot_number") or "", p.get("severity") or "", amount, p.get("recipient") or "", voided,
-            partition, offset,
-        ))
+        add_event(
+            (
+                raw_id,
+                et,
+                kind,
+                t_ms // 1000,
+                t_ms % 1000,
+                province,
+                regions.get(province, ""),
+                ev.get("source") or "",
+                subject,
+                flag,
+                vaccine,
+                number,
+                p.get("site_id") or "",
+                p.get("lot_number") or "",
+                p.get("severity") or "",
+                amount,
+                p.get("recipient") or "",
+                voided,
+                partition,
+                offset,
+            )
+        )
     out = Shaped((event_rows, index_rows, void_rows, facts, batch_voids))
     out.skipped = skipped
     return out
@@ -384,7 +454,8 @@ class SubjectFilter:
         passes = max(1, int(count) // 1_000_000 + 1)  # a million hashes per read at most
         for i in range(passes):
             for (digest,) in store.execute(
-                    f"SELECT hex(MD5(subject_id)) FROM subjects WHERE cityHash64(subject_id) % {passes} = {i}"):
+                f"SELECT hex(MD5(subject_id)) FROM subjects WHERE cityHash64(subject_id) % {passes} = {i}"
+            ):
                 self._add(bytes.fromhex(digest))
 
     def full(self) -> bool:
@@ -444,8 +515,10 @@ class Sink:
     def check_owner(self, store: AnalyticsStore | None = None) -> None:
         ((owner,),) = (store or self.store).execute("SELECT argMax(instance, started) FROM sink_owners")
         if owner != self.instance:
-            raise SinkFenced(f"another sink ({owner}) started writing {getattr(self.store, 'url', 'this database')} "
-                             "after this one; stopping: one writer per database")
+            raise SinkFenced(
+                f"another sink ({owner}) started writing {getattr(self.store, 'url', 'this database')} "
+                "after this one; stopping: one writer per database"
+            )
 
     def next_version(self) -> int:
         self._version = max(time.time_ns(), self._version + 1)
@@ -541,8 +614,18 @@ class Sink:
         stats.seconds = time.perf_counter() - started
         self._void_targets |= void_targets  # the next plan's voided_before, whether or not this is written yet
         self._remember(facts)
-        return Planned(version, sorted(hours), event_rows, void_rows, index_rows, subject_rows, point_rows,
-                       facts, batch_voids, stats)
+        return Planned(
+            version,
+            sorted(hours),
+            event_rows,
+            void_rows,
+            index_rows,
+            subject_rows,
+            point_rows,
+            facts,
+            batch_voids,
+            stats,
+        )
 
     def _remember(self, facts: dict[str, tuple]) -> None:
         """Keep the facts of the last batches, about RECENT_FACTS of them (oldest batch dropped first)."""
@@ -574,8 +657,11 @@ class Sink:
         store.insert("event_index", INDEX_COLUMNS, planned.index)
         store.insert("subjects", SUBJECT_COLUMNS, planned.subjects)
         store.insert("points", POINT_COLUMNS, planned.points)
-        store.insert("sink_batches", ["version", "messages", "completed_at"],
-                     [(version, planned.stats.messages, int(time.time()))])
+        store.insert(
+            "sink_batches",
+            ["version", "messages", "completed_at"],
+            [(version, planned.stats.messages, int(time.time()))],
+        )
         self._completed = version
         planned.stats.seconds += time.perf_counter() - started
         return planned.stats
@@ -587,16 +673,36 @@ class Sink:
         return rows
 
     @staticmethod
-    def _point(key: str, kind: int, t_ms: int, province: str, delta: int, fact: Fact | None, live: int,
-               version: int) -> tuple:
+    def _point(
+        key: str, kind: int, t_ms: int, province: str, delta: int, fact: Fact | None, live: int, version: int
+    ) -> tuple:
         t_s = t_ms // 1000
         if fact is None:
             return (t_s - t_s % 3600, key, kind, t_ms, province, delta, "", 0, 0, 0, live, version)
-        return (t_s - t_s % 3600, key, kind, t_ms, province, delta, fact.vaccine, fact.dose_number, fact.flag,
-                fact.amount, live, version)
+        return (
+            t_s - t_s % 3600,
+            key,
+            kind,
+            t_ms,
+            province,
+            delta,
+            fact.vaccine,
+            fact.dose_number,
+            fact.flag,
+            fact.amount,
+            live,
+            version,
+        )
 
-    def _subjects(self, new_doses: dict[str, dict[str, tuple]], voids_of: dict[str, dict[str, int]], version: int,
-                  point_rows: list[tuple], completed: int, writing: Planned | None) -> list[tuple]:
+    def _subjects(
+        self,
+        new_doses: dict[str, dict[str, tuple]],
+        voids_of: dict[str, dict[str, int]],
+        version: int,
+        point_rows: list[tuple],
+        completed: int,
+        writing: Planned | None,
+    ) -> list[tuple]:
         if not new_doses:
             return []
         if self._known.full():
@@ -633,7 +739,7 @@ class Sink:
                 ever = set(zip(e_ms, e_kind, e_prov, e_delta))
                 complete = row_version <= completed or (writing is not None and row_version == writing.version)
             if row is None and len(added) == 1:
-                (eid, fact), = added.items()
+                ((eid, fact),) = added.items()
                 if not voids_of.get(eid):  # a first dose, not voided: the common case, without the general machinery
                     t, prov = fact[1], fact[2]
                     hour = t // 1000 - t // 1000 % 3600
@@ -641,8 +747,21 @@ class Sink:
                     known.add(subject)
                     if fact[4] == "janssen":  # fully vaccinated by it too
                         add_point((hour, subject, FULLY, t, prov, 1, "", 0, 0, 0, 1, version))
-                        rows.append((subject, version, [eid], [t], [prov], [1], [NEVER_MS],
-                                     [t, t], list(_PEOPLE_FULLY), [prov, prov], [1, 1]))
+                        rows.append(
+                            (
+                                subject,
+                                version,
+                                [eid],
+                                [t],
+                                [prov],
+                                [1],
+                                [NEVER_MS],
+                                [t, t],
+                                list(_PEOPLE_FULLY),
+                                [prov, prov],
+                                [1, 1],
+                            )
+                        )
                     else:
                         rows.append((subject, version, [eid], [t], [prov], [0], [NEVER_MS], [t], [PEOPLE], [prov], [1]))
                     continue
@@ -670,11 +789,21 @@ class Sink:
             order = sorted(doses, key=lambda k: (doses[k][0], k))
             e = sorted(ever)
             known.add(subject)
-            rows.append((
-                subject, version, order, [doses[k][0] for k in order], [doses[k][1] for k in order],
-                [doses[k][2] for k in order], [doses[k][3] for k in order],
-                [p[0] for p in e], [p[1] for p in e], [p[2] for p in e], [p[3] for p in e],
-            ))
+            rows.append(
+                (
+                    subject,
+                    version,
+                    order,
+                    [doses[k][0] for k in order],
+                    [doses[k][1] for k in order],
+                    [doses[k][2] for k in order],
+                    [doses[k][3] for k in order],
+                    [p[0] for p in e],
+                    [p[1] for p in e],
+                    [p[2] for p in e],
+                    [p[3] for p in e],
+                )
+            )
         return rows
 
     # -- rollups ---------------------------------------------------------------------------------
@@ -729,8 +858,12 @@ def _start_decoder(registry_url: str) -> None:
 BLOCK_TABLES = (("events", EVENT_COLUMNS), ("event_index", INDEX_COLUMNS), ("voids", VOID_COLUMNS))
 
 
-def decode_and_shape(values: list[bytes], partitions: list[int], offsets: list[int],
-                     block_types: Sequence[list[tuple[str, str]]] | None = None) -> tuple[bytes, int]:
+def decode_and_shape(
+    values: list[bytes],
+    partitions: list[int],
+    offsets: list[int],
+    block_types: Sequence[list[tuple[str, str]]] | None = None,
+) -> tuple[bytes, int]:
     """In the decoding process: raw messages → (the pickled shape() of the good ones, how many were good).
 
     Pickled here so that the sink unpickles it on its own thread (where
@@ -801,20 +934,22 @@ class Runner:
     def _consumer(self):
         from confluent_kafka import Consumer
 
-        return Consumer({
-            "bootstrap.servers": self.settings.kafka_bootstrap_servers,
-            "group.id": self.group,
-            "client.id": f"nhdp-sink-{os.getpid()}",
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "max.partition.fetch.bytes": 16 * 1024 * 1024,
-            "fetch.max.bytes": 64 * 1024 * 1024,
-            "max.poll.interval.ms": 600_000,
-            # A sink that dies without leaving the group (SIGKILL, a lost host) holds its
-            # partitions until this expires: 10 s, as the worker, not the client's 45 s.
-            "session.timeout.ms": 10_000,
-            "logger": logging.getLogger("nhdp.sink.kafka"),
-        })
+        return Consumer(
+            {
+                "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+                "group.id": self.group,
+                "client.id": f"nhdp-sink-{os.getpid()}",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "max.partition.fetch.bytes": 16 * 1024 * 1024,
+                "fetch.max.bytes": 64 * 1024 * 1024,
+                "max.poll.interval.ms": 600_000,
+                # A sink that dies without leaving the group (SIGKILL, a lost host) holds its
+                # partitions until this expires: 10 s, as the worker, not the client's 45 s.
+                "session.timeout.ms": 10_000,
+                "logger": logging.getLogger("nhdp.sink.kafka"),
+            }
+        )
 
     # A rebalance revokes every partition (eager protocol) and the consumer then
     # fetches from the committed offsets: drop what is buffered, it was not
@@ -893,18 +1028,25 @@ class Runner:
                 quiet = not polled and time.monotonic() - last_polled >= QUIET_S
                 # One batch on per round, so that the decoders always have the next ones; all of
                 # them once the log is quiet.
-                if self._decoding and (len(self._decoding) > self.settings.sink_decoders
-                                       or self._decoding[0][0].done()):
+                if self._decoding and (
+                    len(self._decoding) > self.settings.sink_decoders or self._decoding[0][0].done()
+                ):
                     self._advance(consumer, writer)
                 while quiet and self._decoding:
                     self._advance(consumer, writer)
                 # committed as soon as written, not when the next batch is handed to the writer
                 if self._writing is not None and (self._writing[0].done() or (quiet and not self._decoding)):
                     self._finish(consumer)
-                if (not self._buffer and not self._decoding and self._writing is None
-                        and (not polled or time.monotonic() - self.sink.last_rollup > self.rollup_every_s)):
-                    self._with_retry(consumer, lambda: self.sink.refresh_rollups(
-                        doses_every_s=DOSES_EVERY_S if polled else 0.0))
+                if (
+                    not self._buffer
+                    and not self._decoding
+                    and self._writing is None
+                    and (not polled or time.monotonic() - self.sink.last_rollup > self.rollup_every_s)
+                ):
+                    self._with_retry(
+                        consumer,
+                        lambda polled=polled: self.sink.refresh_rollups(doses_every_s=DOSES_EVERY_S if polled else 0.0),
+                    )
             # Stopping: the batch being written is finished and committed; the ones still being
             # decoded were not committed and will be delivered again.
             self._finish(consumer)
@@ -933,8 +1075,11 @@ class Runner:
 
             # spawn, not fork: this process runs librdkafka's and the writer's threads
             self._decoder = ProcessPoolExecutor(
-                max_workers=self.settings.sink_decoders, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_decoder, initargs=(self.settings.registry_url,))
+                max_workers=self.settings.sink_decoders,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_decoder,
+                initargs=(self.settings.registry_url,),
+            )
         return self._decoder
 
     def _cut(self) -> None:
@@ -958,8 +1103,10 @@ class Runner:
         def decoded():
             pending, attempt[0] = attempt[0], None
             try:
-                return (pending or self._decoder_pool().submit(
-                    decode_and_shape, values, partitions, offsets, self._block_types)).result()
+                return (
+                    pending
+                    or self._decoder_pool().submit(decode_and_shape, values, partitions, offsets, self._block_types)
+                ).result()
             except BrokenProcessPool as exc:  # it died (killed, out of memory): a new one decodes it again
                 self._decoder = None
                 raise OSError(f"the sink's decoding process died: {exc}") from exc
@@ -993,8 +1140,9 @@ class Runner:
         finally:
             self._writing = None
         try:
-            consumer.commit(offsets=[TopicPartition(TOPIC_EVENTS, p, o) for p, o in offsets.items()],
-                            asynchronous=False)
+            consumer.commit(
+                offsets=[TopicPartition(TOPIC_EVENTS, p, o) for p, o in offsets.items()], asynchronous=False
+            )
         except KafkaException as exc:  # a rebalance took the partitions: they are re-delivered, idempotently
             log.warning("offset commit failed (%s); the batch will be re-delivered and changes nothing", exc)
         self.processed += count
@@ -1077,7 +1225,7 @@ def serve_queries(analytics: Analytics, host: str = "127.0.0.1", port: int = 0) 
                 self._send(400, {"error": str(exc), "param": exc.param})
             except TypeError as exc:
                 self._send(400, {"error": f"request: {exc}", "param": "request"})
-            except Exception as exc:  # noqa: BLE001 - the caller gets the reason
+            except Exception as exc:
                 log.exception("analytics call %s failed", name)
                 self._send(503, {"error": f"{type(exc).__name__}: {exc}"[:2000]})
 
@@ -1169,7 +1317,9 @@ def sink_positions(settings: Settings, group: str = GROUP) -> dict[int, int]:
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers, group_id=group, enable_auto_commit=False,
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        group_id=group,
+        enable_auto_commit=False,
         request_timeout_ms=10_000,
     )
     try:
@@ -1206,8 +1356,9 @@ def _postgres_positions(conn, namespace: str = "proj") -> dict[int, int]:
     return {p: o + 1 for p, o in rows}
 
 
-def verify(settings: Settings, *, analytics=None, group: str = GROUP, timeout_s: float = 60.0,
-           namespace: str = "proj") -> tuple[list[str], dict[int, int]]:
+def verify(
+    settings: Settings, *, analytics=None, group: str = GROUP, timeout_s: float = 60.0, namespace: str = "proj"
+) -> tuple[list[str], dict[int, int]]:
     """Every figure from ClickHouse (no as_of) against the PostgreSQL projections, once both have
     applied the same prefix of the log; returns (differences, the positions compared at).
 
@@ -1277,8 +1428,9 @@ class ReplayResult:
     seconds: float
 
 
-def rebuild(settings: Settings, name: str, *, upto: dict[int, int] | None = None, batch_rows: int = 20_000,
-            progress=None) -> ReplayResult:
+def rebuild(
+    settings: Settings, name: str, *, upto: dict[int, int] | None = None, batch_rows: int = 20_000, progress=None
+) -> ReplayResult:
     """Rebuild the analytics of the log from offset 0 up to `upto` (last offsets, inclusive; default: the
     end now) into replay_<name>, with the same Router and Sink as the live sink, then every rollup."""
     from infra.kafka import LogPrefix

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import copy
 import struct
-from datetime import date, datetime, timedelta, timezone
-from typing import Any, Callable
+from collections.abc import Callable
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
 from uuid import UUID
 
 PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
 NAMED = frozenset({"record", "error", "enum", "fixed"})
 
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
 _ONE_US = timedelta(microseconds=1)
 _DAYS_SHIFT = date(1970, 1, 1).toordinal()
@@ -35,11 +36,23 @@ INT_MIN, INT_MAX = -(1 << 31), (1 << 31) - 1
 LONG_MIN, LONG_MAX = -(1 << 63), (1 << 63) - 1
 # Logical types of the spec we do not generate code for; unknown names are
 # ignored, as the spec says.
-_SPEC_LOGICAL = frozenset({
-    "decimal", "big-decimal", "uuid", "date", "time-millis", "time-micros", "timestamp-millis",
-    "timestamp-micros", "timestamp-nanos", "local-timestamp-millis", "local-timestamp-micros",
-    "local-timestamp-nanos", "duration",
-})
+_SPEC_LOGICAL = frozenset(
+    {
+        "decimal",
+        "big-decimal",
+        "uuid",
+        "date",
+        "time-millis",
+        "time-micros",
+        "timestamp-millis",
+        "timestamp-micros",
+        "timestamp-nanos",
+        "local-timestamp-millis",
+        "local-timestamp-micros",
+        "local-timestamp-nanos",
+        "duration",
+    }
+)
 # Cap for arrays/maps whose items may encode to zero bytes (e.g. array of null),
 # where the remaining length cannot bound the count.
 MAX_EMPTY_ITEMS = 1 << 16
@@ -213,7 +226,7 @@ class _Gen:
         src.append(f"    return {fname}")
         code = compile("\n".join(src) + "\n", f"<avro {fname} {label}>", "exec")
         ns: dict[str, Any] = {}
-        exec(code, _RUNTIME, ns)  # noqa: S102 - source generated here from a parsed schema
+        exec(code, _RUNTIME, ns)
         fn = ns["_factory"](**consts)
         fn.__source__ = "\n".join(src)  # type: ignore[attr-defined]
         return fn
@@ -299,9 +312,7 @@ _READ_LOGICAL = {
 }
 
 
-def compile_decoder(
-    writer: Any, reader: Any = None, *, logical_types: bool = False
-) -> Decoder:
+def compile_decoder(writer: Any, reader: Any = None, *, logical_types: bool = False) -> Decoder:
     """``decode(buf, pos) -> value`` reading one datum of ``writer`` from
     ``buf[pos:]``, resolved to ``reader`` (None: same as writer). The datum must
     end exactly at ``len(buf)``.
@@ -375,7 +386,10 @@ class _Decoder:
         self.varint(t, ind, table="LEN")
         g.emit(ind, f"{end} = pos + {t}")
         g.emit(ind, f"if {end} > blen:")
-        g.emit(ind + 1, f"raise CorruptData(f'{what} length prefix at byte {{pos}} is negative or runs past the end ({{blen}} bytes)')")
+        g.emit(
+            ind + 1,
+            f"raise CorruptData(f'{what} length prefix at byte {{pos}} is negative or runs past the end ({{blen}} bytes)')",
+        )
         return end
 
     def enum_index(self, t: str, ind: int, values: list, what: str) -> None:
@@ -457,7 +471,10 @@ class _Decoder:
                 e(ind, f"{'if' if k == 0 else 'elif'} {b} == {k << 1}:")
                 self.read(br, None, t, ind + 1)
             e(ind, "else:")
-            e(ind + 1, f"raise CorruptData(f'union index byte {{{b}}} at {{pos - 1}} is out of range (0..{len(branches) - 1})')")
+            e(
+                ind + 1,
+                f"raise CorruptData(f'union index byte {{{b}}} at {{pos - 1}} is out of range (0..{len(branches) - 1})')",
+            )
         elif typ == "record":
             names = []
             for f in w["fields"]:
@@ -507,18 +524,24 @@ class _Decoder:
     # -- schema resolution -------------------------------------------------
 
     def resolve(self, w: dict, r: dict, t: str, ind: int) -> None:
-        g, e = self.g, self.g.emit
+        _g, e = self.g, self.g.emit
         if w["type"] == "union":
             b = self.union_index(ind, len(w["branches"]), "union")
             for k, br in enumerate(w["branches"]):
                 e(ind, f"{'if' if k == 0 else 'elif'} {b} == {k << 1}:")
                 target = _first_match(br, r)
                 if target is None:
-                    e(ind + 1, f"raise UnresolvableValue({_describe(br) + ' is not in the reader union ' + _describe(r)!r})")
+                    e(
+                        ind + 1,
+                        f"raise UnresolvableValue({_describe(br) + ' is not in the reader union ' + _describe(r)!r})",
+                    )
                 else:
                     self.read(br, target, t, ind + 1)
             e(ind, "else:")
-            e(ind + 1, f"raise CorruptData(f'union index byte {{{b}}} at {{pos - 1}} is out of range (0..{len(w['branches']) - 1})')")
+            e(
+                ind + 1,
+                f"raise CorruptData(f'union index byte {{{b}}} at {{pos - 1}} is out of range (0..{len(w['branches']) - 1})')",
+            )
             return
         if r["type"] == "union":
             target = _first_match(w, r)
@@ -545,7 +568,10 @@ class _Decoder:
             self.enum_index(t, ind, marked, f"enum {w['name']}")
             if None in mapping:
                 e(ind, f"if {t}.__class__ is tuple:")
-                e(ind + 1, f"raise UnresolvableValue(f'enum symbol {{{t}[0]}} is unknown to reader {r['name']} and it has no default')")
+                e(
+                    ind + 1,
+                    f"raise UnresolvableValue(f'enum symbol {{{t}[0]}} is unknown to reader {r['name']} and it has no default')",
+                )
         elif wt == "fixed":
             self.read(w, None, t, ind)
         elif wt == "array":
@@ -598,9 +624,14 @@ class _Decoder:
 
 
 _PROMOTIONS = {
-    ("int", "long"), ("int", "float"), ("int", "double"),
-    ("long", "float"), ("long", "double"), ("float", "double"),
-    ("string", "bytes"), ("bytes", "string"),
+    ("int", "long"),
+    ("int", "float"),
+    ("int", "double"),
+    ("long", "float"),
+    ("long", "double"),
+    ("float", "double"),
+    ("string", "bytes"),
+    ("bytes", "string"),
 }
 
 
@@ -778,14 +809,26 @@ def _python_kinds(b: dict, branches: list[dict]) -> set[str]:
     """Python value kinds a union branch accepts when encoding."""
     t, lt = b["type"], b.get("logical")
     if t in ("int", "long"):
-        return {"int", "datetime"} if lt in ("timestamp-millis", "timestamp-micros") else {"int", "date"} if lt == "date" else {"int"}
+        return (
+            {"int", "datetime"}
+            if lt in ("timestamp-millis", "timestamp-micros")
+            else {"int", "date"}
+            if lt == "date"
+            else {"int"}
+        )
     if t in ("float", "double"):
         has_int = any(x["type"] in ("int", "long") for x in branches)
         return {"float"} if has_int else {"float", "int"}
     return {
-        "null": {"none"}, "boolean": {"bool"}, "string": {"str", "uuid"} if lt == "uuid" else {"str"},
-        "enum": {"str"}, "bytes": {"bytes"}, "fixed": {"bytes"}, "array": {"list"},
-        "map": {"dict"}, "record": {"dict"},
+        "null": {"none"},
+        "boolean": {"bool"},
+        "string": {"str", "uuid"} if lt == "uuid" else {"str"},
+        "enum": {"str"},
+        "bytes": {"bytes"},
+        "fixed": {"bytes"},
+        "array": {"list"},
+        "map": {"dict"},
+        "record": {"dict"},
     }[t]
 
 
@@ -856,7 +899,9 @@ def _explain(n: dict, v: Any, path: str) -> str | None:
         lo, hi = (INT_MIN, INT_MAX) if t == "int" else (LONG_MIN, LONG_MAX)
         return None if lo <= v <= hi else f"{_at(path)}: {v} out of the {t} range"
     if t in ("float", "double"):
-        return None if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{_at(path)}: expected {t}, got {got}"
+        return (
+            None if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{_at(path)}: expected {t}, got {got}"
+        )
     if t == "string":
         ok = isinstance(v, str) or (lt == "uuid" and isinstance(v, UUID))
         return None if ok else f"{_at(path)}: expected string, got {got}"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +66,7 @@ class UnknownEventType(KeyError):
 
 def _check(event_type: str) -> None:
     if event_type not in _DOCS:
-        raise UnknownEventType(
-            f"unknown event type {event_type!r}; expected one of {', '.join(EVENT_TYPES)}"
-        )
+        raise UnknownEventType(f"unknown event type {event_type!r}; expected one of {', '.join(EVENT_TYPES)}")
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -96,7 +94,7 @@ def subject_for(event_type: str) -> str:
     return f"{TOPIC}-{record_name(event_type)}"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _composed(event_type: str) -> dict[str, Any]:
     _check(event_type)
     envelope = _load(AVRO_DIR / "envelope.avsc")
@@ -115,7 +113,7 @@ def current_schema(event_type: str) -> dict[str, Any]:
     return copy.deepcopy(_composed(event_type))
 
 
-@lru_cache(maxsize=None)
+@cache
 def parsed_schema(event_type: str) -> dict[str, Any]:
     """fastavro-parsed current schema. Cached and shared: do not mutate."""
     return fastavro.parse_schema(current_schema(event_type))
@@ -160,6 +158,6 @@ def compatibility_problems(reader: dict[str, Any], writer: dict[str, Any]) -> li
     # The checker reports sets of kinds, messages and locations that do not pair up.
     kinds = sorted({k.value for k in result.incompatibilities})
     where = sorted(loc for loc in result.locations if loc != "/") or ["/"]
-    return [
-        f"{kind}: {', '.join(sorted(result.messages))} (at {', '.join(where)})" for kind in kinds
-    ] or ["incompatible"]
+    return [f"{kind}: {', '.join(sorted(result.messages))} (at {', '.join(where)})" for kind in kinds] or [
+        "incompatible"
+    ]

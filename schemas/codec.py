@@ -38,7 +38,8 @@ import copy
 import gc
 import io
 import struct
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 import fastavro
 
@@ -46,8 +47,8 @@ from schemas import catalog
 from schemas.avro_codegen import (
     CorruptData,
     ResolutionError,
-    Unsupported,
     UnresolvableValue,
+    Unsupported,
     compile_decoder,
     compile_encoder,
     explain,
@@ -60,8 +61,15 @@ HEADER_SIZE = 5
 # What generated (and fallback) decoders can raise on bad bytes. RegistryError is
 # deliberately absent: a registry outage must not look like a corrupt message.
 _BAD_INPUT = (
-    IndexError, ValueError, TypeError, KeyError, AttributeError,
-    OverflowError, MemoryError, RecursionError, struct.error,
+    IndexError,
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    OverflowError,
+    MemoryError,
+    RecursionError,
+    struct.error,
 )
 
 
@@ -77,7 +85,7 @@ class CodecError(ValueError):
         self.index = index
         self.schema_id = schema_id
 
-    def at(self, index: int) -> "CodecError":
+    def at(self, index: int) -> CodecError:
         return CodecError(f"message {index}: {self}", index=index, schema_id=self.schema_id)
 
 
@@ -241,9 +249,7 @@ class Codec:
             if _full_name(schema) != expected:
                 raise ValueError(f"schema for {event_type} must be the record {expected}, got {_full_name(schema)}")
             self._schemas[event_type] = copy.deepcopy(schema)
-        self._readers: dict[str, dict[str, Any]] = {
-            catalog.record_name(t): s for t, s in self._schemas.items()
-        }
+        self._readers: dict[str, dict[str, Any]] = {catalog.record_name(t): s for t, s in self._schemas.items()}
         # event_type -> (5-byte header, encoder); 5-byte header -> decoder
         self._writers: dict[str, tuple[bytes, Callable[[Any, bytearray], None]]] = {}
         self._decoders: dict[bytes, Callable[[bytes, int], Any]] = {}
@@ -256,7 +262,7 @@ class Codec:
         *,
         schemas: Mapping[str, dict[str, Any]] | None = None,
         logical_types: bool = False,
-    ) -> "Codec":
+    ) -> Codec:
         """A codec without a registry that knows exactly these ``{id: schema}``.
 
         Encoding a type needs its schema among them; decoding an id not among
@@ -286,9 +292,7 @@ class Codec:
 
     def _check_type(self, event_type: str) -> None:
         if event_type not in self._schemas:
-            raise CodecError(
-                f"unknown event type {event_type!r}; expected one of {', '.join(catalog.EVENT_TYPES)}"
-            )
+            raise CodecError(f"unknown event type {event_type!r}; expected one of {', '.join(catalog.EVENT_TYPES)}")
 
     def _writer(self, event_type: Any) -> tuple[bytes, Callable[[Any, bytearray], None]]:
         found = self._writers.get(event_type)
@@ -385,15 +389,11 @@ class Codec:
         if isinstance(e, CodecError):
             return e
         if not isinstance(event_type, str) or event_type not in self._schemas:
-            return CodecError(
-                f"unknown event type {event_type!r}; expected one of {', '.join(catalog.EVENT_TYPES)}"
-            )
+            return CodecError(f"unknown event type {event_type!r}; expected one of {', '.join(catalog.EVENT_TYPES)}")
         if not isinstance(record, Mapping):
             return CodecError(f"cannot encode {event_type}: record is of type {type(record).__name__}, not a dict")
         if record.get("event_type") != event_type:
-            return CodecError(
-                f"cannot encode {event_type}: the record's event_type is {record.get('event_type')!r}"
-            )
+            return CodecError(f"cannot encode {event_type}: the record's event_type is {record.get('event_type')!r}")
         why = explain(self._schemas[event_type], record) or f"{type(e).__name__}: {e}"
         return CodecError(f"cannot encode {event_type}: {why}")
 
@@ -475,9 +475,7 @@ class Codec:
         schema_id = int.from_bytes(data[1:5], "big")
         if isinstance(e, UnresolvableValue):
             return CodecError(f"schema id {schema_id}: {e}", schema_id=schema_id)
-        return CodecError(
-            f"truncated or corrupt body for schema id {schema_id}: {_reason(e)}", schema_id=schema_id
-        )
+        return CodecError(f"truncated or corrupt body for schema id {schema_id}: {_reason(e)}", schema_id=schema_id)
 
 
 def _no_encoder(datum: Any, out: bytearray) -> None:  # pragma: no cover - placeholder before first item

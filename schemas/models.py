@@ -22,9 +22,9 @@ import csv
 import re
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Literal, get_args
 from uuid import UUID
 
 from pydantic import (
@@ -45,7 +45,7 @@ from schemas.catalog import CITIZEN_EVENT_TYPES, EVENT_TYPES
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 FUTURE_SKEW = timedelta(minutes=5)
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
 LONG_MAX = (1 << 63) - 1
 HCM_OFFSET_S = 7 * 3600  # Asia/Ho_Chi_Minh has no DST: "this year" is the year there
@@ -64,12 +64,26 @@ Symptom = Literal["fever", "cough", "shortness_of_breath", "sore_throat", "loss_
 Channel = Literal["app", "web", "kiosk", "paper"]
 Sex = Literal["female", "male", "unknown"]
 PriorityGroup = Literal[
-    "health_worker", "frontline_worker", "armed_forces", "police",
-    "elderly_65_plus", "chronic_condition", "essential_worker", "general",
+    "health_worker",
+    "frontline_worker",
+    "armed_forces",
+    "police",
+    "elderly_65_plus",
+    "chronic_condition",
+    "essential_worker",
+    "general",
 ]
 Vaccine = Literal[
-    "astrazeneca", "pfizer", "moderna", "sinopharm", "sputnik_v",
-    "janssen", "abdala", "hayat_vax", "covaxin", "novavax",
+    "astrazeneca",
+    "pfizer",
+    "moderna",
+    "sinopharm",
+    "sputnik_v",
+    "janssen",
+    "abdala",
+    "hayat_vax",
+    "covaxin",
+    "novavax",
 ]
 Severity = Literal["mild", "moderate", "severe", "serious"]
 Recipient = Literal["province_health", "armed_forces", "police", "other_unit"]
@@ -136,9 +150,7 @@ def _positive_long(v: int) -> int:
     return v
 
 
-_RFC3339 = re.compile(
-    r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})?"
-)
+_RFC3339 = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})?")
 _EXAMPLE_TS = "2021-08-10T09:30:00+07:00"
 
 
@@ -348,11 +360,14 @@ EVENT_MODELS: dict[str, type[EventIn]] = {
 # which is what the discriminator does, and also reports envelope errors of
 # events whose type is unknown.
 AnyEvent = Annotated[
-    Union[
-        HealthDeclarationSubmittedEvent, VaccinationRegisteredEvent, AppointmentScheduledEvent,
-        CheckedInEvent, DoseAdministeredEvent, AdverseEventReportedEvent,
-        VaccineAllocatedEvent, RecordVoidedEvent,
-    ],
+    HealthDeclarationSubmittedEvent
+    | VaccinationRegisteredEvent
+    | AppointmentScheduledEvent
+    | CheckedInEvent
+    | DoseAdministeredEvent
+    | AdverseEventReportedEvent
+    | VaccineAllocatedEvent
+    | RecordVoidedEvent,
     Field(discriminator="event_type"),
 ]
 
@@ -518,9 +533,7 @@ def _messages(e: ValidationError, event_type: str | None) -> list[str]:
 # -- to Avro -------------------------------------------------------------------------------
 
 
-def to_avro_record(
-    validated: ValidatedEvent, subject_id: str | None, *, trace_id: str | None = None
-) -> dict[str, Any]:
+def to_avro_record(validated: ValidatedEvent, subject_id: str | None, *, trace_id: str | None = None) -> dict[str, Any]:
     """The dict matching the event's Avro schema (schemas.catalog.current_schema).
 
     citizen_id is dropped; subject_id (its pseudonym, computed by the caller) is

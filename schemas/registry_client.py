@@ -125,7 +125,7 @@ class RegistryClient:
         if self._owns_http:
             self._http.close()
 
-    def __enter__(self) -> "RegistryClient":
+    def __enter__(self) -> RegistryClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

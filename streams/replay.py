@@ -87,8 +87,12 @@ def rebuild(
 
     started = time.perf_counter()
     progress = Progress(
-        TextColumn(f"replay → {namespace}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console or Console(stderr=True),
+        TextColumn(f"replay → {namespace}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        console=console or Console(stderr=True),
     )
     try:
         with progress:

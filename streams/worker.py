@@ -80,8 +80,9 @@ class Worker(faust.Worker):
 def create_app(
     settings: Settings, *, namespace: str = "proj", group: str = GROUP, ready_file: Path | None = None
 ) -> faust.App:
-    from projections.projector import Projector
     from psycopg_pool import ConnectionPool
+
+    from projections.projector import Projector
 
     app = bulk.App(
         group,
@@ -142,8 +143,12 @@ def create_app(
                 # races the group coordinator). Exiting is safe: nothing of this
                 # assignment was applied, and the supervisor (`nhdp up`, systemd…)
                 # starts the worker again, which resumes from the tracking record.
-                log.critical("could not resume at the tracking record within %.0fs (%r); exiting so that "
-                             "the worker is restarted", RESUME_TIMEOUT_S, reason)
+                log.critical(
+                    "could not resume at the tracking record within %.0fs (%r); exiting so that "
+                    "the worker is restarted",
+                    RESUME_TIMEOUT_S,
+                    reason,
+                )
                 logging.shutdown()
                 os._exit(75)
 
@@ -155,7 +160,7 @@ def create_app(
             watchdog.start()
             try:
                 await _commit_and_seek(app_, resume)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 give_up(exc)
             finally:
                 watchdog.cancel()
@@ -172,7 +177,7 @@ def create_app(
                 try:
                     await handle_batch(app, records)
                     break
-                except Exception:  # noqa: BLE001 - a dead loop would stall silently; hold the batch and retry
+                except Exception:
                     log.exception("batch of %d failed; retrying in %.1fs", len(records), delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 30.0)
@@ -187,7 +192,7 @@ def create_app(
         # is), hence bounded: PostgreSQL being down must not hold the rebalance.
         try:
             await asyncio.wait_for(busy.acquire(), REVOKE_WAIT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return
         busy.release()
 
@@ -195,8 +200,10 @@ def create_app(
         proj = projector()
         router: Router = state["router"]
         good, bad = await asyncio.to_thread(router.split, [m.value for m in msgs])
-        sends = [await app_.producer.send(TOPIC_DLQ, msgs[i].key, msgs[i].value, None, None, dlq_headers(msgs[i], reason))
-                 for i, reason in bad]
+        sends = [
+            await app_.producer.send(TOPIC_DLQ, msgs[i].key, msgs[i].value, None, None, dlq_headers(msgs[i], reason))
+            for i, reason in bad
+        ]
         sends += await copy_to_provinces(app_.producer._ensure_producer(), msgs, good)
         if sends:
             await asyncio.gather(*sends)
@@ -229,7 +236,10 @@ def create_app(
                     if batch.append(key=m.key, value=m.value, timestamp=None, headers=list(m.headers or [])) is None:
                         futures.append(await kafka.send_batch(batch, topic, partition=partition))
                         batch = kafka.create_batch()
-                        if batch.append(key=m.key, value=m.value, timestamp=None, headers=list(m.headers or [])) is None:
+                        if (
+                            batch.append(key=m.key, value=m.value, timestamp=None, headers=list(m.headers or []))
+                            is None
+                        ):
                             # never dropped: the batch fails and is retried (a first record always fits)
                             raise RuntimeError(f"{topic}: offset {m.offset} does not fit an empty record batch")
                 futures.append(await kafka.send_batch(batch, topic, partition=partition))
@@ -253,7 +263,7 @@ def create_app(
                 await dead_letter(app_, m, f"invalid: {exc.reason}")
                 messages = [(t, p, o, None if (p, o) == (exc.partition, exc.offset) else e) for t, p, o, e in messages]
                 rejected += 1
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 log.warning("projection batch failed (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
@@ -262,7 +272,9 @@ def create_app(
     return app
 
 
-def consumer_lag(settings: Settings, conn, namespace: str = "proj", group: str = GROUP) -> tuple[dict[int, int], int, int]:
+def consumer_lag(
+    settings: Settings, conn, namespace: str = "proj", group: str = GROUP
+) -> tuple[dict[int, int], int, int]:
     """(lag per partition, messages applied, DLQ size): Kafka's end offsets against the tracking record."""
     from kafka import KafkaConsumer, TopicPartition
 

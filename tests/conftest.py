@@ -17,7 +17,6 @@ from nhdp import settings as settings_mod
 from nhdp.settings import Settings
 
 
-
 def stack_env(data_dir: Path) -> dict[str, str]:
     """NHDP_* variables for a private stack in data_dir on free ports."""
     return private_settings(data_dir).as_env()
@@ -32,7 +31,9 @@ def stack_settings(tmp_path_factory) -> Settings:
         from infra.clickhouse import server_binary
 
         if server_binary() is None:
-            pytest.fail("CI needs clickhouse-server for the native-protocol tests: apt-get install -y clickhouse-server")
+            pytest.fail(
+                "CI needs clickhouse-server for the native-protocol tests: apt-get install -y clickhouse-server"
+            )
 
     env = stack_env(tmp_path_factory.mktemp("stack"))
     for name in [k for k in os.environ if k.startswith("NHDP_")]:

@@ -12,7 +12,7 @@ Timestamps have millisecond precision (what Avro keeps) and lie in the past.
 from __future__ import annotations
 
 import string
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 from hypothesis import strategies as st
@@ -31,12 +31,17 @@ from schemas.models import (
     validate_event,
 )
 
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # 2021-01-01 .. 2026-01-01: inside the campaign era, never in the future.
 MIN_MS = 1_609_459_200_000
 MAX_MS = 1_767_225_600_000
-OFFSETS = [timezone.utc, timezone(timedelta(hours=7)), timezone(timedelta(hours=-5)),
-           timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(hours=14))]
+OFFSETS = [
+    UTC,
+    timezone(timedelta(hours=7)),
+    timezone(timedelta(hours=-5)),
+    timezone(timedelta(hours=5, minutes=30)),
+    timezone(timedelta(hours=14)),
+]
 PROVINCES = sorted(PROVINCE_CODES)
 
 # Realistic ids plus the odd non-ASCII one; no surrogates (not encodable as UTF-8).
@@ -55,7 +60,7 @@ def rfc3339(draw: Any, min_ms: int = MIN_MS, max_ms: int = MAX_MS) -> str:
     return format_ts(ms, draw(st.sampled_from(OFFSETS)), z=draw(st.booleans()))
 
 
-def format_ts(ms: int, tz: timezone = timezone.utc, *, z: bool = False) -> str:
+def format_ts(ms: int, tz: timezone = UTC, *, z: bool = False) -> str:
     dt = (EPOCH + timedelta(milliseconds=ms)).astimezone(tz)
     text = dt.isoformat(timespec="milliseconds")
     return text[:-6] + "Z" if z and text.endswith("+00:00") else text
@@ -185,18 +190,22 @@ def _bad_envelope(draw: Any, ev: dict[str, Any]) -> str:
     if field == "event_id":
         ev["event_id"] = draw(_not_uuid | st.integers() | st.none())
     elif field == "occurred_at":
-        ev["occurred_at"] = draw(st.one_of(
-            st.text(max_size=30).filter(lambda s: not s[:4].isdigit()),
-            st.integers(MIN_MS // 1000, MAX_MS // 1000),  # unix seconds are not RFC 3339
-            rfc3339().map(lambda s: s.replace("Z", "")[:23]),  # offset removed (naive)
-            rfc3339(min_ms=4_102_444_800_000, max_ms=4_200_000_000_000),  # after 2100: future
-        ))
+        ev["occurred_at"] = draw(
+            st.one_of(
+                st.text(max_size=30).filter(lambda s: not s[:4].isdigit()),
+                st.integers(MIN_MS // 1000, MAX_MS // 1000),  # unix seconds are not RFC 3339
+                rfc3339().map(lambda s: s.replace("Z", "")[:23]),  # offset removed (naive)
+                rfc3339(min_ms=4_102_444_800_000, max_ms=4_200_000_000_000),  # after 2100: future
+            )
+        )
     elif field == "province_code":
-        ev["province_code"] = draw(st.one_of(
-            st.from_regex(r"[0-9]{2}", fullmatch=True).filter(lambda c: c not in PROVINCE_CODES),
-            st.text(max_size=5).filter(lambda c: c not in PROVINCE_CODES),
-            st.integers(0, 99),
-        ))
+        ev["province_code"] = draw(
+            st.one_of(
+                st.from_regex(r"[0-9]{2}", fullmatch=True).filter(lambda c: c not in PROVINCE_CODES),
+                st.text(max_size=5).filter(lambda c: c not in PROVINCE_CODES),
+                st.integers(0, 99),
+            )
+        )
     elif field == "source":
         ev["source"] = draw(st.just("") | st.text(min_size=65, max_size=80) | st.integers())
     else:
@@ -220,8 +229,12 @@ def _bad_payload(draw: Any, ev: dict[str, Any]) -> str:
         choices.append("doses")
     kind = draw(st.sampled_from(choices))
     if kind == "missing":
-        required = [k for k in p if k not in ("appointment_id", "vaccinator_id", "dose_event_id")
-                    or (et == "AppointmentScheduled" and k == "appointment_id")]
+        required = [
+            k
+            for k in p
+            if k not in ("appointment_id", "vaccinator_id", "dose_event_id")
+            or (et == "AppointmentScheduled" and k == "appointment_id")
+        ]
         name = draw(st.sampled_from(required))
         del p[name]
         return f"payload.{name}"
@@ -230,10 +243,12 @@ def _bad_payload(draw: Any, ev: dict[str, Any]) -> str:
         p[name] = "x"
         return f"payload.{name}"
     if kind == "citizen_id":
-        p["citizen_id"] = draw(st.one_of(
-            st.text(max_size=14).filter(lambda s: not (s.isascii() and s.isdigit() and len(s) in (9, 12))),
-            st.integers(0, 10**12),
-        ))
+        p["citizen_id"] = draw(
+            st.one_of(
+                st.text(max_size=14).filter(lambda s: not (s.isascii() and s.isdigit() and len(s) in (9, 12))),
+                st.integers(0, 10**12),
+            )
+        )
         return "payload.citizen_id"
     if kind == "enum":
         name = draw(st.sampled_from([k[1] for k in _ENUM_FIELDS if k[0] == et]))

@@ -34,14 +34,15 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
-from hypothesis import given, settings as hsettings
+from hypothesis import given
+from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
@@ -57,7 +58,16 @@ from projections import analytics as A
 from projections.analytics_store import open_store
 from projections.projector import InvalidEvent, _prepare
 from projections.sink import (
-    GROUP, Fact, Runner, Sink, SinkFenced, SubjectFilter, serve_queries, shape, timeline, wait_caught_up,
+    GROUP,
+    Fact,
+    Runner,
+    Sink,
+    SinkFenced,
+    SubjectFilter,
+    serve_queries,
+    shape,
+    timeline,
+    wait_caught_up,
 )
 from schemas.codec import Codec
 from schemas.reference import provinces
@@ -69,11 +79,18 @@ from tests.strategies import avro_records
 
 pytestmark = pytest.mark.stack
 
-UTC = timezone.utc
+UTC = UTC
 SIM = simulate("national", seed=11, days=3, daily_doses=1500)  # ~29k events, voids included
 LO, HI = SIM.window
 T_SNAP = LO + timedelta(hours=30, minutes=17, seconds=29)
-CUTS = [LO - timedelta(days=60), LO, LO + timedelta(hours=9, milliseconds=1), T_SNAP, LO + timedelta(days=2, hours=11), HI]
+CUTS = [
+    LO - timedelta(days=60),
+    LO,
+    LO + timedelta(hours=9, milliseconds=1),
+    T_SNAP,
+    LO + timedelta(days=2, hours=11),
+    HI,
+]
 CHDB_GROUP = "test-analytics-chdb"
 T0 = datetime(2022, 3, 1, tzinfo=UTC)  # the hand-made voids, after every simulated event
 
@@ -133,28 +150,56 @@ def _ev(event_type: str, minutes: float, province: str, payload: dict, event_id:
 
 
 def _dose(citizen: str, minutes: float, province: str, vaccine: str, number: int) -> dict:
-    return _ev("DoseAdministered", minutes, province, {"citizen_id": citizen, "site_id": f"site-{province}",
-                                                       "vaccine": vaccine, "lot_number": "L1", "dose_number": number})
+    return _ev(
+        "DoseAdministered",
+        minutes,
+        province,
+        {
+            "citizen_id": citizen,
+            "site_id": f"site-{province}",
+            "vaccine": vaccine,
+            "lot_number": "L1",
+            "dose_number": number,
+        },
+    )
 
 
 def _void(target: dict, minutes: float) -> dict:
-    return _ev("RecordVoided", minutes, target["province_code"],
-               {"voided_event_id": target["event_id"], "reason": "entered in error"})
+    return _ev(
+        "RecordVoided",
+        minutes,
+        target["province_code"],
+        {"voided_event_id": target["event_id"], "reason": "entered in error"},
+    )
 
 
 def custom_events() -> dict[str, dict]:
     """Voids in every order, relative to their targets and to as_of (all on 2022-03-01, UTC)."""
     e: dict[str, dict] = {}
-    e["reg"] = _ev("VaccinationRegistered", 60, "01", {"citizen_id": "001099000001", "birth_year": 1980,
-                                                        "sex": "female", "priority_group": "general", "channel": "app"})
+    e["reg"] = _ev(
+        "VaccinationRegistered",
+        60,
+        "01",
+        {
+            "citizen_id": "001099000001",
+            "birth_year": 1980,
+            "sex": "female",
+            "priority_group": "general",
+            "channel": "app",
+        },
+    )
     e["reg_void"] = _void(e["reg"], 180)  # published after its target, occurs 2 h after it
     e["dose_a"] = _dose("001099000002", 120, "01", "pfizer", 1)
     e["dose_a_void"] = _void(e["dose_a"], 240)  # published BEFORE its target
     e["dose_b1"] = _dose("079099000003", 60, "79", "moderna", 1)
     e["dose_b2"] = _dose("079099000003", 300, "01", "moderna", 2)
     e["dose_b1_void"] = _void(e["dose_b1"], 360)  # the earliest dose voided: the person moves 79 → 01
-    e["decl"] = _ev("HealthDeclarationSubmitted", 120, "48", {"citizen_id": "048099000004", "symptoms": ["fever"],
-                                                              "contact_with_confirmed_case": False, "channel": "app"})
+    e["decl"] = _ev(
+        "HealthDeclarationSubmitted",
+        120,
+        "48",
+        {"citizen_id": "048099000004", "symptoms": ["fever"], "contact_with_confirmed_case": False, "channel": "app"},
+    )
     e["decl_void"] = _void(e["decl"], 90)  # occurs before its target: the declaration never counts
     return e
 
@@ -163,8 +208,16 @@ def custom_expected(minutes: float | None) -> dict[str, dict[str, int]]:
     """DESIGN §4 literally for the hand-made events at as_of = T0 + minutes (None: no as_of): deltas."""
     t = float("inf") if minutes is None else minutes
     alive = lambda occurred, voided: occurred < t and not voided < t  # noqa: E731
-    out = {code: {"registrations": 0, "declarations_with_symptoms": 0, "doses_administered": 0,
-                  "people_vaccinated": 0, "people_fully_vaccinated": 0} for code in ("01", "48", "79")}
+    out = {
+        code: {
+            "registrations": 0,
+            "declarations_with_symptoms": 0,
+            "doses_administered": 0,
+            "people_vaccinated": 0,
+            "people_fully_vaccinated": 0,
+        }
+        for code in ("01", "48", "79")
+    }
     out["01"]["registrations"] += alive(60, 180)
     out["48"]["declarations_with_symptoms"] += alive(120, 90)
     a, b1, b2 = alive(120, 240), alive(60, 360), alive(300, float("inf"))
@@ -317,8 +370,14 @@ def test_voids_before_and_after_their_targets(engine, minutes):
 
 def nhdp(settings: Settings, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NHDP_")} | settings.as_env()
-    return subprocess.run([sys.executable, "-m", "nhdp.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=CHECKOUT)
+    return subprocess.run(
+        [sys.executable, "-m", "nhdp.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=CHECKOUT,
+    )
 
 
 def test_verify_analytics_agrees_with_postgres(world):
@@ -348,8 +407,12 @@ def test_chdb_owner_answers_other_processes_over_http(world):
 
 
 def _pg_doses(settings: Settings, group_by: list[str], first, last, codes) -> list[dict]:
-    cols = {"province": "province", "day": "(occurred_at AT TIME ZONE 'Asia/Ho_Chi_Minh')::date",
-            "vaccine": "vaccine", "dose_number": "dose_number"}
+    cols = {
+        "province": "province",
+        "day": "(occurred_at AT TIME ZONE 'Asia/Ho_Chi_Minh')::date",
+        "vaccine": "vaccine",
+        "dose_number": "dose_number",
+    }
     select = [f"{cols[k]} AS {k}" for k in group_by]
     sql = f"SELECT {', '.join(select + ['count(*)', 'count(DISTINCT subject_id)'])} FROM proj.valid_doses WHERE true"
     params: list = []
@@ -363,8 +426,10 @@ def _pg_doses(settings: Settings, group_by: list[str], first, last, codes) -> li
         sql += f" GROUP BY {', '.join(group_by)} ORDER BY {', '.join(group_by)}"
     with psycopg.connect(settings.postgres_url) as conn:
         rows = conn.execute(sql, params).fetchall()
-    return [{**{k: (v.isoformat() if k == "day" else v) for k, v in zip(group_by, r)}, "doses": r[-2], "people": r[-1]}
-            for r in rows]
+    return [
+        {**{k: (v.isoformat() if k == "day" else v) for k, v in zip(group_by, r)}, "doses": r[-2], "people": r[-1]}
+        for r in rows
+    ]
 
 
 @pytest.mark.parametrize(
@@ -378,8 +443,12 @@ def _pg_doses(settings: Settings, group_by: list[str], first, last, codes) -> li
     ],
 )
 def test_doses_grouped_equal_postgres_valid_doses(engine, world, group_by, first, last, codes):
-    got = engine.doses(group_by=",".join(group_by) or None, from_=first and first.isoformat(),
-                       to=last and last.isoformat(), province=",".join(codes) if codes else None)
+    got = engine.doses(
+        group_by=",".join(group_by) or None,
+        from_=first and first.isoformat(),
+        to=last and last.isoformat(),
+        province=",".join(codes) if codes else None,
+    )
     assert got["group_by"] == group_by
     assert got["rows"] == _pg_doses(world.settings, group_by, first, last, codes)
 
@@ -415,8 +484,10 @@ def test_doses_by_day_from_doses_daily_equal_events_and_postgres(world, engine_n
             for stale in ([], days[::2], days):
                 got = A.Analytics._doses_rows(store, keys, cols, first, last, codes, by_day=True, stale_days=stale)
                 assert got == from_events, (keys, first, last, codes, stale)
-            rows = [{**{k: (v.isoformat() if k == "day" else v) for k, v in zip(keys, r)},
-                     "doses": r[-2], "people": r[-1]} for r in from_events]
+            rows = [
+                {**{k: (v.isoformat() if k == "day" else v) for k, v in zip(keys, r)}, "doses": r[-2], "people": r[-1]}
+                for r in from_events
+            ]
             assert rows == _pg_doses(world.settings, keys, first, last, codes)
     finally:
         if engine_name == "clickhouse":
@@ -441,16 +512,21 @@ def test_a_void_makes_its_doses_day_stale_until_recomputed(world):
         day = datetime.fromtimestamp(dose["occurred_at"] / 1000, A.HCM).date()  # the codec gives epoch ms
         keys = ["day"]
         assert A.Analytics._doses_rows(store, keys, ["day"], None, None, None, by_day=True) == [(day, 1, 1)]
-        void = {**dose, "event_id": str(uuid.uuid4()), "event_type": "RecordVoided",
-                "occurred_at": dose["occurred_at"] + 40 * 86_400_000, "subject_id": None,
-                "payload": {"voided_event_id": dose["event_id"], "reason": "entered in error"}}
+        void = {
+            **dose,
+            "event_id": str(uuid.uuid4()),
+            "event_type": "RecordVoided",
+            "occurred_at": dose["occurred_at"] + 40 * 86_400_000,
+            "subject_id": None,
+            "payload": {"voided_event_id": dose["event_id"], "reason": "entered in error"},
+        }
         sink.process([(0, 1, void)])
         assert day in A.dirty_dose_days(store)
         assert A.Analytics._doses_rows(store, keys, ["day"], None, None, None, by_day=True) == []
         sink.refresh_all()
         assert not A.dirty_dose_days(store)
         assert A.Analytics._doses_rows(store, keys, ["day"], None, None, None, by_day=True) == []
-        (left,), = store.execute("SELECT sum(doses) FROM doses_daily FINAL")
+        ((left,),) = store.execute("SELECT sum(doses) FROM doses_daily FINAL")
         assert left == 0
     finally:
         store.close()
@@ -541,7 +617,7 @@ def test_chdb_same_batch_again_and_whole_log_again_count_once(world):
         sink.process(batch)  # the same batch inserted again
         random.Random(5).shuffle(batch)
         sink.process(batch[: len(batch) // 2])  # and half of it once more, in another order
-        (raw, distinct), = store.execute("SELECT count(), uniqExact(event_id) FROM events")
+        ((raw, distinct),) = store.execute("SELECT count(), uniqExact(event_id) FROM events")
         assert raw > distinct  # the copies are really there, unmerged
         assert _figures(world.chdb) == before
         sink.refresh_all()
@@ -569,8 +645,9 @@ def test_a_newer_sink_fences_the_older_one(world):
 
 
 def _commit_group(settings: Settings, group: str, offset: int) -> None:
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=group,
-                             enable_auto_commit=False)
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers, group_id=group, enable_auto_commit=False
+    )
     try:
         parts = [TopicPartition(TOPIC_EVENTS, p) for p in sorted(consumer.partitions_for_topic(TOPIC_EVENTS))]
         consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp in parts})
@@ -590,7 +667,7 @@ def test_server_whole_log_reprocessed_from_offset_0_counts_once(world):
         _commit_group(world.settings, GROUP, 0)
         sink.start(world.settings.start_timeout_s)
         wait_caught_up(world.settings, GROUP, timeout_s=300)
-        (raw, distinct), = store.execute("SELECT count(), uniqExact(event_id) FROM events")
+        ((raw, distinct),) = store.execute("SELECT count(), uniqExact(event_id) FROM events")
         assert raw > distinct
         assert _figures(api) == before
         done = nhdp(world.settings, "verify-analytics")
@@ -606,9 +683,21 @@ def test_server_whole_log_reprocessed_from_offset_0_counts_once(world):
 
 def test_clickhouse_outage_holds_the_batch_and_loses_nothing(world):
     server = server_service(world.settings)
-    regs = [_ev("VaccinationRegistered", 60 * 24 * 30 + i, "92", {
-        "citizen_id": f"092099{i:06d}", "birth_year": 1990, "sex": "male", "priority_group": "general",
-        "channel": "web"}) for i in range(50)]
+    regs = [
+        _ev(
+            "VaccinationRegistered",
+            60 * 24 * 30 + i,
+            "92",
+            {
+                "citizen_id": f"092099{i:06d}",
+                "birth_year": 1990,
+                "sex": "male",
+                "priority_group": "general",
+                "channel": "web",
+            },
+        )
+        for i in range(50)
+    ]
     before = SIM.expected()["provinces"]["92"]["registrations"]
     assert server.stop()
     try:
@@ -679,11 +768,21 @@ def test_migrations_are_recorded_once_and_rerun_harmlessly(world):
         try:
             assert A.migrate(store) == []  # `nhdp up` and the sink applied them already
             assert A.applied_versions(store) == {m.version for m in A.MIGRATIONS}
-            (n,), = store.execute("SELECT count() FROM schema_migrations FINAL")
+            ((n,),) = store.execute("SELECT count() FROM schema_migrations FINAL")
             assert n == len(A.MIGRATIONS)
             tables = {t for (t,) in store.execute("SHOW TABLES")}
-            assert {"events", "voids", "event_index", "subjects", "points", "figures_hourly", "figures_daily",
-                    "hour_marks", "sink_batches", "schema_migrations"} <= tables
+            assert {
+                "events",
+                "voids",
+                "event_index",
+                "subjects",
+                "points",
+                "figures_hourly",
+                "figures_daily",
+                "hour_marks",
+                "sink_batches",
+                "schema_migrations",
+            } <= tables
             columns = {c for (c, *_) in store.execute("DESCRIBE TABLE events")}
             assert "subject_id" in columns and not columns & {"citizen_id", "name", "birth_year"}
         finally:
@@ -700,8 +799,11 @@ def test_verify_analytics_lists_a_difference_and_fails(world):
     try:
         t = int(datetime(2021, 8, 2, 3, 0, 5, tzinfo=UTC).timestamp())
         store.insert("hour_marks", ["hour", "mark", "version"], [(t - t % 3600, 0, 1 << 62)])
-        store.insert("events", ["event_id", "event_type", "kind", "occurred_at", "occurred_ms", "province_code"],
-                     [(uuid.uuid4().bytes, "VaccinationRegistered", 2, t, 0, "79")])
+        store.insert(
+            "events",
+            ["event_id", "event_type", "kind", "occurred_at", "occurred_ms", "province_code"],
+            [(uuid.uuid4().bytes, "VaccinationRegistered", 2, t, 0, "79")],
+        )
     finally:
         store.close()
     done = nhdp(world.settings, "verify-analytics")
@@ -725,8 +827,17 @@ def _state_at(doses: dict, t: float) -> tuple[str | None, str | None]:
 
 
 @hsettings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 20), st.sampled_from(["01", "79", "48"]), st.booleans(),
-                          st.one_of(st.just(NEVER), st.integers(0, 22))), max_size=5))
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 20),
+            st.sampled_from(["01", "79", "48"]),
+            st.booleans(),
+            st.one_of(st.just(NEVER), st.integers(0, 22)),
+        ),
+        max_size=5,
+    )
+)
 def test_timeline_points_sum_to_the_state_at_every_time(raw):
     doses = {f"{i:08x}-0000-4000-8000-000000000000": (t, p, int(j), v) for i, (t, p, j, v) in enumerate(raw)}
     points = timeline(doses)
@@ -748,7 +859,7 @@ def test_figure_view_is_the_projectors(pair):
     _, record = pair
     shaped = shape([(0, 7, record)], {})
     try:
-        (_, _, event_id, row, void, _), = _prepare([(TOPIC_EVENTS, 0, 7, record)])
+        ((_, _, event_id, row, void, _),) = _prepare([(TOPIC_EVENTS, 0, 7, record)])
     except InvalidEvent:
         assert shaped.skipped == 1 and shaped[0] == []
         return
@@ -796,7 +907,7 @@ def test_planning_while_the_batch_before_is_written_gives_the_same_figures(world
     records = _first_records(world.settings, 10**9)
     good, _ = Router(Codec(RegistryClient(world.settings.registry_url))).split([r.value for r in records])
     messages = [(records[i].partition, records[i].offset, ev) for i, ev in good]
-    batches = [messages[i:i + 300] for i in range(0, len(messages), 300)]
+    batches = [messages[i : i + 300] for i in range(0, len(messages), 300)]
     figures = []
     for name in ("after_each_write", "overlapped"):
         store = open_store(f"chdb://{world.chdb_store.path}?database={name}", purpose="tests/test_analytics.py")

@@ -17,7 +17,7 @@ import textwrap
 import time
 import uuid
 from collections import Counter
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import psutil
@@ -35,7 +35,7 @@ from projections.analytics_store import (
     render,
 )
 
-UTC = timezone.utc
+UTC = UTC
 HCM = ZoneInfo("Asia/Ho_Chi_Minh")
 INSTALL_HINT = "apt-get install -y clickhouse-server"
 
@@ -97,8 +97,17 @@ PARTITION BY toYYYYMM(occurred_at)
 ORDER BY (province_code, event_id)
 """
 COLUMNS = [
-    "event_id", "event_type", "occurred_at", "province_code", "subject_id",
-    "vaccine", "dose_number", "severity", "symptoms", "doses", "version",
+    "event_id",
+    "event_type",
+    "occurred_at",
+    "province_code",
+    "subject_id",
+    "vaccine",
+    "dose_number",
+    "severity",
+    "symptoms",
+    "doses",
+    "version",
 ]
 VACCINES = ["astrazeneca", "pfizer", "moderna", "sinopharm", "janssen"]
 PROVINCES = ["01", "48", "79", "92"]
@@ -111,19 +120,21 @@ def make_events(n: int = 3000, seed: int = 2021) -> list[tuple]:
     rows = []
     for i in range(n):
         event_type = rnd.choice(["DoseAdministered"] * 4 + ["AdverseEventReported"])
-        rows.append((
-            str(uuid.UUID(int=rnd.getrandbits(128))),
-            event_type,
-            start + timedelta(seconds=rnd.randrange(0, 36 * 3600)),
-            rnd.choice(PROVINCES),
-            f"subject-{rnd.randrange(n // 2):05d}",
-            rnd.choice(VACCINES),
-            rnd.randint(1, 3),
-            rnd.choice(["mild", "serious"]) if event_type == "AdverseEventReported" else None,
-            rnd.sample(["fever", "cough", "fatigue"], rnd.randint(0, 2)),
-            0,
-            i,
-        ))
+        rows.append(
+            (
+                str(uuid.UUID(int=rnd.getrandbits(128))),
+                event_type,
+                start + timedelta(seconds=rnd.randrange(0, 36 * 3600)),
+                rnd.choice(PROVINCES),
+                f"subject-{rnd.randrange(n // 2):05d}",
+                rnd.choice(VACCINES),
+                rnd.randint(1, 3),
+                rnd.choice(["mild", "serious"]) if event_type == "AdverseEventReported" else None,
+                rnd.sample(["fever", "cough", "fatigue"], rnd.randint(0, 2)),
+                0,
+                i,
+            )
+        )
     return rows
 
 
@@ -178,9 +189,7 @@ def test_duplicates_count_once_despite_unmerged_parts(store, facts):
 
 def test_doses_per_day_in_vietnam(store, facts):
     truth = latest().values()
-    want = Counter(
-        (r[2].astimezone(HCM).date(), r[3]) for r in truth if r[1] == "DoseAdministered"
-    )
+    want = Counter((r[2].astimezone(HCM).date(), r[3]) for r in truth if r[1] == "DoseAdministered")
     got = store.execute(
         f"""
         SELECT toDate(occurred_at, 'Asia/Ho_Chi_Minh') AS local_day, province_code, count() AS n
@@ -211,9 +220,9 @@ def test_people_counted_in_province_of_earliest_dose(store, facts):
         """
     )
     assert got == sorted(want.items())
-    assert store.execute(
-        f"SELECT uniqExact(subject_id) FROM {facts} FINAL WHERE event_type = 'DoseAdministered'"
-    ) == [(len(first),)]
+    assert store.execute(f"SELECT uniqExact(subject_id) FROM {facts} FINAL WHERE event_type = 'DoseAdministered'") == [
+        (len(first),)
+    ]
 
 
 def test_conditional_aggregates_arrays_and_nullable(store, facts):
@@ -227,21 +236,25 @@ def test_conditional_aggregates_arrays_and_nullable(store, facts):
         FROM {facts} FINAL
         """
     )
-    assert got == [(
-        sum(r[6] >= 2 for r in truth),
-        sum(r[6] for r in truth if r[5] == "janssen"),
-        sum(bool(r[8]) for r in truth),
-        sum("fever" in r[8] for r in truth),
-        sum(r[7] is None for r in truth),
-        sum(r[7] == "serious" for r in adverse),
-        max(r[2] for r in truth),
-        min(r[2] for r in truth),
-    )]
+    assert got == [
+        (
+            sum(r[6] >= 2 for r in truth),
+            sum(r[6] for r in truth if r[5] == "janssen"),
+            sum(bool(r[8]) for r in truth),
+            sum("fever" in r[8] for r in truth),
+            sum(r[7] is None for r in truth),
+            sum(r[7] == "serious" for r in adverse),
+            max(r[2] for r in truth),
+            min(r[2] for r in truth),
+        )
+    ]
     symptoms = store.execute(
         f"SELECT symptom, count() FROM {facts} FINAL ARRAY JOIN symptoms AS symptom GROUP BY symptom ORDER BY symptom"
     )
     assert symptoms == sorted(Counter(s for r in truth for s in r[8]).items())
-    row = store.execute(f"SELECT symptoms, severity, occurred_at FROM {facts} FINAL WHERE event_id = %(id)s", {"id": adverse[0][0]})
+    row = store.execute(
+        f"SELECT symptoms, severity, occurred_at FROM {facts} FINAL WHERE event_id = %(id)s", {"id": adverse[0][0]}
+    )
     assert row == [(adverse[0][8], adverse[0][7], adverse[0][2])]
 
 
@@ -257,12 +270,19 @@ def test_parameters_filter_identically(store, facts):
         """,
         {"from": frm, "to": to, "provinces": provinces, "day": date(2021, 8, 10)},
     )
-    assert got == [(sum(
-        frm <= r[2] < to and r[3] in provinces and r[2].astimezone(HCM).date() >= date(2021, 8, 10) for r in truth
-    ),)]
+    assert got == [
+        (
+            sum(
+                frm <= r[2] < to and r[3] in provinces and r[2].astimezone(HCM).date() >= date(2021, 8, 10)
+                for r in truth
+            ),
+        )
+    ]
     # An empty selection matches nothing instead of failing to parse on 18.16.
     assert store.execute(f"SELECT count() FROM {facts} WHERE province_code IN %(p)s", {"p": ()}) == [(0,)]
-    assert store.execute(f"SELECT count() FROM {facts} FINAL WHERE province_code NOT IN %(p)s", {"p": set()}) == [(len(truth),)]
+    assert store.execute(f"SELECT count() FROM {facts} FINAL WHERE province_code NOT IN %(p)s", {"p": set()}) == [
+        (len(truth),)
+    ]
 
 
 def test_types_and_literals(store):
@@ -275,17 +295,39 @@ def test_types_and_literals(store):
                toDateTime(1628614800, 'Asia/Ho_Chi_Minh'), (1, 'a'), toDecimal64(1.25, 2), 1 / 4, -1
         """,
         {
-            "s": nasty, "d": date(2021, 8, 10), "t": datetime(2021, 8, 10, 20, 0, tzinfo=HCM),
-            "u": uuid.UUID(int=7), "xs": ["a", "b"], "n": None, "b": True, "f": 0.5,
+            "s": nasty,
+            "d": date(2021, 8, 10),
+            "t": datetime(2021, 8, 10, 20, 0, tzinfo=HCM),
+            "u": uuid.UUID(int=7),
+            "xs": ["a", "b"],
+            "n": None,
+            "b": True,
+            "f": 0.5,
         },
     )
     from decimal import Decimal
 
-    assert got == [(
-        nasty, len(nasty.encode()), date(2021, 8, 10), datetime(2021, 8, 10, 13, 0, tzinfo=UTC), str(uuid.UUID(int=7)),
-        ["a", "b"], None, 1, 0.5, uuid.UUID(int=7), None, [date(2021, 8, 10)],
-        datetime(2021, 8, 10, 17, 0, tzinfo=UTC), (1, "a"), Decimal("1.25"), 0.25, -1,
-    )]
+    assert got == [
+        (
+            nasty,
+            len(nasty.encode()),
+            date(2021, 8, 10),
+            datetime(2021, 8, 10, 13, 0, tzinfo=UTC),
+            str(uuid.UUID(int=7)),
+            ["a", "b"],
+            None,
+            1,
+            0.5,
+            uuid.UUID(int=7),
+            None,
+            [date(2021, 8, 10)],
+            datetime(2021, 8, 10, 17, 0, tzinfo=UTC),
+            (1, "a"),
+            Decimal("1.25"),
+            0.25,
+            -1,
+        )
+    ]
     assert [type(v) for v in got[0][:4]] == [str, int, date, datetime]
     assert store.execute("SELECT number FROM numbers(10) WHERE number > 100") == []
 
@@ -460,13 +502,15 @@ def test_server_starts_and_stops_leaving_no_process(tmp_path, record_property):
         assert str(config_path(settings)) in " ".join(psutil.Process(pid).cmdline())
 
         # Loopback only, and only the two ports we asked for.
-        listening = {c.laddr for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+        listening = {
+            c.laddr for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+        }
         assert {(a.ip, a.port) for a in listening} == {("127.0.0.1", tcp), ("127.0.0.1", http)}
 
         ensure_database(settings)
         store = open_store(settings.analytics_url())
         try:
-            (database, tz), = store.execute("SELECT currentDatabase(), timezone()")
+            ((database, tz),) = store.execute("SELECT currentDatabase(), timezone()")
             assert database == settings.clickhouse_db and tz in ("UTC", "Etc/UTC")
         finally:
             store.close()
@@ -474,7 +518,11 @@ def test_server_starts_and_stops_leaving_no_process(tmp_path, record_property):
         assert service.stop()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert service.pid() is None and not service.pid_file.exists()
-    leftovers = [p.pid for p in psutil.process_iter(["cmdline"]) if str(config_path(settings)) in " ".join(p.info["cmdline"] or [])]
+    leftovers = [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if str(config_path(settings)) in " ".join(p.info["cmdline"] or [])
+    ]
     assert leftovers == []
     with pytest.raises(AnalyticsStoreError) as down:
         open_store(settings.analytics_url())

@@ -25,14 +25,16 @@ import io
 import json
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
-from typing import Any, Iterator
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import fastavro
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from strategies import events
 
 from producers.pseudonym import Pseudonymiser
 from schemas import catalog
@@ -40,12 +42,11 @@ from schemas.catalog import EVENT_TYPES, current_schema, released_schemas
 from schemas.codec import Codec, CodecError, SchemaCache, _strip_logical
 from schemas.models import to_avro_record, to_epoch_millis, validate_event
 from schemas.registry_client import RegistryClient, RegistryError
-from strategies import events
 
 pytestmark = pytest.mark.stack
 
 CT = {"Content-Type": "application/vnd.schemaregistry.v1+json"}
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 V1_DOSE = released_schemas("DoseAdministered")[0][1]
 V2_DOSE = current_schema("DoseAdministered")
 
@@ -72,10 +73,17 @@ class Pipe:
         finally:
             admin.close()
         self.topic = topic
-        self.producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True,
-                                  "linger.ms": 2})
-        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-catalog-{uuid.uuid4().hex}",
-                                  "enable.auto.commit": False, "fetch.wait.max.ms": 20})
+        self.producer = Producer(
+            {"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True, "linger.ms": 2}
+        )
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"test-catalog-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "fetch.wait.max.ms": 20,
+            }
+        )
         self.consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
 
     def round_trip(self, messages: list[tuple[bytes | None, bytes]], timeout_s: float = 60.0) -> list[Any]:
@@ -88,6 +96,7 @@ class Pipe:
                     errors.append(err)
                 else:
                     delivered[i] = msg.offset()
+
             return cb
 
         for i, (key, value) in enumerate(messages):
@@ -206,30 +215,101 @@ def sample_events() -> list[dict[str, Any]]:
 
     dose_id = str(uuid.UUID(int=0x6F1C1E9E3B7B4A539D3E2F0C8B7F0009))
     return [
-        ev(1, "HealthDeclarationSubmitted", {"citizen_id": "079123456789", "symptoms": ["fever", "cough"],
-                                            "contact_with_confirmed_case": True, "channel": "app"},
-           trace_id="trace-0001"),
-        ev(2, "HealthDeclarationSubmitted", {"citizen_id": "012345678", "symptoms": [],
-                                            "contact_with_confirmed_case": False, "channel": "paper"}),
-        ev(3, "VaccinationRegistered", {"citizen_id": "079123456789", "birth_year": 1956, "sex": "female",
-                                       "priority_group": "elderly_65_plus", "channel": "web"}),
-        ev(4, "AppointmentScheduled", {"citizen_id": "079123456789", "appointment_id": "APT-79-000123",
-                                      "site_id": "79-760-0123", "slot_start": "2021-08-10T08:00:00+07:00",
-                                      "slot_end": "2021-08-10T08:30:00.250+07:00", "dose_number": 2}),
-        ev(5, "CheckedIn", {"citizen_id": "079123456789", "site_id": "79-760-0123",
-                            "appointment_id": "APT-79-000123"}),
+        ev(
+            1,
+            "HealthDeclarationSubmitted",
+            {
+                "citizen_id": "079123456789",
+                "symptoms": ["fever", "cough"],
+                "contact_with_confirmed_case": True,
+                "channel": "app",
+            },
+            trace_id="trace-0001",
+        ),
+        ev(
+            2,
+            "HealthDeclarationSubmitted",
+            {"citizen_id": "012345678", "symptoms": [], "contact_with_confirmed_case": False, "channel": "paper"},
+        ),
+        ev(
+            3,
+            "VaccinationRegistered",
+            {
+                "citizen_id": "079123456789",
+                "birth_year": 1956,
+                "sex": "female",
+                "priority_group": "elderly_65_plus",
+                "channel": "web",
+            },
+        ),
+        ev(
+            4,
+            "AppointmentScheduled",
+            {
+                "citizen_id": "079123456789",
+                "appointment_id": "APT-79-000123",
+                "site_id": "79-760-0123",
+                "slot_start": "2021-08-10T08:00:00+07:00",
+                "slot_end": "2021-08-10T08:30:00.250+07:00",
+                "dose_number": 2,
+            },
+        ),
+        ev(5, "CheckedIn", {"citizen_id": "079123456789", "site_id": "79-760-0123", "appointment_id": "APT-79-000123"}),
         ev(6, "CheckedIn", {"citizen_id": "012345678", "site_id": "79-760-0123"}),
-        ev(7, "DoseAdministered", {"citizen_id": "079123456789", "site_id": "79-760-0123", "vaccine": "astrazeneca",
-                                   "lot_number": "ABV1234", "dose_number": 2, "vaccinator_id": "HW-00077"}),
-        ev(8, "DoseAdministered", {"citizen_id": "012345678", "site_id": "79-760-0123", "vaccine": "janssen",
-                                   "lot_number": "J-55", "dose_number": 1}),
-        ev(10, "AdverseEventReported", {"citizen_id": "079123456789", "severity": "serious",
-                                        "dose_event_id": dose_id, "symptoms": ["anaphylaxis", "sốt cao"]}),
+        ev(
+            7,
+            "DoseAdministered",
+            {
+                "citizen_id": "079123456789",
+                "site_id": "79-760-0123",
+                "vaccine": "astrazeneca",
+                "lot_number": "ABV1234",
+                "dose_number": 2,
+                "vaccinator_id": "HW-00077",
+            },
+        ),
+        ev(
+            8,
+            "DoseAdministered",
+            {
+                "citizen_id": "012345678",
+                "site_id": "79-760-0123",
+                "vaccine": "janssen",
+                "lot_number": "J-55",
+                "dose_number": 1,
+            },
+        ),
+        ev(
+            10,
+            "AdverseEventReported",
+            {
+                "citizen_id": "079123456789",
+                "severity": "serious",
+                "dose_event_id": dose_id,
+                "symptoms": ["anaphylaxis", "sốt cao"],
+            },
+        ),
         ev(11, "AdverseEventReported", {"citizen_id": "012345678", "severity": "mild", "symptoms": []}),
-        ev(12, "VaccineAllocated", {"allocation_id": "ALLOC-2021-06-79-0001", "vaccine": "sinopharm",
-                                    "doses": 804_000, "recipient": "province_health"}),
-        ev(13, "VaccineAllocated", {"allocation_id": "ALLOC-2021-06-79-0002", "vaccine": "sinopharm",
-                                    "doses": (1 << 63) - 1, "recipient": "armed_forces"}),
+        ev(
+            12,
+            "VaccineAllocated",
+            {
+                "allocation_id": "ALLOC-2021-06-79-0001",
+                "vaccine": "sinopharm",
+                "doses": 804_000,
+                "recipient": "province_health",
+            },
+        ),
+        ev(
+            13,
+            "VaccineAllocated",
+            {
+                "allocation_id": "ALLOC-2021-06-79-0002",
+                "vaccine": "sinopharm",
+                "doses": (1 << 63) - 1,
+                "recipient": "armed_forces",
+            },
+        ),
         ev(14, "RecordVoided", {"voided_event_id": dose_id, "reason": "entered in error: wrong lot number"}),
     ]
 
@@ -261,8 +341,11 @@ def stock_serdes(url: str) -> tuple[dict[str, Any], Any, Any]:
     from confluent_kafka.serialization import MessageField, SerializationContext
 
     client = SchemaRegistryClient({"url": url})
-    conf = {"auto.register.schemas": False, "use.latest.version": False,
-            "subject.name.strategy": topic_record_subject_name_strategy}
+    conf = {
+        "auto.register.schemas": False,
+        "use.latest.version": False,
+        "subject.name.strategy": topic_record_subject_name_strategy,
+    }
     serializers = {t: AvroSerializer(client, json.dumps(current_schema(t)), conf=conf) for t in EVENT_TYPES}
     deserializer = AvroDeserializer(SchemaRegistryClient({"url": url}))
     # The subject comes from this context: health.events-vn.nhdp.events.<Type>, i.e. the
@@ -272,8 +355,10 @@ def stock_serdes(url: str) -> tuple[dict[str, Any], Any, Any]:
 
 def test_stock_confluent_serdes_round_trip_every_type_through_kafka(stack_settings, pipes, samples, catalog_ids):
     serializers, deserializer, ctx = stock_serdes(stack_settings.registry_url)
-    versions_before = {t: httpx.get(f"{stack_settings.registry_url}/subjects/{catalog.subject_for(t)}/versions").json()
-                       for t in EVENT_TYPES}
+    versions_before = {
+        t: httpx.get(f"{stack_settings.registry_url}/subjects/{catalog.subject_for(t)}/versions").json()
+        for t in EVENT_TYPES
+    }
 
     stock_bytes = [serializers[t](record, ctx) for t, record in samples]
     for (t, _), data in zip(samples, stock_bytes):
@@ -306,7 +391,7 @@ def test_our_codec_and_the_stock_serdes_read_each_other(stack_settings, pipes, s
     pipe = pipes("mixed")
     keys = [kafka_key(r) for _, r in samples]
     back = pipe.round_trip(list(zip(keys, our_bytes)) + list(zip(keys, stock_bytes)))
-    from_ours, from_stock = back[:len(samples)], back[len(samples):]
+    from_ours, from_stock = back[: len(samples)], back[len(samples) :]
     fresh = Codec(RegistryClient(stack_settings.registry_url))  # writer schemas fetched by id
     for (t, record), ours_msg, stock_msg in zip(samples, from_ours, from_stock):
         # Our bytes through the stock deserializer.
@@ -371,8 +456,9 @@ def dose_records(pseudonymiser: Pseudonymiser) -> tuple[dict[str, Any], dict[str
     return v2, v1
 
 
-def test_v1_and_v2_readers_read_each_others_data_via_registry_and_kafka(stack_settings, pipes, pseudonymiser,
-                                                                        catalog_ids, registry):
+def test_v1_and_v2_readers_read_each_others_data_via_registry_and_kafka(
+    stack_settings, pipes, pseudonymiser, catalog_ids, registry
+):
     from confluent_kafka.schema_registry import SchemaRegistryClient
     from confluent_kafka.schema_registry.avro import AvroDeserializer
     from confluent_kafka.serialization import MessageField, SerializationContext
@@ -389,8 +475,9 @@ def test_v1_and_v2_readers_read_each_others_data_via_registry_and_kafka(stack_se
     v2_record, v1_record = dose_records(pseudonymiser)
     writer_v2 = Codec(RegistryClient(url))
     # A producer still on v1: its schema under the id the registry gave it.
-    writer_v1 = Codec(RegistryClient(url), schemas={"DoseAdministered": V1_DOSE},
-                      cache=SchemaCache(None, {v1_id: V1_DOSE}))
+    writer_v1 = Codec(
+        RegistryClient(url), schemas={"DoseAdministered": V1_DOSE}, cache=SchemaCache(None, {v1_id: V1_DOSE})
+    )
     v2_bytes = writer_v2.encode("DoseAdministered", v2_record)
     v1_bytes = writer_v1.encode("DoseAdministered", v1_record)
     assert (header_id(v2_bytes), header_id(v1_bytes)) == (v2_id, v1_id)
@@ -479,8 +566,7 @@ def test_registry_refuses_a_changed_type_under_the_default_backward_transitive(s
 
     # A type the old data can be promoted to is not a break (int -> long).
     widened = _retyped(V2_DOSE, "dose_number", "long")
-    r = httpx.post(f"{url}/compatibility/subjects/{subject}/versions", json={"schema": json.dumps(widened)},
-                   headers=CT)
+    r = httpx.post(f"{url}/compatibility/subjects/{subject}/versions", json={"schema": json.dumps(widened)}, headers=CT)
     assert r.json() == {"is_compatible": True}
     assert httpx.get(f"{url}/subjects/{subject}/versions").json() == [1, 2]
 
@@ -511,8 +597,9 @@ def test_random_body_behind_a_real_registered_id_is_a_codec_error(fuzz_codec, ca
 
 def test_an_id_the_registry_never_gave_is_a_codec_error(stack_settings, fuzz_codec, samples, catalog_ids):
     some_id = catalog_ids[samples[0][0]]
-    max_id = httpx.get(f"{stack_settings.registry_url}/schemas/ids/{some_id}",
-                       params={"fetchMaxId": "true"}).json()["maxId"]
+    max_id = httpx.get(f"{stack_settings.registry_url}/schemas/ids/{some_id}", params={"fetchMaxId": "true"}).json()[
+        "maxId"
+    ]
     good = fuzz_codec.encode(*samples[0])
     bad = b"\x00" + (max_id + 1_000_000).to_bytes(4, "big") + good[5:]
     with pytest.raises(CodecError, match="not in the registry"):

@@ -12,7 +12,7 @@ import copy
 import io
 import socket
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -20,12 +20,12 @@ import fastavro
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from strategies import avro_records
 
 from schemas.avro_codegen import compile_decoder, compile_encoder, explain
 from schemas.catalog import EVENT_TYPES, current_schema, released_schemas
 from schemas.codec import Codec, CodecError, SchemaCache, _strip_logical
 from schemas.registry_client import RegistryClient, RegistryError
-from strategies import avro_records
 
 IDS = {t: i + 1 for i, t in enumerate(EVENT_TYPES)}
 V1_DOSE = released_schemas("DoseAdministered")[0][1]
@@ -44,8 +44,13 @@ DOSE = {
     "source": "site-hcm-0123",
     "subject_id": "ab" * 32,
     "trace_id": None,
-    "payload": {"site_id": "79-760-0123", "vaccine": "astrazeneca", "lot_number": "ABV1234",
-                "dose_number": 2, "vaccinator_id": "VN-77"},
+    "payload": {
+        "site_id": "79-760-0123",
+        "vaccine": "astrazeneca",
+        "lot_number": "ABV1234",
+        "dose_number": 2,
+        "vaccinator_id": "VN-77",
+    },
 }
 
 
@@ -105,8 +110,11 @@ def test_encode_many_equals_encode(codec: Codec):
 
 
 def test_datetime_and_uuid_objects_encode_like_their_raw_forms(codec: Codec):
-    rich = {**DOSE, "event_id": UUID(DOSE["event_id"]),
-            "occurred_at": datetime(2021, 8, 10, 2, 30, 0, 123000, tzinfo=timezone.utc)}
+    rich = {
+        **DOSE,
+        "event_id": UUID(DOSE["event_id"]),
+        "occurred_at": datetime(2021, 8, 10, 2, 30, 0, 123000, tzinfo=UTC),
+    }
     assert codec.encode("DoseAdministered", rich) == codec.encode("DoseAdministered", DOSE)
 
 
@@ -114,7 +122,7 @@ def test_logical_types_on_request():
     c = Codec.with_known_schemas(KNOWN, logical_types=True)
     out = c.decode(c.encode("DoseAdministered", DOSE))
     assert out["event_id"] == UUID(DOSE["event_id"])
-    assert out["occurred_at"] == datetime(2021, 8, 10, 2, 30, 0, 123000, tzinfo=timezone.utc)
+    assert out["occurred_at"] == datetime(2021, 8, 10, 2, 30, 0, 123000, tzinfo=UTC)
 
 
 # -- bad bytes ---------------------------------------------------------------------------
@@ -160,8 +168,11 @@ def test_huge_length_prefix_fails_fast_without_allocating(codec: Codec):
     with pytest.raises(CodecError, match="string length prefix at byte 15 is negative or runs past the end"):
         codec.decode(b"\x00\x00\x00\x00\x05" + huge + b"abc")
     # A huge array count: HealthDeclarationSubmitted.symptoms claims 2**40 items.
-    rec = {**DOSE, "event_type": "HealthDeclarationSubmitted",
-           "payload": {"symptoms": [], "contact_with_confirmed_case": False, "channel": "app"}}
+    rec = {
+        **DOSE,
+        "event_type": "HealthDeclarationSubmitted",
+        "payload": {"symptoms": [], "contact_with_confirmed_case": False, "channel": "app"},
+    }
     body = codec.encode("HealthDeclarationSubmitted", rec)
     count = (1 << 40) << 1  # zig-zag
     varint = bytearray()
@@ -275,7 +286,9 @@ def test_fuzz_mutated_messages(codec: Codec, pair: tuple[str, dict[str, Any]], d
 
 @FAST
 @given(avro_records(), st.data())
-def test_truncated_or_extended_valid_messages_always_fail(codec: Codec, pair: tuple[str, dict[str, Any]], data: st.DataObject):
+def test_truncated_or_extended_valid_messages_always_fail(
+    codec: Codec, pair: tuple[str, dict[str, Any]], data: st.DataObject
+):
     event_type, record = pair
     msg = codec.encode(event_type, record)
     cut = data.draw(st.integers(0, len(msg) - 1))
@@ -324,8 +337,9 @@ def test_v1_reader_reads_v2_data_and_v2_reader_reads_v1_data():
     as_v1 = v1.decode(v2_bytes)
     assert "vaccinator_id" not in as_v1["payload"]
     assert as_v1 == {**DOSE, "payload": {k: v for k, v in DOSE["payload"].items() if k != "vaccinator_id"}}
-    assert as_v1 == _fastavro_read(_strip_logical(current_schema("DoseAdministered")), v2_bytes[5:],
-                                   _strip_logical(V1_DOSE))
+    assert as_v1 == _fastavro_read(
+        _strip_logical(current_schema("DoseAdministered")), v2_bytes[5:], _strip_logical(V1_DOSE)
+    )
 
     v1_bytes = v1.encode("DoseAdministered", as_v1)
     assert v1_bytes[:5] == b"\x00\x00\x00\x00\x64"
@@ -350,7 +364,10 @@ def test_unresolvable_writer_is_reported_per_message():
     stricter["fields"][-1]["type"]["fields"].append({"name": "batch_expiry", "type": "string"})
     reader = Codec.with_known_schemas(KNOWN, schemas={"DoseAdministered": stricter})
     data = Codec.with_known_schemas(KNOWN).encode("DoseAdministered", DOSE)
-    with pytest.raises(CodecError, match="^schema id 5: cannot resolve the writer schema to this reader.s vn.nhdp.events.DoseAdministered: .*batch_expiry has no default"):
+    with pytest.raises(
+        CodecError,
+        match="^schema id 5: cannot resolve the writer schema to this reader.s vn.nhdp.events.DoseAdministered: .*batch_expiry has no default",
+    ):
         reader.decode(data)
 
 
@@ -362,19 +379,34 @@ def test_schemas_override_must_name_the_right_record():
 # -- encode errors ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("record,message", [
-    ({**DOSE, "payload": {**DOSE["payload"], "vaccine": "corbevax"}},
-     "cannot encode DoseAdministered: payload.vaccine: 'corbevax' is not a symbol of vn.nhdp.events.Vaccine"),
-    ({**DOSE, "occurred_at": "2021-08-10"}, "cannot encode DoseAdministered: occurred_at: expected long, got str"),
-    ({**DOSE, "occurred_at": datetime(2021, 8, 10)},
-     "cannot encode DoseAdministered: occurred_at: naive datetime, give a timezone-aware one"),
-    ({**DOSE, "payload": {"site_id": "S"}}, "cannot encode DoseAdministered: payload.vaccine: missing (required, no default)"),
-    ({**DOSE, "payload": {**DOSE["payload"], "dose_number": 1 << 40}},
-     "cannot encode DoseAdministered: payload.dose_number: 1099511627776 out of the int range"),
-    ({**DOSE, "subject_id": 5}, "cannot encode DoseAdministered: subject_id: int value fits no branch of [null, string]"),
-    ({**DOSE, "event_type": "CheckedIn"}, "cannot encode DoseAdministered: the record's event_type is 'CheckedIn'"),
-    ("not a record", "cannot encode DoseAdministered: record is of type str, not a dict"),
-])
+@pytest.mark.parametrize(
+    "record,message",
+    [
+        (
+            {**DOSE, "payload": {**DOSE["payload"], "vaccine": "corbevax"}},
+            "cannot encode DoseAdministered: payload.vaccine: 'corbevax' is not a symbol of vn.nhdp.events.Vaccine",
+        ),
+        ({**DOSE, "occurred_at": "2021-08-10"}, "cannot encode DoseAdministered: occurred_at: expected long, got str"),
+        (
+            {**DOSE, "occurred_at": datetime(2021, 8, 10)},
+            "cannot encode DoseAdministered: occurred_at: naive datetime, give a timezone-aware one",
+        ),
+        (
+            {**DOSE, "payload": {"site_id": "S"}},
+            "cannot encode DoseAdministered: payload.vaccine: missing (required, no default)",
+        ),
+        (
+            {**DOSE, "payload": {**DOSE["payload"], "dose_number": 1 << 40}},
+            "cannot encode DoseAdministered: payload.dose_number: 1099511627776 out of the int range",
+        ),
+        (
+            {**DOSE, "subject_id": 5},
+            "cannot encode DoseAdministered: subject_id: int value fits no branch of [null, string]",
+        ),
+        ({**DOSE, "event_type": "CheckedIn"}, "cannot encode DoseAdministered: the record's event_type is 'CheckedIn'"),
+        ("not a record", "cannot encode DoseAdministered: record is of type str, not a dict"),
+    ],
+)
 def test_encode_errors_name_the_field(codec: Codec, record: Any, message: str):
     with pytest.raises(CodecError) as e:
         codec.encode("DoseAdministered", record)
@@ -408,8 +440,13 @@ def test_unreachable_registry_raises_registry_error_not_codec_error():
     registry = RegistryClient(f"http://127.0.0.1:{_closed_port()}", retries=1, backoff_s=0.01, timeout=2)
     c = Codec(registry)
     msg = b"\x00\x00\x00\x00\x05" + b"\x00" * 30
-    for call in (lambda: c.decode(msg), lambda: c.decode_many([msg]), lambda: c.decode_many_lenient([msg]),
-                 lambda: c.encode("DoseAdministered", DOSE), lambda: c.encode_many([("DoseAdministered", DOSE)])):
+    for call in (
+        lambda: c.decode(msg),
+        lambda: c.decode_many([msg]),
+        lambda: c.decode_many_lenient([msg]),
+        lambda: c.encode("DoseAdministered", DOSE),
+        lambda: c.encode_many([("DoseAdministered", DOSE)]),
+    ):
         with pytest.raises(RegistryError) as e:
             call()
         assert e.value.unreachable and e.value.status is None and not isinstance(e.value, CodecError)
@@ -419,7 +456,9 @@ def test_unreachable_registry_raises_registry_error_not_codec_error():
 # -- the code generator on every Avro type ----------------------------------------------------
 
 ALL_TYPES = {
-    "type": "record", "name": "AllTypes", "namespace": "test",
+    "type": "record",
+    "name": "AllTypes",
+    "namespace": "test",
     "fields": [
         {"name": "n", "type": "null"},
         {"name": "b", "type": "boolean"},
@@ -431,25 +470,48 @@ ALL_TYPES = {
         {"name": "s", "type": "string"},
         {"name": "fx", "type": {"type": "fixed", "name": "F4", "size": 4}},
         {"name": "e", "type": {"type": "enum", "name": "E", "symbols": ["A", "B", "C"]}},
-        {"name": "a", "type": {"type": "array", "items": {
-            "type": "record", "name": "Item", "fields": [{"name": "x", "type": "int"}, {"name": "e2", "type": "E"}]}}},
+        {
+            "name": "a",
+            "type": {
+                "type": "array",
+                "items": {
+                    "type": "record",
+                    "name": "Item",
+                    "fields": [{"name": "x", "type": "int"}, {"name": "e2", "type": "E"}],
+                },
+            },
+        },
         {"name": "m", "type": {"type": "map", "values": ["null", "double", "string"]}},
         {"name": "u", "type": ["null", "long", "string", "F4", "Item"]},
         {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-millis"}},
-        {"name": "nested", "type": {"type": "array", "items": {"type": "map", "values": {"type": "array", "items": "string"}}}},
+        {
+            "name": "nested",
+            "type": {"type": "array", "items": {"type": "map", "values": {"type": "array", "items": "string"}}},
+        },
         {"name": "opt", "type": ["null", "int"], "default": None},
     ],
 }
 # Reordered, a field dropped, promotions, an enum with a new symbol, a new field with default.
 ALL_TYPES_READER = {
-    "type": "record", "name": "AllTypes", "namespace": "test",
+    "type": "record",
+    "name": "AllTypes",
+    "namespace": "test",
     "fields": [
         {"name": "s", "type": "bytes"},
         {"name": "i", "type": "double"},
         {"name": "l", "type": ["null", "float"]},
         {"name": "e", "type": {"type": "enum", "name": "E", "symbols": ["C", "B", "A", "Z"]}},
-        {"name": "a", "type": {"type": "array", "items": {
-            "type": "record", "name": "Item", "fields": [{"name": "e2", "type": "E"}, {"name": "x", "type": "long"}]}}},
+        {
+            "name": "a",
+            "type": {
+                "type": "array",
+                "items": {
+                    "type": "record",
+                    "name": "Item",
+                    "fields": [{"name": "e2", "type": "E"}, {"name": "x", "type": "long"}],
+                },
+            },
+        },
         {"name": "fx", "type": {"type": "fixed", "name": "F4", "size": 4}},
         {"name": "u", "type": ["null", "double", "string", "F4", "Item", "boolean"]},
         {"name": "added", "type": {"type": "array", "items": "int"}, "default": [1, 2]},
@@ -459,24 +521,26 @@ ALL_TYPES_READER = {
 
 _text = st.text(st.characters(codec="utf-8"), max_size=70)
 _item = st.fixed_dictionaries({"x": st.integers(-(1 << 31), (1 << 31) - 1), "e2": st.sampled_from("ABC")})
-_all_types_values = st.fixed_dictionaries({
-    "n": st.none(),
-    "b": st.booleans(),
-    "i": st.integers(-(1 << 31), (1 << 31) - 1),
-    "l": st.integers(-(1 << 63), (1 << 63) - 1),
-    "f": st.floats(width=32, allow_nan=False),
-    "d": st.floats(allow_nan=False),
-    "by": st.binary(max_size=70),
-    "s": _text,
-    "fx": st.binary(min_size=4, max_size=4),
-    "e": st.sampled_from("ABC"),
-    "a": st.lists(_item, max_size=3),
-    "m": st.dictionaries(_text, st.none() | st.floats(allow_nan=False) | _text, max_size=3),
-    "u": st.none() | st.integers(-(1 << 63), (1 << 63) - 1) | _text | st.binary(min_size=4, max_size=4) | _item,
-    "ts": st.integers(-62_135_596_800_000, 253_402_300_799_999),  # what datetime can hold
-    "nested": st.lists(st.dictionaries(_text, st.lists(_text, max_size=2), max_size=2), max_size=2),
-    "opt": st.none() | st.integers(-5, 5),
-})
+_all_types_values = st.fixed_dictionaries(
+    {
+        "n": st.none(),
+        "b": st.booleans(),
+        "i": st.integers(-(1 << 31), (1 << 31) - 1),
+        "l": st.integers(-(1 << 63), (1 << 63) - 1),
+        "f": st.floats(width=32, allow_nan=False),
+        "d": st.floats(allow_nan=False),
+        "by": st.binary(max_size=70),
+        "s": _text,
+        "fx": st.binary(min_size=4, max_size=4),
+        "e": st.sampled_from("ABC"),
+        "a": st.lists(_item, max_size=3),
+        "m": st.dictionaries(_text, st.none() | st.floats(allow_nan=False) | _text, max_size=3),
+        "u": st.none() | st.integers(-(1 << 63), (1 << 63) - 1) | _text | st.binary(min_size=4, max_size=4) | _item,
+        "ts": st.integers(-62_135_596_800_000, 253_402_300_799_999),  # what datetime can hold
+        "nested": st.lists(st.dictionaries(_text, st.lists(_text, max_size=2), max_size=2), max_size=2),
+        "opt": st.none() | st.integers(-5, 5),
+    }
+)
 
 
 _ALL = {
@@ -515,14 +579,22 @@ def test_codegen_decodes_non_minimal_varints_like_fastavro():
 def test_explain_names_the_first_problem():
     assert explain(ALL_TYPES, {"n": None}) == "b: missing (required, no default)"
     assert explain(current_schema("CheckedIn"), {**DOSE, "event_type": "CheckedIn", "payload": {"site_id": 3}}) == (
-        "payload.site_id: expected string, got int")
-    assert explain(current_schema("CheckedIn"), {**DOSE, "event_type": "CheckedIn", "payload": {"site_id": "S"}}) is None
+        "payload.site_id: expected string, got int"
+    )
+    assert (
+        explain(current_schema("CheckedIn"), {**DOSE, "event_type": "CheckedIn", "payload": {"site_id": "S"}}) is None
+    )
 
 
-FOREIGN = {"type": "record", "name": "Invoice", "namespace": "other.team", "fields": [
-    {"name": "amount", "type": {"type": "bytes", "logicalType": "decimal", "precision": 9, "scale": 2}},
-    {"name": "note", "type": {"type": "string", "logicalType": "made-up"}},  # unknown: ignored
-]}
+FOREIGN = {
+    "type": "record",
+    "name": "Invoice",
+    "namespace": "other.team",
+    "fields": [
+        {"name": "amount", "type": {"type": "bytes", "logicalType": "decimal", "precision": 9, "scale": 2}},
+        {"name": "note", "type": {"type": "string", "logicalType": "made-up"}},  # unknown: ignored
+    ],
+}
 
 
 def test_foreign_and_unsupported_schemas_fall_back_to_fastavro():

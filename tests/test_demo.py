@@ -11,7 +11,10 @@ def test_demo_publishes_the_hcmc_campaign_and_every_figure_matches(clean_stack):
     env = {k: v for k, v in os.environ.items() if not k.startswith("NHDP_")} | clean_stack.as_env()
     proc = subprocess.run(
         [sys.executable, "-m", "nhdp.cli", "demo", "--scale", "0.005", "--no-wait"],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
@@ -22,7 +25,10 @@ def test_demo_publishes_the_hcmc_campaign_and_every_figure_matches(clean_stack):
     # Run twice: the same campaign again is duplicates only, and still exact.
     again = subprocess.run(
         [sys.executable, "-m", "nhdp.cli", "demo", "--scale", "0.005", "--no-wait"],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert again.returncode == 0, again.stdout + again.stderr
     assert "every figure equals" in again.stdout

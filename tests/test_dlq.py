@@ -32,8 +32,13 @@ pytestmark = pytest.mark.stack
 def dose_record(**changes) -> dict:
     """A DoseAdministered in its Avro form (what the SDK would encode), with changes."""
     record = {
-        "event_id": str(uuid.uuid4()), "event_type": "DoseAdministered", "occurred_at": 1_628_000_000_000,
-        "province_code": "79", "source": "test-dlq", "subject_id": uuid.uuid4().hex * 2, "trace_id": None,
+        "event_id": str(uuid.uuid4()),
+        "event_type": "DoseAdministered",
+        "occurred_at": 1_628_000_000_000,
+        "province_code": "79",
+        "source": "test-dlq",
+        "subject_id": uuid.uuid4().hex * 2,
+        "trace_id": None,
         "payload": {"site_id": "79-S0001", "vaccine": "pfizer", "lot_number": "FF2593", "dose_number": 1},
     }
     return {**record, **changes}
@@ -74,24 +79,36 @@ def test_bad_messages_reach_the_dlq_with_reason_and_origin_and_the_worker_keeps_
     # name → (value, words the dlq_reason must contain)
     cases: dict[str, tuple[bytes | None, tuple[str, ...]]] = {
         "wrong magic byte": (b"\x01" + good[1:], ("undecodable", "magic byte")),
-        "unknown schema id": (b"\x00" + struct.pack(">I", 987_654) + good[5:],
-                              ("undecodable", "unknown schema id 987654")),
+        "unknown schema id": (
+            b"\x00" + struct.pack(">I", 987_654) + good[5:],
+            ("undecodable", "unknown schema id 987654"),
+        ),
         "truncated body": (good[: len(good) // 2], ("undecodable", "truncated")),
         "trailing garbage": (good + b"\x00\x01", ("undecodable", "trailing")),
         "shorter than a header": (b"\x00\x00", ("undecodable", "shorter than 5 bytes")),
         "tombstone": (None, ("undecodable", "None")),
-        "not a province": (codec.encode("DoseAdministered", dose_record(province_code="99")),
-                           ("invalid", "province_code", "'99'")),
-        "subject_id missing": (codec.encode("DoseAdministered", dose_record(subject_id=None)),
-                               ("invalid", "subject_id", "missing")),
-        "event_id not a UUID": (codec.encode("DoseAdministered", dose_record(event_id="dose-42")),
-                                ("invalid", "UUID")),  # decodes; the router refuses it before any province copy
+        "not a province": (
+            codec.encode("DoseAdministered", dose_record(province_code="99")),
+            ("invalid", "province_code", "'99'"),
+        ),
+        "subject_id missing": (
+            codec.encode("DoseAdministered", dose_record(subject_id=None)),
+            ("invalid", "subject_id", "missing"),
+        ),
+        "event_id not a UUID": (
+            codec.encode("DoseAdministered", dose_record(event_id="dose-42")),
+            ("invalid", "UUID"),
+        ),  # decodes; the router refuses it before any province copy
     }
     producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all")
     try:
         futures = {
-            name: producer.send(TOPIC_EVENTS, key=f"dlq-{name}".encode(), value=value,
-                                headers=[("source", b"test-dlq"), ("trace_id", name.encode())])
+            name: producer.send(
+                TOPIC_EVENTS,
+                key=f"dlq-{name}".encode(),
+                value=value,
+                headers=[("source", b"test-dlq"), ("trace_id", name.encode())],
+            )
             for name, (value, _) in cases.items()
         }
         producer.flush()
@@ -102,10 +119,18 @@ def test_bad_messages_reach_the_dlq_with_reason_and_origin_and_the_worker_keeps_
     # A good event after the bad ones: still projected.
     citizen = f"{uuid.uuid4().int % 10**12:012d}"
     later = {
-        "event_id": str(uuid.uuid4()), "event_type": "DoseAdministered", "occurred_at": "2021-08-05T09:30:00+07:00",
-        "province_code": "79", "source": "test-dlq",
-        "payload": {"citizen_id": citizen, "site_id": "79-S0001", "vaccine": "pfizer", "lot_number": "FF2593",
-                    "dose_number": 1},
+        "event_id": str(uuid.uuid4()),
+        "event_type": "DoseAdministered",
+        "occurred_at": "2021-08-05T09:30:00+07:00",
+        "province_code": "79",
+        "source": "test-dlq",
+        "payload": {
+            "citizen_id": citizen,
+            "site_id": "79-S0001",
+            "vaccine": "pfizer",
+            "lot_number": "FF2593",
+            "dose_number": 1,
+        },
     }
     pseudonymiser = Pseudonymiser.from_settings(settings)
     with EventProducer(settings, source="test-dlq") as sdk:

@@ -111,8 +111,15 @@ def publish_on_other_partitions(settings: Settings, events: list[dict]) -> list[
         for record, value in zip(records, values):
             key = partition_key(record)
             own = (murmur2(key) & 0x7FFFFFFF) % nparts  # where the SDK's (default) partitioner puts it
-            futures.append(producer.send(TOPIC_EVENTS, key=key, value=value, partition=(own + 1) % nparts,
-                                         headers=[("source", b"test-exactness")]))
+            futures.append(
+                producer.send(
+                    TOPIC_EVENTS,
+                    key=key,
+                    value=value,
+                    partition=(own + 1) % nparts,
+                    headers=[("source", b"test-exactness")],
+                )
+            )
         producer.flush()
         return [f.get(timeout=30).partition for f in futures]
     finally:
@@ -268,9 +275,7 @@ class TestShuffledWithDuplicates:
         first: dict[str, int] = {}
         for i, e in enumerate(log):
             first.setdefault(e["event_id"], i)
-        early_voids = sum(
-            1 for e in voids if first[e["event_id"]] < first.get(e["payload"]["voided_event_id"], -1)
-        )
+        early_voids = sum(1 for e in voids if first[e["event_id"]] < first.get(e["payload"]["voided_event_id"], -1))
         assert early_voids > 50, "the shuffle should put many voids before their targets"
         assert len(first) == len(events)
 
@@ -308,10 +313,12 @@ class TestWorkerKilled:
 
         with psycopg.connect(private_stack.postgres_url, autocommit=True) as conn:
             at_kill = applied_so_far(conn)
-            tracking = dict(conn.execute(
-                'SELECT partition, "offset" FROM proj.tracking WHERE consumer_group = %s AND topic = %s',
-                (GROUP, TOPIC_EVENTS),
-            ).fetchall())
+            tracking = dict(
+                conn.execute(
+                    'SELECT partition, "offset" FROM proj.tracking WHERE consumer_group = %s AND topic = %s',
+                    (GROUP, TOPIC_EVENTS),
+                ).fetchall()
+            )
         assert 0 < at_kill <= len(before)
         publish(private_stack, after)  # while the worker is dead
 

@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import httpx
@@ -39,8 +39,10 @@ from schemas.registry_client import RegistryClient
 pytestmark = pytest.mark.stack
 
 TRACE = "trace-" + uuid.uuid4().hex[:12]
-CONFLICT = ("event_id: already accepted with different content; a correction is a RecordVoided of the "
-            "original plus a new event with a new event_id")
+CONFLICT = (
+    "event_id: already accepted with different content; a correction is a RecordVoided of the "
+    "original plus a new event with a new event_id"
+)
 REPEATED = "event_id: repeated in this request with different content"
 HCM = timezone(timedelta(hours=7))
 
@@ -48,7 +50,10 @@ HCM = timezone(timedelta(hours=7))
 # -- helpers shared with test_ingest_cli.py and test_personal_data.py ----------------------------
 
 
-def citizen_id(rng: random.Random = random.SystemRandom()) -> str:
+_SYSTEM_RANDOM = random.SystemRandom()
+
+
+def citizen_id(rng: random.Random = _SYSTEM_RANDOM) -> str:
     """A fresh 12-digit national id (12 digits: it will not turn up by chance in a byte scan)."""
     return f"{rng.randrange(10**11, 10**12)}"
 
@@ -64,7 +69,7 @@ def ts(dt: datetime) -> str:
 
 def millis(text: str) -> int:
     """Epoch milliseconds, exactly (integer arithmetic, as Avro timestamp-millis stores them)."""
-    return (datetime.fromisoformat(text) - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(milliseconds=1)
+    return (datetime.fromisoformat(text) - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
 
 
 def valid_event(event_type: str = "DoseAdministered", cid: str | None = None, **payload: Any) -> dict[str, Any]:
@@ -72,20 +77,47 @@ def valid_event(event_type: str = "DoseAdministered", cid: str | None = None, **
     cid = cid or citizen_id()
     at = datetime(2021, 8, 10, 9, 30, tzinfo=HCM) + timedelta(seconds=random.randrange(86_400))
     base: dict[str, dict[str, Any]] = {
-        "HealthDeclarationSubmitted": {"citizen_id": cid, "symptoms": ["fever", "cough"],
-                                       "contact_with_confirmed_case": False, "channel": "app"},
-        "VaccinationRegistered": {"citizen_id": cid, "birth_year": 1980, "sex": "female",
-                                  "priority_group": "elderly_65_plus", "channel": "web"},
-        "AppointmentScheduled": {"citizen_id": cid, "appointment_id": "AP-" + uuid.uuid4().hex[:10],
-                                 "site_id": "79-760-0001", "slot_start": ts(at + timedelta(days=1)),
-                                 "slot_end": ts(at + timedelta(days=1, minutes=30)), "dose_number": 1},
+        "HealthDeclarationSubmitted": {
+            "citizen_id": cid,
+            "symptoms": ["fever", "cough"],
+            "contact_with_confirmed_case": False,
+            "channel": "app",
+        },
+        "VaccinationRegistered": {
+            "citizen_id": cid,
+            "birth_year": 1980,
+            "sex": "female",
+            "priority_group": "elderly_65_plus",
+            "channel": "web",
+        },
+        "AppointmentScheduled": {
+            "citizen_id": cid,
+            "appointment_id": "AP-" + uuid.uuid4().hex[:10],
+            "site_id": "79-760-0001",
+            "slot_start": ts(at + timedelta(days=1)),
+            "slot_end": ts(at + timedelta(days=1, minutes=30)),
+            "dose_number": 1,
+        },
         "CheckedIn": {"citizen_id": cid, "site_id": "79-760-0001", "appointment_id": None},
-        "DoseAdministered": {"citizen_id": cid, "site_id": "79-760-0001", "vaccine": "astrazeneca",
-                             "lot_number": "ABV5811", "dose_number": 1},
-        "AdverseEventReported": {"citizen_id": cid, "severity": "mild", "dose_event_id": str(uuid.uuid4()),
-                                 "symptoms": ["headache"]},
-        "VaccineAllocated": {"allocation_id": "AL-" + uuid.uuid4().hex[:10], "vaccine": "pfizer",
-                             "doses": 30_000, "recipient": "armed_forces"},
+        "DoseAdministered": {
+            "citizen_id": cid,
+            "site_id": "79-760-0001",
+            "vaccine": "astrazeneca",
+            "lot_number": "ABV5811",
+            "dose_number": 1,
+        },
+        "AdverseEventReported": {
+            "citizen_id": cid,
+            "severity": "mild",
+            "dose_event_id": str(uuid.uuid4()),
+            "symptoms": ["headache"],
+        },
+        "VaccineAllocated": {
+            "allocation_id": "AL-" + uuid.uuid4().hex[:10],
+            "vaccine": "pfizer",
+            "doses": 30_000,
+            "recipient": "armed_forces",
+        },
         "RecordVoided": {"voided_event_id": str(uuid.uuid4()), "reason": "entered in error: wrong person"},
     }
     return {
@@ -100,8 +132,12 @@ def valid_event(event_type: str = "DoseAdministered", cid: str | None = None, **
 
 def post(settings, body: Any, *, raw: bytes | None = None, headers: dict[str, str] | None = None) -> httpx.Response:
     content = raw if raw is not None else orjson.dumps(body)
-    return httpx.post(f"{settings.api_url}/v1/events", content=content, timeout=120,
-                      headers={"content-type": "application/json", **(headers or {})})
+    return httpx.post(
+        f"{settings.api_url}/v1/events",
+        content=content,
+        timeout=120,
+        headers={"content-type": "application/json", **(headers or {})},
+    )
 
 
 class TopicLog:
@@ -109,8 +145,9 @@ class TopicLog:
 
     def __init__(self, settings, topic: str = TOPIC_EVENTS):
         self.settings, self.topic = settings, topic
-        self.consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False,
-                                      request_timeout_ms=20_000)
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False, request_timeout_ms=20_000
+        )
         self.parts = [TopicPartition(topic, p) for p in sorted(self.consumer.partitions_for_topic(topic))]
 
     def ends(self) -> dict[int, int]:
@@ -154,8 +191,9 @@ def expected_key(event: dict[str, Any], settings) -> bytes:
     return p["voided_event_id"].encode()
 
 
-def assert_published_exactly(messages, events: list[dict[str, Any]], settings, codec: Codec,
-                             trace_id: str | None = None) -> None:
+def assert_published_exactly(
+    messages, events: list[dict[str, Any]], settings, codec: Codec, trace_id: str | None = None
+) -> None:
     """messages are exactly `events`, once each, in the Confluent wire format, pseudonymised."""
     decoded = codec.decode_many([m.value for m in messages])
     counts = Counter(d["event_id"] for d in decoded)
@@ -173,10 +211,14 @@ def assert_published_exactly(messages, events: list[dict[str, Any]], settings, c
         # Optional fields the event left out (vaccinator_id since v2) come back as their default, None.
         payload = {**{k: None for k in d["payload"] if k not in payload}, **payload}
         assert d == {
-            "event_id": e["event_id"], "event_type": e["event_type"], "occurred_at": millis(e["occurred_at"]),
-            "province_code": e["province_code"], "source": e["source"],
+            "event_id": e["event_id"],
+            "event_type": e["event_type"],
+            "occurred_at": millis(e["occurred_at"]),
+            "province_code": e["province_code"],
+            "source": e["source"],
             "subject_id": subject_of(settings, cid) if cid else None,
-            "trace_id": d["trace_id"], "payload": payload,
+            "trace_id": d["trace_id"],
+            "payload": payload,
         }
         assert "citizen_id" not in d["payload"]
         if cid:
@@ -217,7 +259,9 @@ def test_the_sdks_shortcuts_compute_what_kafka_python_would():
     for i in range(2500):
         h = [("trace_id", os.urandom(rng.randrange(0, 40))), ("source", b"nhdp-sdk")]
         headers.append(h)
-        rows.append((i, os.urandom(rng.randrange(0, 70)), os.urandom(rng.choice([0, 200, 900, 20_000])), encode_headers(h)))
+        rows.append(
+            (i, os.urandom(rng.randrange(0, 70)), os.urandom(rng.choice([0, 200, 900, 20_000])), encode_headers(h))
+        )
     for compression in (0, 3):  # none, lz4
         built = build_batches(rows, 1_624_000_000_000, {"message_version": 2, "compression_attrs": compression})
         assert len(built) > 1 and [i for members, _ in built for i in members] == list(range(len(rows)))
@@ -238,6 +282,7 @@ def test_the_sdks_shortcuts_compute_what_kafka_python_would():
 
 def invalid_events() -> list[tuple[dict[str, Any], list[str]]]:
     """Invalid events with the exact errors the gateway must give for each."""
+
     def dose(**payload):
         return valid_event("DoseAdministered", **payload)
 
@@ -250,30 +295,45 @@ def invalid_events() -> list[tuple[dict[str, Any], list[str]]]:
     bad_province = dose()
     bad_province["province_code"] = "99"
     future = dose()
-    future["occurred_at"] = ts(datetime.now(timezone.utc) + timedelta(minutes=10))
+    future["occurred_at"] = ts(datetime.now(UTC) + timedelta(minutes=10))
     bad_uuid = dose()
     bad_uuid["event_id"] = "not-a-uuid"
-    slot = valid_event("AppointmentScheduled", slot_start="2021-08-12T09:30:00+07:00",
-                       slot_end="2021-08-12T09:00:00+07:00")
+    slot = valid_event(
+        "AppointmentScheduled", slot_start="2021-08-12T09:30:00+07:00", slot_end="2021-08-12T09:00:00+07:00"
+    )
     vaccines = "astrazeneca, pfizer, moderna, sinopharm, sputnik_v, janssen, abdala, hayat_vax, covaxin, novavax"
     return [
-        (unknown_type, ["event_type: unknown event type 'VaccineTeleported'; expected one of "
-                        "HealthDeclarationSubmitted, VaccinationRegistered, AppointmentScheduled, CheckedIn, "
-                        "DoseAdministered, AdverseEventReported, VaccineAllocated, RecordVoided"]),
+        (
+            unknown_type,
+            [
+                "event_type: unknown event type 'VaccineTeleported'; expected one of "
+                "HealthDeclarationSubmitted, VaccinationRegistered, AppointmentScheduled, CheckedIn, "
+                "DoseAdministered, AdverseEventReported, VaccineAllocated, RecordVoided"
+            ],
+        ),
         (missing, ["payload.lot_number: field required"]),
         (no_source, ["source: field required"]),
         (dose(dose_number="2"), ["payload.dose_number: must be an integer"]),
         (dose(vaccine="sputnik"), [f"payload.vaccine: must be one of {vaccines}"]),
-        (dose(vaccine="sputnik", dose_number=9), [f"payload.vaccine: must be one of {vaccines}",
-                                                   "payload.dose_number: must be between 1 and 5, got 9"]),
-        (bad_province, ["province_code: unknown province code '99'; expected one of the 63 two-digit codes of "
-                        "2008, e.g. '01' (Hà Nội) or '79' (Hồ Chí Minh City)"]),
+        (
+            dose(vaccine="sputnik", dose_number=9),
+            [f"payload.vaccine: must be one of {vaccines}", "payload.dose_number: must be between 1 and 5, got 9"],
+        ),
+        (
+            bad_province,
+            [
+                "province_code: unknown province code '99'; expected one of the 63 two-digit codes of "
+                "2008, e.g. '01' (Hà Nội) or '79' (Hồ Chí Minh City)"
+            ],
+        ),
         (future, ["occurred_at: is in the future (more than 5 minutes ahead of the server clock)"]),
         (slot, ["payload.slot_end: must be after slot_start"]),
         (bad_uuid, ["event_id: not a valid UUID"]),
         # 10 digits: one too many, and long enough that no random event_id in the answer holds it by chance
-        (dose(citizen_id="0791234567"), ["payload.citizen_id: must be a 9- or 12-digit national identity number "
-                                         "(digits only)"]),
+        (
+            dose(citizen_id="0791234567"),
+            ["payload.citizen_id: must be a 9- or 12-digit national identity number (digits only)"],
+        ),
         ("not an object", ["event: must be a JSON object, got a string"]),
     ]
 
@@ -323,33 +383,43 @@ def respelled(event: dict[str, Any]) -> dict[str, Any]:
     """The same fact written differently: upper-case UUID, UTC offset Z, keys in another order."""
     out = {k: event[k] for k in reversed(list(event))}
     out["event_id"] = event["event_id"].upper()
-    out["occurred_at"] = datetime.fromisoformat(event["occurred_at"]).astimezone(timezone.utc).isoformat().replace(
-        "+00:00", "Z")
+    out["occurred_at"] = datetime.fromisoformat(event["occurred_at"]).astimezone(UTC).isoformat().replace("+00:00", "Z")
     out["payload"] = {k: event["payload"][k] for k in reversed(list(event["payload"]))}
     return out
 
 
 def test_resending_accepted_events_answers_duplicates_and_publishes_nothing(stack_settings, log, codec):
-    events = [valid_event(t) for t in ("VaccinationRegistered", "DoseAdministered", "DoseAdministered",
-                                       "VaccineAllocated", "RecordVoided")]
+    events = [
+        valid_event(t)
+        for t in ("VaccinationRegistered", "DoseAdministered", "DoseAdministered", "VaccineAllocated", "RecordVoided")
+    ]
     before = log.ends()
     assert post(stack_settings, events).json() == {"accepted": 5, "duplicates": 0, "rejected": []}
     after_first = log.ends()
 
     assert post(stack_settings, events).json() == {"accepted": 0, "duplicates": 5, "rejected": []}
     assert post(stack_settings, [respelled(e) for e in events]).json() == {
-        "accepted": 0, "duplicates": 5, "rejected": []}
+        "accepted": 0,
+        "duplicates": 5,
+        "rejected": [],
+    }
     # A different trace id (header) is not different content.
     assert post(stack_settings, events[:2], headers={"x-trace-id": "another"}).json() == {
-        "accepted": 0, "duplicates": 2, "rejected": []}
+        "accepted": 0,
+        "duplicates": 2,
+        "rejected": [],
+    }
     assert log.ends() == after_first, "a re-send published something"
 
     # The same event_id with other content is a conflict, not a duplicate; the rest of the request goes on.
     changed = {**events[1], "payload": {**events[1]["payload"], "dose_number": 2}}
     fresh = valid_event()
     resp = post(stack_settings, [changed, fresh, events[2]])
-    assert resp.json() == {"accepted": 1, "duplicates": 1, "rejected": [
-        {"index": 0, "event_id": events[1]["event_id"], "errors": [CONFLICT]}]}
+    assert resp.json() == {
+        "accepted": 1,
+        "duplicates": 1,
+        "rejected": [{"index": 0, "event_id": events[1]["event_id"], "errors": [CONFLICT]}],
+    }
 
     assert_published_exactly(log.read(before), events + [fresh], stack_settings, codec)
 
@@ -359,8 +429,11 @@ def test_a_duplicate_inside_one_request(stack_settings, log, codec):
     b_changed = {**b, "payload": {**b["payload"], "site_id": "79-760-0002"}}
     before = log.ends()
     resp = post(stack_settings, [a, dict(a), b, b_changed, respelled(a), c])
-    assert resp.json() == {"accepted": 3, "duplicates": 2, "rejected": [
-        {"index": 3, "event_id": b["event_id"], "errors": [REPEATED]}]}
+    assert resp.json() == {
+        "accepted": 3,
+        "duplicates": 2,
+        "rejected": [{"index": 3, "event_id": b["event_id"], "errors": [REPEATED]}],
+    }
     messages = log.read(before)
     assert_published_exactly(messages, [a, b, c], stack_settings, codec)
     site = {d["event_id"]: d["payload"].get("site_id") for d in codec.decode_many([m.value for m in messages])}
@@ -428,8 +501,10 @@ def test_too_many_events_or_too_many_bytes_get_413(stack_settings, log):
 
     # Declared too large: refused from the headers, before the body is read.
     status, headers, body = raw_http(
-        stack_settings, f"POST /v1/events HTTP/1.1\r\nHost: nhdp\r\nContent-Type: application/json\r\n"
-                        f"Content-Length: {MAX_BODY_BYTES + 1}\r\n\r\n")
+        stack_settings,
+        f"POST /v1/events HTTP/1.1\r\nHost: nhdp\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {MAX_BODY_BYTES + 1}\r\n\r\n",
+    )
     assert (status, headers["content-type"]) == (413, "application/json")
     assert orjson.loads(body) == {"error": "body is 33,554,433 bytes; the limit is 33,554,432"}
 
@@ -439,8 +514,11 @@ def test_too_many_events_or_too_many_bytes_get_413(stack_settings, log):
     chunks += [b"%x\r\n" % len(mib) + mib + b"\r\n" for _ in range(30)]
     chunks += [b"%x\r\n" % len(mib) + mib + b"\r\n0\r\n\r\n"]  # crosses the limit, then ends the body
     status, headers, body = raw_http(
-        stack_settings, "POST /v1/events HTTP/1.1\r\nHost: nhdp\r\nContent-Type: application/json\r\n"
-                        "Transfer-Encoding: chunked\r\n\r\n", chunks)
+        stack_settings,
+        "POST /v1/events HTTP/1.1\r\nHost: nhdp\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n",
+        chunks,
+    )
     assert status == 413
     assert orjson.loads(body) == {"error": "body is over 33,554,432 bytes, the limit"}
     assert log.ends() == before
@@ -508,12 +586,15 @@ def wait_for_gateway(settings, events, attempts: int = 90) -> tuple[httpx.Respon
 
 def seen(settings, events) -> int:
     with psycopg.connect(settings.postgres_url) as conn:
-        return conn.execute("SELECT count(*) FROM gateway.seen_events WHERE event_id = ANY(%s::uuid[])",
-                            ([e["event_id"] for e in events],)).fetchone()[0]
+        return conn.execute(
+            "SELECT count(*) FROM gateway.seen_events WHERE event_id = ANY(%s::uuid[])",
+            ([e["event_id"] for e in events],),
+        ).fetchone()[0]
 
 
 def test_kafka_down_gets_503_then_the_same_request_succeeds_without_loss_or_duplicates(
-        stack_settings, kafka_service, log, codec):
+    stack_settings, kafka_service, log, codec
+):
     events = [valid_event(t) for t in catalog.EVENT_TYPES] + [valid_event() for _ in range(42)]
     invalid = dict(valid_event(), province_code="99")
     request = events + [invalid]
@@ -534,10 +615,20 @@ def test_kafka_down_gets_503_then_the_same_request_succeeds_without_loss_or_dupl
     kafka_service.start(120)
     resp, taken = wait_for_gateway(stack_settings, request)
     assert resp.status_code == 200, resp.text
-    assert resp.json() == {"accepted": len(events) - taken, "duplicates": taken, "rejected": [
-        {"index": len(events), "event_id": invalid["event_id"], "errors": [
-            "province_code: unknown province code '99'; expected one of the 63 two-digit codes of 2008, "
-            "e.g. '01' (Hà Nội) or '79' (Hồ Chí Minh City)"]}]}
+    assert resp.json() == {
+        "accepted": len(events) - taken,
+        "duplicates": taken,
+        "rejected": [
+            {
+                "index": len(events),
+                "event_id": invalid["event_id"],
+                "errors": [
+                    "province_code: unknown province code '99'; expected one of the 63 two-digit codes of 2008, "
+                    "e.g. '01' (Hà Nội) or '79' (Hồ Chí Minh City)"
+                ],
+            }
+        ],
+    }
     assert post(stack_settings, events).json() == {"accepted": 0, "duplicates": len(events), "rejected": []}
     assert_published_exactly(log.read(before), events, stack_settings, codec)
 
@@ -552,7 +643,7 @@ def test_gateway_client_rides_out_a_kafka_restart(stack_settings, kafka_service,
         try:
             time.sleep(8)  # long enough for the client to meet at least one 503
             kafka_service.start(120)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
+        except BaseException as exc:
             restarted.append(exc)
 
     thread = threading.Thread(target=restart_later, daemon=True)

@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
@@ -29,8 +29,9 @@ pytestmark = pytest.mark.stack
 def nhdp(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     # Wide enough that rich never wraps the summary line.
     env = {**os.environ, "COLUMNS": "400"}
-    return subprocess.run([sys.executable, "-m", "nhdp.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "nhdp.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture
@@ -58,15 +59,27 @@ def test_simulate_publishes_the_whole_scenario_once(stack_settings, log, codec, 
     assert sum(expected.values()) == sim.total_events and max(expected.values()) == 1
 
     before = log.ends()
-    proc = nhdp("simulate", "--scenario", "national", "--days", "1", "--daily-doses", "2000", "--seed", str(seed),
-                "--via", via, "--out", str(tmp_path / "sim"))
+    proc = nhdp(
+        "simulate",
+        "--scenario",
+        "national",
+        "--days",
+        "1",
+        "--daily-doses",
+        "2000",
+        "--seed",
+        str(seed),
+        "--via",
+        via,
+        "--out",
+        str(tmp_path / "sim"),
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     total = sim.total_events
     assert f"published {total:,} events" in proc.stdout
     if via == "gateway":
         assert f"gateway: {total:,} accepted, 0 duplicates" in proc.stdout
-    assert orjson.loads((tmp_path / "sim" / "expected.json").read_bytes()) == orjson.loads(
-        orjson.dumps(sim.expected()))
+    assert orjson.loads((tmp_path / "sim" / "expected.json").read_bytes()) == orjson.loads(orjson.dumps(sim.expected()))
 
     after = log.ends()
     assert sum(after.values()) - sum(before.values()) == total
@@ -78,27 +91,37 @@ def test_simulate_publishes_the_whole_scenario_once(stack_settings, log, codec, 
 
 def import_file(tmp_path):
     """A JSON-lines file mixing good and bad lines; returns (path, accepted events, expected rejects)."""
-    good = [valid_event(t) for t in ("VaccinationRegistered", "DoseAdministered", "CheckedIn", "VaccineAllocated",
-                                     "RecordVoided", "HealthDeclarationSubmitted", "DoseAdministered")]
+    good = [
+        valid_event(t)
+        for t in (
+            "VaccinationRegistered",
+            "DoseAdministered",
+            "CheckedIn",
+            "VaccineAllocated",
+            "RecordVoided",
+            "HealthDeclarationSubmitted",
+            "DoseAdministered",
+        )
+    ]
     bad_vaccine = valid_event(vaccine="sputnik")
     future = valid_event("CheckedIn")
-    future["occurred_at"] = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
+    future["occurred_at"] = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
     changed = {**good[1], "payload": {**good[1]["payload"], "lot_number": "OTHER-LOT"}}
     lines: list[bytes] = [
-        orjson.dumps(good[0]),                        # 1
-        orjson.dumps(good[1]),                        # 2
-        orjson.dumps(bad_vaccine),                    # 3  invalid
-        b'{"event_id": "3f8e", "event_type": ',      # 4  not JSON
-        orjson.dumps(good[2]),                        # 5
-        orjson.dumps(good[0]),                        # 6  re-sent: a duplicate (next request)
-        b"[1, 2]",                                    # 7  JSON, not an event
-        orjson.dumps(good[3]),                        # 8
-        orjson.dumps(changed),                        # 9  good[1]'s id, other content: a conflict
-        b"",                                          # 10 blank
-        orjson.dumps(good[4]),                        # 11
-        orjson.dumps(future),                         # 12 invalid
-        orjson.dumps(good[5]),                        # 13
-        orjson.dumps(good[6]),                        # 14
+        orjson.dumps(good[0]),  # 1
+        orjson.dumps(good[1]),  # 2
+        orjson.dumps(bad_vaccine),  # 3  invalid
+        b'{"event_id": "3f8e", "event_type": ',  # 4  not JSON
+        orjson.dumps(good[2]),  # 5
+        orjson.dumps(good[0]),  # 6  re-sent: a duplicate (next request)
+        b"[1, 2]",  # 7  JSON, not an event
+        orjson.dumps(good[3]),  # 8
+        orjson.dumps(changed),  # 9  good[1]'s id, other content: a conflict
+        b"",  # 10 blank
+        orjson.dumps(good[4]),  # 11
+        orjson.dumps(future),  # 12 invalid
+        orjson.dumps(good[5]),  # 13
+        orjson.dumps(good[6]),  # 14
     ]
     path = tmp_path / "events.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
@@ -108,8 +131,11 @@ def import_file(tmp_path):
         {"line": 4, "errors": None},  # the parser's own words, matched below
         {"line": 7, "event_id": None, "errors": ["event: must be a JSON object, got an array"]},
         {"line": 9, "event_id": good[1]["event_id"], "errors": [CONFLICT]},
-        {"line": 12, "event_id": future["event_id"], "errors": [
-            "occurred_at: is in the future (more than 5 minutes ahead of the server clock)"]},
+        {
+            "line": 12,
+            "event_id": future["event_id"],
+            "errors": ["occurred_at: is in the future (more than 5 minutes ahead of the server clock)"],
+        },
     ]
     return path, good, rejects, len(lines)
 
@@ -121,8 +147,10 @@ def test_import_accepts_the_good_lines_and_lists_every_bad_one(stack_settings, l
     # Requests of 4 events: line 6 re-sends line 1 and line 9 contradicts line 2 across requests.
     proc = nhdp("import", str(path), "--batch", "4", "--rejects", str(rejects_path))
     assert proc.returncode == 1, proc.stdout + proc.stderr  # something was rejected: non-zero
-    summary = (f"{nlines} lines: {len(good)} accepted, 1 duplicates, {len(expected_rejects)} rejected, 1 blank "
-               f"(reasons in {rejects_path})")
+    summary = (
+        f"{nlines} lines: {len(good)} accepted, 1 duplicates, {len(expected_rejects)} rejected, 1 blank "
+        f"(reasons in {rejects_path})"
+    )
     assert summary in proc.stdout, proc.stdout
     assert len(good) + 1 + len(expected_rejects) + 1 == nlines  # every line accounted for
 
@@ -142,8 +170,10 @@ def test_import_accepts_the_good_lines_and_lists_every_bad_one(stack_settings, l
     before = log.ends()
     again = nhdp("import", str(path), "--batch", "4", "--rejects", str(rejects_path))
     assert again.returncode == 1
-    assert (f"{nlines} lines: 0 accepted, {len(good) + 1} duplicates, {len(expected_rejects)} rejected, 1 blank"
-            in again.stdout), again.stdout
+    assert (
+        f"{nlines} lines: 0 accepted, {len(good) + 1} duplicates, {len(expected_rejects)} rejected, 1 blank"
+        in again.stdout
+    ), again.stdout
     assert [orjson.loads(line)["line"] for line in rejects_path.read_bytes().splitlines()] == [3, 4, 7, 9, 12]
     assert log.ends() == before
 

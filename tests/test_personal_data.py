@@ -47,8 +47,8 @@ class Needles:
     def find(self, data: bytes) -> list[tuple[int, str]]:
         hits, i = [], data.find(self._p)
         while i != -1:
-            if data[i:i + 12] in self._set:
-                hits.append((i, data[i:i + 12].decode()))
+            if data[i : i + 12] in self._set:
+                hits.append((i, data[i : i + 12].decode()))
             i = data.find(self._p, i + 1)
         return hits
 
@@ -84,9 +84,17 @@ def publish_known_citizens(settings, needles: Needles) -> list[str]:
     via_gateway, via_sdk = needles.ids[:-4], needles.ids[-4:]
     events = []
     for cid in via_gateway:
-        events += [valid_event(t, cid=cid) for t in ("VaccinationRegistered", "AppointmentScheduled",
-                                                      "HealthDeclarationSubmitted", "CheckedIn", "DoseAdministered",
-                                                      "AdverseEventReported")]
+        events += [
+            valid_event(t, cid=cid)
+            for t in (
+                "VaccinationRegistered",
+                "AppointmentScheduled",
+                "HealthDeclarationSubmitted",
+                "CheckedIn",
+                "DoseAdministered",
+                "AdverseEventReported",
+            )
+        ]
     rejected = [valid_event(cid=via_gateway[0], vaccine="sputnik"), valid_event(cid=via_gateway[1], dose_number=0)]
     resp = post(settings, events + rejected)
     assert resp.status_code == 200, resp.text
@@ -95,8 +103,9 @@ def publish_known_citizens(settings, needles: Needles) -> list[str]:
     assert not needles.find(resp.content), "a gateway answer echoed a national id"
 
     with EventProducer(settings, source="personal-data-test") as producer:
-        producer.publish_json([valid_event("DoseAdministered", cid=cid) for cid in via_sdk],
-                              Pseudonymiser.from_settings(settings))
+        producer.publish_json(
+            [valid_event("DoseAdministered", cid=cid) for cid in via_sdk], Pseudonymiser.from_settings(settings)
+        )
     return [subject_of(settings, cid) for cid in needles.ids]
 
 
@@ -107,8 +116,14 @@ def kafka_records(settings):
 
     bootstrap = settings.kafka_bootstrap_servers
     topics = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=30).topics
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "nhdp-personal-data-scan",
-                         "enable.auto.commit": False, "enable.partition.eof": False})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "nhdp-personal-data-scan",
+            "enable.auto.commit": False,
+            "enable.partition.eof": False,
+        }
+    )
     try:
         todo = {}
         for topic, meta in topics.items():
@@ -180,8 +195,9 @@ def test_no_national_id_reaches_kafka_postgres_or_clickhouse(stack_settings, tmp
         urls = {stack_settings.postgres_db: stack_settings.postgres_url}
     assert stack_settings.postgres_db in urls
     for name, url in urls.items():
-        dump = subprocess.run([str(bin_dir() / "pg_dump"), "--dbname", url, "--no-owner"], capture_output=True,
-                              timeout=300)
+        dump = subprocess.run(
+            [str(bin_dir() / "pg_dump"), "--dbname", url, "--no-owner"], capture_output=True, timeout=300
+        )
         assert dump.returncode == 0, dump.stderr.decode()
         assert not needles.find(dump.stdout), f"national id in a pg_dump of {name}"
         if name == stack_settings.postgres_db:
@@ -196,7 +212,8 @@ def test_no_national_id_reaches_kafka_postgres_or_clickhouse(stack_settings, tmp
     try:
         tables = store.execute(
             "SELECT database, name FROM system.tables "
-            "WHERE database NOT IN ('system', 'INFORMATION_SCHEMA', 'information_schema')")
+            "WHERE database NOT IN ('system', 'INFORMATION_SCHEMA', 'information_schema')"
+        )
         rows_scanned = 0
         for database, table in tables:
             rows = store.execute(f"SELECT * FROM `{database}`.`{table}`")
@@ -218,8 +235,10 @@ def test_no_national_id_reaches_kafka_postgres_or_clickhouse(stack_settings, tmp
 def test_settings_refuse_the_development_secret_outside_the_local_stack(monkeypatch):
     for name in [k for k in os.environ if k.startswith("NHDP_")]:
         monkeypatch.delenv(name)
-    message = (r"NHDP_PSEUDONYM_SECRET must be set to a private value when NHDP_ENV is 'production': "
-               r"the local default would make subject ids reversible by anyone")
+    message = (
+        r"NHDP_PSEUDONYM_SECRET must be set to a private value when NHDP_ENV is 'production': "
+        r"the local default would make subject ids reversible by anyone"
+    )
     with pytest.raises(ConfigError, match=message):
         Settings(env="production")  # missing: the default
     with pytest.raises(ConfigError, match=message):
@@ -233,8 +252,10 @@ def test_settings_refuse_the_development_secret_outside_the_local_stack(monkeypa
     monkeypatch.setenv("NHDP_PSEUDONYM_SECRET", "k8Q2-a-real-secret-from-the-vault-7f3c9e")
     assert Settings().pseudonym_secret == "k8Q2-a-real-secret-from-the-vault-7f3c9e"
     assert Settings(env="production", pseudonym_secret="another-real-secret-0a9b8c-f00d-4e1a").env == "production"
-    with pytest.raises(ConfigError, match="NHDP_PSEUDONYM_SECRET is 12 characters; at least 32 are required "
-                                          "when NHDP_ENV is 'production'"):
+    with pytest.raises(
+        ConfigError,
+        match="NHDP_PSEUDONYM_SECRET is 12 characters; at least 32 are required when NHDP_ENV is 'production'",
+    ):
         Settings(env="production", pseudonym_secret="short-secret")
 
     # The local stack keeps working without configuration.
@@ -246,8 +267,13 @@ def test_settings_refuse_the_development_secret_outside_the_local_stack(monkeypa
 def test_the_cli_refuses_to_start_with_the_development_secret_in_production(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("NHDP_")}
     env |= {"NHDP_ENV": "production", "NHDP_DATA_DIR": str(tmp_path), "COLUMNS": "400"}
-    proc = subprocess.run([sys.executable, "-m", "nhdp.cli", "import", str(tmp_path / "none.jsonl")], env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nhdp.cli", "import", str(tmp_path / "none.jsonl")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "NHDP_PSEUDONYM_SECRET must be set to a private value when NHDP_ENV is 'production'" in proc.stderr
 

@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -25,20 +25,28 @@ from schemas.reference import provinces
 
 pytestmark = pytest.mark.stack
 
-T0 = datetime(2021, 6, 1, tzinfo=timezone.utc)
+T0 = datetime(2021, 6, 1, tzinfo=UTC)
 GROUP = "test-projections"
 TOPIC = "health.events"
 SCALARS = (
-    "registrations", "declarations", "declarations_with_symptoms", "doses_administered",
-    "people_vaccinated", "people_fully_vaccinated", "doses_allocated", "adverse_events",
+    "registrations",
+    "declarations",
+    "declarations_with_symptoms",
+    "doses_administered",
+    "people_vaccinated",
+    "people_fully_vaccinated",
+    "doses_allocated",
+    "adverse_events",
     "serious_adverse_events",
 )
 
 
 # -- events, as the Avro codec returns them (decoded, without citizen_id) ------------
 
-def _event(event_type: str, province: str, subject: str | None, payload: dict, minutes: float = 0,
-           event_id: str | None = None) -> dict[str, Any]:
+
+def _event(
+    event_type: str, province: str, subject: str | None, payload: dict, minutes: float = 0, event_id: str | None = None
+) -> dict[str, Any]:
     return {
         "event_id": event_id or str(uuid.uuid4()),
         "event_type": event_type,
@@ -62,8 +70,13 @@ def registration(province="79", subject="s-reg", minutes=0, event_id=None):
 
 
 def appointment(province="79", subject="s-appt", minutes=0, event_id=None):
-    payload = {"appointment_id": "a1", "site_id": "site-1", "slot_start": T0, "slot_end": T0 + timedelta(hours=1),
-               "dose_number": 1}
+    payload = {
+        "appointment_id": "a1",
+        "site_id": "site-1",
+        "slot_start": T0,
+        "slot_end": T0 + timedelta(hours=1),
+        "dose_number": 1,
+    }
     return _event("AppointmentScheduled", province, subject, payload, minutes, event_id)
 
 
@@ -82,8 +95,9 @@ def adverse(province="79", severity="mild", subject="s-ae", minutes=0, event_id=
     return _event("AdverseEventReported", province, subject, payload, minutes, event_id)
 
 
-def allocation(province="79", doses=1000, vaccine="pfizer", recipient="province_health", allocation_id="alloc-1",
-               event_id=None):
+def allocation(
+    province="79", doses=1000, vaccine="pfizer", recipient="province_health", allocation_id="alloc-1", event_id=None
+):
     payload = {"allocation_id": allocation_id, "vaccine": vaccine, "doses": doses, "recipient": recipient}
     return _event("VaccineAllocated", province, None, payload, 0, event_id)
 
@@ -94,6 +108,7 @@ def void(target: dict, province="79", minutes=0, event_id=None):
 
 
 # -- the reference: DESIGN §4, literally --------------------------------------------
+
 
 def reference(events: list[dict]) -> dict[str, dict[str, Any]]:
     """{province: {figure: value}} with only non-zero figures (keyed ones as dicts)."""
@@ -195,6 +210,7 @@ def check(conn, namespace, events):
 
 # -- fixtures ---------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def dsn(stack_settings) -> str:
     return stack_settings.postgres_url
@@ -239,17 +255,27 @@ class Feed:
 
 # -- each figure ---------------------------------------------------------------------
 
+
 def test_every_figure(proj, conn):
     events = [
-        registration("79"), registration("79"), registration("01"),
-        declaration("79"), declaration("79", ["fever"]), declaration("01", ["cough", "fatigue"]),
-        dose("a", "79", 1, "pfizer", 1), dose("a", "79", 2, "pfizer", 2),
+        registration("79"),
+        registration("79"),
+        registration("01"),
+        declaration("79"),
+        declaration("79", ["fever"]),
+        declaration("01", ["cough", "fatigue"]),
+        dose("a", "79", 1, "pfizer", 1),
+        dose("a", "79", 2, "pfizer", 2),
         dose("b", "01", 1, "astrazeneca", 1),
         dose("c", "79", 1, "janssen", 1),
-        adverse("79", "mild"), adverse("79", "serious"), adverse("01", "severe"),
-        allocation("79", 804_000), allocation("79", 30_000, recipient="armed_forces", allocation_id="a2"),
+        adverse("79", "mild"),
+        adverse("79", "serious"),
+        adverse("01", "severe"),
+        allocation("79", 804_000),
+        allocation("79", 30_000, recipient="armed_forces", allocation_id="a2"),
         allocation("01", 5_000, vaccine="astrazeneca", allocation_id="a3"),
-        appointment("79"), check_in("79"),
+        appointment("79"),
+        check_in("79"),
     ]
     r = Feed(proj).apply(events)
     assert r == BatchResult(applied=len(events), skipped_offsets=0, duplicates=0)
@@ -257,10 +283,17 @@ def test_every_figure(proj, conn):
     hcm = read_models.province_summary(conn, proj.namespace, "79", None)
     assert hcm["province_code"] == "79" and hcm["name"] == provinces()["79"].name_vi
     assert {k: hcm[k] for k in (*SCALARS, "doses_by_number", "doses_by_vaccine", "doses_remaining")} == {
-        "registrations": 2, "declarations": 2, "declarations_with_symptoms": 1, "doses_administered": 3,
-        "people_vaccinated": 2, "people_fully_vaccinated": 2, "doses_allocated": 834_000,
-        "adverse_events": 2, "serious_adverse_events": 1,
-        "doses_by_number": {"1": 2, "2": 1}, "doses_by_vaccine": {"janssen": 1, "pfizer": 2},
+        "registrations": 2,
+        "declarations": 2,
+        "declarations_with_symptoms": 1,
+        "doses_administered": 3,
+        "people_vaccinated": 2,
+        "people_fully_vaccinated": 2,
+        "doses_allocated": 834_000,
+        "adverse_events": 2,
+        "serious_adverse_events": 1,
+        "doses_by_number": {"1": 2, "2": 1},
+        "doses_by_vaccine": {"janssen": 1, "pfizer": 2},
         "doses_remaining": 834_000 - 3,
     }
     assert hcm["coverage_pct"] == round(2 / hcm["population"] * 100, 6)
@@ -291,6 +324,7 @@ def test_all_provinces_and_populations(proj, conn):
 
 
 # -- duplicates ---------------------------------------------------------------------
+
 
 def test_duplicates_count_once(proj, conn):
     feed = Feed(proj)
@@ -350,13 +384,16 @@ def _without_vaccine(e):
     del e["payload"]["vaccine"]
 
 
-@pytest.mark.parametrize("spoil, reason", [
-    (_without_vaccine, "vaccine"),
-    (lambda e: e.update(event_id="not-a-uuid"), "UUID"),
-    (lambda e: e.update(province_code=None), "province_code"),
-    (lambda e: e["payload"].update(dose_number="2"), "dose_number"),
-    (lambda e: e.update(occurred_at=datetime(2021, 6, 1)), "time zone"),
-])
+@pytest.mark.parametrize(
+    "spoil, reason",
+    [
+        (_without_vaccine, "vaccine"),
+        (lambda e: e.update(event_id="not-a-uuid"), "UUID"),
+        (lambda e: e.update(province_code=None), "province_code"),
+        (lambda e: e["payload"].update(dose_number="2"), "dose_number"),
+        (lambda e: e.update(occurred_at=datetime(2021, 6, 1)), "time zone"),
+    ],
+)
 def test_invalid_event_is_refused_before_writing(proj, conn, spoil, reason):
     bad = dose("a", "79")
     spoil(bad)
@@ -380,6 +417,7 @@ def test_epoch_millis_occurred_at(proj, conn):
 
 # -- voids --------------------------------------------------------------------------
 
+
 def _targets():
     return {
         "registrations": registration("79"),
@@ -395,8 +433,13 @@ def _targets():
 @pytest.mark.parametrize("order", ["void_after", "void_before", "same_batch", "same_batch_void_first"])
 def test_void_makes_target_count_as_never_happened(proj, conn, order):
     targets = _targets()
-    keep = [registration("79"), declaration("79", ["cough"]), dose("k", "79", vaccine="pfizer"),
-            allocation("79", 7, allocation_id="keep"), adverse("79", "serious")]
+    keep = [
+        registration("79"),
+        declaration("79", ["cough"]),
+        dose("k", "79", vaccine="pfizer"),
+        allocation("79", 7, allocation_id="keep"),
+        adverse("79", "serious"),
+    ]
     voids = [void(t) for t in targets.values()]
     feed = Feed(proj)
     feed.apply(keep)
@@ -418,7 +461,9 @@ def test_void_makes_target_count_as_never_happened(proj, conn, order):
     assert ref["people_vaccinated"] == 1 and "people_fully_vaccinated" not in ref
     assert read_models.citizen_record(conn, proj.namespace, "v")["doses"] == []
     # the allocation ledger keeps the voided allocation, marked
-    ledger = conn.execute(f"SELECT allocation_id, doses, voided FROM {proj.namespace}.allocations ORDER BY 1").fetchall()
+    ledger = conn.execute(
+        f"SELECT allocation_id, doses, voided FROM {proj.namespace}.allocations ORDER BY 1"
+    ).fetchall()
     assert ledger == [("alloc-1", 500, True), ("keep", 7, False)]
 
 
@@ -449,6 +494,7 @@ def test_two_voids_of_one_target(proj, conn):
 
 # -- people_vaccinated and the earliest dose -------------------------------------------
 
+
 def test_void_of_earliest_dose_moves_the_person(proj, conn):
     first, second = dose("a", "01", minutes=1, number=1), dose("a", "79", minutes=5, number=2)
     feed = Feed(proj)
@@ -470,8 +516,14 @@ def test_late_earlier_dose_moves_the_person(proj, conn):
     feed = Feed(proj)
     feed.apply([later])  # dose 2 before dose 1 still counts
     f = projected(conn, proj.namespace)
-    assert f == {"79": {"doses_administered": 1, "people_vaccinated": 1,
-                        "doses_by_number": {"2": 1}, "doses_by_vaccine": {"pfizer": 1}}}
+    assert f == {
+        "79": {
+            "doses_administered": 1,
+            "people_vaccinated": 1,
+            "doses_by_number": {"2": 1},
+            "doses_by_vaccine": {"pfizer": 1},
+        }
+    }
     feed.apply([earlier])
     f = projected(conn, proj.namespace)
     assert f["01"]["people_vaccinated"] == 1 and f["01"]["people_fully_vaccinated"] == 1
@@ -506,15 +558,28 @@ def test_citizen_record(proj, conn):
     Feed(proj).apply([d2, wrong, d1, void(wrong)])
     rec = read_models.citizen_record(conn, proj.namespace, "a")
     assert rec["doses"] == [
-        {"event_id": d1["event_id"], "occurred_at": "2021-06-01T00:01:00Z", "province_code": "79",
-         "vaccine": "moderna", "dose_number": 1, "site_id": "site-3"},
-        {"event_id": d2["event_id"], "occurred_at": "2021-06-01T00:30:00Z", "province_code": "79",
-         "vaccine": "moderna", "dose_number": 2, "site_id": "site-9"},
+        {
+            "event_id": d1["event_id"],
+            "occurred_at": "2021-06-01T00:01:00Z",
+            "province_code": "79",
+            "vaccine": "moderna",
+            "dose_number": 1,
+            "site_id": "site-3",
+        },
+        {
+            "event_id": d2["event_id"],
+            "occurred_at": "2021-06-01T00:30:00Z",
+            "province_code": "79",
+            "vaccine": "moderna",
+            "dose_number": 2,
+            "site_id": "site-9",
+        },
     ]
     assert rec["valid_doses"] == 2 and rec["voided_doses"] == 1 and rec["fully_vaccinated"]
 
 
 # -- any order, any batching, any interleaving, with duplicates -------------------------
+
 
 @st.composite
 def histories(draw):
@@ -527,14 +592,21 @@ def histories(draw):
     subjects = ["s1", "s2", "s3", "s4"]
     provinces = ["01", "79", "48"]
     for i in range(n):
-        kind = draw(st.sampled_from(["dose", "dose", "dose", "void", "void", "decl", "reg", "adverse", "alloc",
-                                     "appt"]))
+        kind = draw(
+            st.sampled_from(["dose", "dose", "dose", "void", "void", "decl", "reg", "adverse", "alloc", "appt"])
+        )
         prov = draw(st.sampled_from(provinces))
         minutes = draw(st.integers(0, 4))
         eid = str(draw(st.uuids()))
         if kind == "dose":
-            e = dose(draw(st.sampled_from(subjects)), prov, minutes, draw(st.sampled_from(["pfizer", "janssen"])),
-                     draw(st.integers(1, 3)), event_id=eid)
+            e = dose(
+                draw(st.sampled_from(subjects)),
+                prov,
+                minutes,
+                draw(st.sampled_from(["pfizer", "janssen"])),
+                draw(st.integers(1, 3)),
+                event_id=eid,
+            )
         elif kind == "void":
             # mostly an earlier event (any type, voids too), else an id never seen
             if events and draw(st.integers(0, 3)) > 0:
@@ -575,7 +647,7 @@ def deliveries(draw):
     while any(cursor[p] < len(queues[p]) for p in queues):
         p = draw(st.sampled_from([p for p in queues if cursor[p] < len(queues[p])]))
         size = draw(st.integers(1, 10))
-        batch = queues[p][cursor[p]:cursor[p] + size]
+        batch = queues[p][cursor[p] : cursor[p] + size]
         cursor[p] += size
         batches.append(batch)
         if draw(st.integers(0, 5)) == 0:  # redelivered after a "crash": skipped by the tracking record
@@ -601,6 +673,7 @@ def test_any_order_batching_and_duplicates_give_the_reference_figures(dsn, deliv
 
 # -- concurrent workers -----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("seed", [7, 8, 9])
 def test_concurrent_workers_give_the_reference_figures(dsn, conn, seed):
     """Two workers on different partitions, voids in one and their targets in the other.
@@ -621,8 +694,13 @@ def test_concurrent_workers_give_the_reference_figures(dsn, conn, seed):
             kind = rng.random()
             prov = rng.choice(provinces)
             if kind < 0.55:
-                e = dose(rng.choice(subjects), prov, rng.randint(0, 50), rng.choice(["pfizer", "janssen", "moderna"]),
-                         rng.randint(1, 3))
+                e = dose(
+                    rng.choice(subjects),
+                    prov,
+                    rng.randint(0, 50),
+                    rng.choice(["pfizer", "janssen", "moderna"]),
+                    rng.randint(1, 3),
+                )
             elif kind < 0.7:
                 e = registration(prov)
             elif kind < 0.8:
@@ -638,8 +716,11 @@ def test_concurrent_workers_give_the_reference_figures(dsn, conn, seed):
                 e = registration(prov)
             events.append(e)
             # facts mostly on partition 0, voids mostly on partition 1
-            p = (1 if rng.random() < 0.9 else 0) if e["event_type"] == "RecordVoided" else (
-                0 if rng.random() < 0.8 else 1)
+            p = (
+                (1 if rng.random() < 0.9 else 0)
+                if e["event_type"] == "RecordVoided"
+                else (0 if rng.random() < 0.8 else 1)
+            )
             part[p].append(e)
             if rng.random() < 0.05:
                 part[1 - p].append(e)  # a duplicate on the other partition
@@ -656,7 +737,7 @@ def test_concurrent_workers_give_the_reference_figures(dsn, conn, seed):
                 r = random.Random(seed * 10 + p)
                 while i < len(msgs):
                     n = r.randint(1, 40)
-                    projector.apply_batch(msgs[i:i + n], GROUP)
+                    projector.apply_batch(msgs[i : i + n], GROUP)
                     i += n
                 projector.close()
             except BaseException as e:  # surfaced below
@@ -697,8 +778,9 @@ def _slow_down(conn, namespace: str, seconds: float = 0.6) -> None:
 
 def _in_slow_window(conn) -> None:
     for _ in range(500):
-        if conn.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = %s AND wait_event = 'PgSleep'",
-                        (SLOW,)).fetchone():
+        if conn.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE application_name = %s AND wait_event = 'PgSleep'", (SLOW,)
+        ).fetchone():
             return
         time.sleep(0.01)
     raise AssertionError("the slow worker never reached its window")
@@ -740,8 +822,13 @@ def test_void_racing_its_target(proj, conn, dsn, slow):
         _race(dsn, conn, proj.namespace, voids, targets)
     check(conn, proj.namespace, [keep, d, r, voids[0][3], voids[1][3]])
     assert projected(conn, proj.namespace) == {
-        "01": {"doses_administered": 1, "people_vaccinated": 1, "doses_by_number": {"1": 1},
-               "doses_by_vaccine": {"pfizer": 1}}}
+        "01": {
+            "doses_administered": 1,
+            "people_vaccinated": 1,
+            "doses_by_number": {"1": 1},
+            "doses_by_vaccine": {"pfizer": 1},
+        }
+    }
 
 
 def test_recomputation_waits_for_a_concurrent_dose(proj, conn, dsn):
@@ -758,6 +845,7 @@ def test_recomputation_waits_for_a_concurrent_dose(proj, conn, dsn):
 
 # -- replay comparison ------------------------------------------------------------------
 
+
 def test_diff_namespaces_names_a_corrupted_row(dsn, conn):
     events = [dose("abc123", "79", 1), dose("abc123", "79", 2, number=2), registration("01"), allocation("79", 10)]
     a, b = Projector(dsn, new_namespace()), Projector(dsn, new_namespace())
@@ -770,11 +858,15 @@ def test_diff_namespaces_names_a_corrupted_row(dsn, conn):
         Feed(b).apply(events[:2], partition=1)
         assert read_models.diff_namespaces(conn, a.namespace, b.namespace) == []
 
-        conn.execute(f"UPDATE {b.namespace}.counters SET value = value - 1 "
-                     "WHERE province = '79' AND figure = 'doses_administered'")
+        conn.execute(
+            f"UPDATE {b.namespace}.counters SET value = value - 1 "
+            "WHERE province = '79' AND figure = 'doses_administered'"
+        )
         conn.execute(f"UPDATE {b.namespace}.subjects SET valid_doses = 1 WHERE subject_id = 'abc123'")
-        conn.execute(f"UPDATE {b.namespace}.events SET voided_by = gen_random_uuid() WHERE event_id = %s",
-                     (events[2]["event_id"],))
+        conn.execute(
+            f"UPDATE {b.namespace}.events SET voided_by = gen_random_uuid() WHERE event_id = %s",
+            (events[2]["event_id"],),
+        )
         diff = read_models.diff_namespaces(conn, a.namespace, b.namespace)
         assert f"province 79 doses_administered: {a.namespace}=2 {b.namespace}=1" in diff
         assert f"national doses_administered: {a.namespace}=2 {b.namespace}=1" in diff

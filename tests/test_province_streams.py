@@ -29,12 +29,14 @@ SEED = 790_079  # a data set of this test's own: its event_ids appear nowhere el
 
 def read_topic(settings, topic: str, timeout_s: float = 120) -> list:
     """Every message now on `topic`, decoded by confluent-kafka's AvroDeserializer."""
-    consumer = DeserializingConsumer({
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
-        "group.id": f"test-province-{uuid.uuid4()}",
-        "enable.auto.commit": False,
-        "value.deserializer": AvroDeserializer(SchemaRegistryClient({"url": settings.registry_url})),
-    })
+    consumer = DeserializingConsumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            "group.id": f"test-province-{uuid.uuid4()}",
+            "enable.auto.commit": False,
+            "value.deserializer": AvroDeserializer(SchemaRegistryClient({"url": settings.registry_url})),
+        }
+    )
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}

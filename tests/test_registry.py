@@ -92,8 +92,17 @@ def second_registry(stack_settings, tmp_path_factory):
         name="registry2",
         run_dir=home / "run",
         log_dir=home / "logs",
-        command=[sys.executable, "-m", "schemas.registry", "--host", "127.0.0.1", "--port", str(port),
-                 "--nhdp-data", str(home)],
+        command=[
+            sys.executable,
+            "-m",
+            "schemas.registry",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--nhdp-data",
+            str(home),
+        ],
         marker=f"--nhdp-data {home}",
         ready=lambda: httpx.get(f"{url}/subjects", timeout=2.0).status_code == 200,
         port=port,
@@ -132,8 +141,12 @@ def test_register_is_idempotent_and_ids_follow_the_canonical_form(reg):
     # Whitespace and key order do not matter...
     obj = json.loads(schema)
     shuffled = json.dumps(
-        {"fields": [dict(reversed(list(f.items()))) for f in obj["fields"]], "namespace": NS, "name": "Dose",
-         "type": "record"},
+        {
+            "fields": [dict(reversed(list(f.items()))) for f in obj["fields"]],
+            "namespace": NS,
+            "name": "Dose",
+            "type": "record",
+        },
         indent=4,
     )
     again = register(reg, subject, shuffled)
@@ -165,8 +178,12 @@ def test_lookup_and_version_reads(reg):
 
     r = post(reg, f"/subjects/{subject}", json.dumps(json.loads(v1), indent=2))
     assert r.status_code == 200
-    assert r.json() == {"subject": subject, "version": 1, "id": id1,
-                        "schema": json.dumps(json.loads(v1), sort_keys=True, separators=(",", ":"))}
+    assert r.json() == {
+        "subject": subject,
+        "version": 1,
+        "id": id1,
+        "schema": json.dumps(json.loads(v1), sort_keys=True, separators=(",", ":")),
+    }
     assert post(reg, f"/subjects/{subject}?normalize=False&deleted=False", v2).json()["version"] == 2
 
     assert subject in reg.get("/subjects").json()
@@ -211,10 +228,16 @@ def test_error_codes(reg):
     assert_error(reg.post(f"/subjects/{subject}/versions", content=b"{oops"), 400, 400)
     assert_error(
         post(reg, f"/subjects/{subject}/versions", 'syntax = "proto3"; message A {}', schemaType="PROTOBUF"),
-        422, 42201, "PROTOBUF",
+        422,
+        42201,
+        "PROTOBUF",
     )
-    assert_error(post(reg, f"/subjects/{subject}/versions", good, references=[{"name": "x", "subject": "y", "version": 1}]),
-                 422, 42201, "references")
+    assert_error(
+        post(reg, f"/subjects/{subject}/versions", good, references=[{"name": "x", "subject": "y", "version": 1}]),
+        422,
+        42201,
+        "references",
+    )
 
     assert_error(reg.put(f"/config/{subject}", json={"compatibility": "SIDEWAYS"}), 422, 42203)
     assert_error(reg.put("/config", json={"compatibility": "SIDEWAYS"}), 422, 42203)
@@ -287,8 +310,11 @@ def test_incompatible_messages_name_the_field(reg):
     assert r.json()["is_compatible"] is False
     assert any("dose_number" in m for m in r.json()["messages"])
 
-    narrowed = record("DoseAdministered", DOSE_V1[:3] + [
-        {"name": "vaccine", "type": {"type": "enum", "name": "Vaccine", "symbols": ["pfizer"]}}, DOSE_V1[4]])
+    narrowed = record(
+        "DoseAdministered",
+        DOSE_V1[:3]
+        + [{"name": "vaccine", "type": {"type": "enum", "name": "Vaccine", "symbols": ["pfizer"]}}, DOSE_V1[4]],
+    )
     set_level(reg, subject, "BACKWARD")
     assert_error(post(reg, f"/subjects/{subject}/versions", narrowed), 409, 409, "MISSING_ENUM_SYMBOLS", "vaccine")
 
@@ -407,8 +433,10 @@ def test_two_instances_register_concurrently_without_duplicates(reg, second_regi
 
     # Each instance: 50 schemas of its own, plus 10 that both register into the same subjects.
     jobs = {
-        "a": [(subjects[i % 5], schema(f"a{i}")) for i in range(50)] + [(subjects[j % 5], schema(f"c{j}")) for j in range(10)],
-        "b": [(subjects[i % 5], schema(f"b{i}")) for i in range(50)] + [(subjects[j % 5], schema(f"c{j}")) for j in range(10)],
+        "a": [(subjects[i % 5], schema(f"a{i}")) for i in range(50)]
+        + [(subjects[j % 5], schema(f"c{j}")) for j in range(10)],
+        "b": [(subjects[i % 5], schema(f"b{i}")) for i in range(50)]
+        + [(subjects[j % 5], schema(f"c{j}")) for j in range(10)],
     }
     # The same schema under a second subject must get the same id, too.
     jobs["a"] += [(subjects[(j + 1) % 5], schema(f"c{j}")) for j in range(10)]
@@ -485,7 +513,9 @@ def test_confluent_schema_registry_client(stack_settings):
     assert client.get_compatibility(subject) == "FULL"
     assert client.test_compatibility(subject, Schema(record("Dose", CANDIDATES["add_optional"]), "AVRO"))
     assert not client.test_compatibility(subject, Schema(record("Dose", CANDIDATES["add_required"]), "AVRO"))
-    assert not client.test_compatibility_all_versions(subject, Schema(record("Dose", CANDIDATES["change_type"]), "AVRO"))
+    assert not client.test_compatibility_all_versions(
+        subject, Schema(record("Dose", CANDIDATES["change_type"]), "AVRO")
+    )
 
     from confluent_kafka.schema_registry.error import SchemaRegistryError
 
@@ -511,8 +541,14 @@ def test_avro_serializer_round_trip(stack_settings):
     schema = record("DoseAdministered", DOSE_V1 + [{"name": "lot_number", "type": ["null", "string"], "default": None}])
     serializer = AvroSerializer(client, schema)
     ctx = SerializationContext(topic, MessageField.VALUE)
-    event = {"event_id": str(uuid.uuid4()), "subject_id": "s-1", "site_id": "79-001", "vaccine": "pfizer",
-             "dose_number": 2, "lot_number": "AB123"}
+    event = {
+        "event_id": str(uuid.uuid4()),
+        "subject_id": "s-1",
+        "site_id": "79-001",
+        "vaccine": "pfizer",
+        "dose_number": 2,
+        "lot_number": "AB123",
+    }
 
     data = serializer(event, ctx)
     magic, schema_id = struct.unpack(">bI", data[:5])

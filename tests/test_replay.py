@@ -55,12 +55,28 @@ def replay_stack() -> Settings:
         with EventProducer(settings, source="test-replay") as producer:
             for i in range(0, len(events), 5000):
                 producer.publish_json(events[i : i + 5000], pseudonymiser)
-            good = producer.codec.encode_many([("VaccinationRegistered", {
-                "event_id": "3b0f5a5e-8a43-4f0e-9d8a-0d4c1f7e2b11", "event_type": "VaccinationRegistered",
-                "occurred_at": 1_628_000_000_000, "province_code": "99", "source": "test-replay",
-                "subject_id": "f" * 64, "trace_id": None,
-                "payload": {"birth_year": 1980, "sex": "female", "priority_group": "general", "channel": "app"},
-            })])[0]
+            good = producer.codec.encode_many(
+                [
+                    (
+                        "VaccinationRegistered",
+                        {
+                            "event_id": "3b0f5a5e-8a43-4f0e-9d8a-0d4c1f7e2b11",
+                            "event_type": "VaccinationRegistered",
+                            "occurred_at": 1_628_000_000_000,
+                            "province_code": "99",
+                            "source": "test-replay",
+                            "subject_id": "f" * 64,
+                            "trace_id": None,
+                            "payload": {
+                                "birth_year": 1980,
+                                "sex": "female",
+                                "priority_group": "general",
+                                "channel": "app",
+                            },
+                        },
+                    )
+                ]
+            )[0]
         raw = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all")
         for value in (b"\x01" + good[1:], b"\x00" + struct.pack(">I", 424_242) + good[5:], good):
             raw.send(TOPIC_EVENTS, key=b"test-replay-bad", value=value)  # all three go to the DLQ
@@ -79,7 +95,11 @@ def nhdp(settings: Settings, *args: str) -> subprocess.CompletedProcess:
     env.update(settings.as_env())
     env["COLUMNS"] = "250"  # rich wraps at 80 columns without a terminal
     return subprocess.run(
-        [sys.executable, "-m", "nhdp.cli", *args], env=env, cwd=CHECKOUT, capture_output=True, text=True,
+        [sys.executable, "-m", "nhdp.cli", *args],
+        env=env,
+        cwd=CHECKOUT,
+        capture_output=True,
+        text=True,
         timeout=280,
     )
 
@@ -120,6 +140,9 @@ def test_verify_fails_and_names_a_corrupted_row(replay_stack):
     assert any("province 79 doses_administered:" in line for line in lines), result.stdout
     assert any("national doses_administered:" in line for line in lines), result.stdout
     # nothing but that row and what it feeds (the national sum; doses_remaining where it is derived)
-    unrelated = [line for line in lines if not ("79" in line or "national" in line)
-                 or not ("doses_administered" in line or "doses_remaining" in line)]
+    unrelated = [
+        line
+        for line in lines
+        if not ("79" in line or "national" in line) or not ("doses_administered" in line or "doses_remaining" in line)
+    ]
     assert not unrelated, result.stdout

@@ -11,7 +11,7 @@ import io
 import json
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
+from strategies import avro_records, events, invalid_events
 
 from schemas import catalog
 from schemas.catalog import (
@@ -41,7 +42,6 @@ from schemas.models import (
     to_avro_record,
     validate_event,
 )
-from strategies import avro_records, events, invalid_events
 
 SCHEMAS_DIR = Path(catalog.__file__).resolve().parent
 ALL_AVSC = sorted(SCHEMAS_DIR.glob("avro/*.avsc")) + sorted(SCHEMAS_DIR.glob("released/*/v*.avsc"))
@@ -73,7 +73,14 @@ def test_composed_schema_parses_with_fastavro_and_avro(event_type: str):
     parsed = avro.schema.parse(json.dumps(schema))
     assert parsed.fullname == f"vn.nhdp.events.{event_type}"
     assert [f["name"] for f in schema["fields"]] == [
-        "event_id", "event_type", "occurred_at", "province_code", "source", "subject_id", "trace_id", "payload",
+        "event_id",
+        "event_type",
+        "occurred_at",
+        "province_code",
+        "source",
+        "subject_id",
+        "trace_id",
+        "payload",
     ]
     assert schema["fields"][-1]["type"]["name"] == f"{event_type}Payload"
 
@@ -217,8 +224,9 @@ def test_gate_refuses_a_changed_type():
     s = current_schema("DoseAdministered")
     next(f for f in _dose_payload(s) if f["name"] == "dose_number")["type"] = "string"
     problems = _breaks_backward(s)
-    assert problems and all(p.startswith("type_mismatch: reader type: string not compatible with writer type: int")
-                            for p in problems)
+    assert problems and all(
+        p.startswith("type_mismatch: reader type: string not compatible with writer type: int") for p in problems
+    )
 
 
 def test_gate_refuses_a_new_field_without_default():
@@ -239,7 +247,7 @@ def test_removing_a_required_field_is_backward_compatible_but_not_forward():
     s = current_schema("DoseAdministered")
     s["fields"][-1]["type"]["fields"] = [f for f in _dose_payload(s) if f["name"] != "lot_number"]
     assert _breaks_backward(s) == []
-    (_, v2), = [vs for vs in released_schemas("DoseAdministered") if vs[0] == 2]
+    ((_, v2),) = [vs for vs in released_schemas("DoseAdministered") if vs[0] == 2]
     assert compatibility_problems(v2, s) == [
         "reader_field_missing_default_value: lot_number (at /fields/7/type/fields/2)"
     ]
@@ -320,8 +328,7 @@ def test_models_agree_with_avsc(event_type: str):
 
 def test_int_widths_match_the_ranges():
     # Avro int is 32-bit: fine for dose_number and birth_year; doses may be large, so long.
-    types = {(t, f["name"]): f["type"] for t in EVENT_TYPES
-             for f in current_schema(t)["fields"][-1]["type"]["fields"]}
+    types = {(t, f["name"]): f["type"] for t in EVENT_TYPES for f in current_schema(t)["fields"][-1]["type"]["fields"]}
     assert types[("DoseAdministered", "dose_number")] == "int"
     assert types[("AppointmentScheduled", "dose_number")] == "int"
     assert types[("VaccinationRegistered", "birth_year")] == "int"
@@ -378,77 +385,179 @@ _DROP = object()
 VACCINES_TEXT = "astrazeneca, pfizer, moderna, sinopharm, sputnik_v, janssen, abdala, hayat_vax, covaxin, novavax"
 TYPES_TEXT = ", ".join(EVENT_TYPES)
 PROVINCE_TEXT = "expected one of the 63 two-digit codes of 2008, e.g. '01' (Hà Nội) or '79' (Hồ Chí Minh City)"
-APPT = {"citizen_id": "123456789", "appointment_id": "A-1", "site_id": "S-1",
-        "slot_start": "2021-08-10T09:00:00+07:00", "slot_end": "2021-08-10T09:30:00+07:00", "dose_number": 1}
+APPT = {
+    "citizen_id": "123456789",
+    "appointment_id": "A-1",
+    "site_id": "S-1",
+    "slot_start": "2021-08-10T09:00:00+07:00",
+    "slot_end": "2021-08-10T09:30:00+07:00",
+    "dose_number": 1,
+}
 
 BAD_INPUTS = [
     ("not an object", [1, 2], ["event: must be a JSON object, got an array"]),
     ("null", None, ["event: must be a JSON object, got null"]),
     ("bad vaccine", _with(p_vaccine="sputnik"), [f"payload.vaccine: must be one of {VACCINES_TEXT}"]),
     ("reader default is not input", _with(p_vaccine="unknown"), [f"payload.vaccine: must be one of {VACCINES_TEXT}"]),
-    ("unknown type plus envelope errors", _with(event_type="Foo", event_id="nope"),
-     ["event_id: not a valid UUID", f"event_type: unknown event type 'Foo'; expected one of {TYPES_TEXT}"]),
+    (
+        "unknown type plus envelope errors",
+        _with(event_type="Foo", event_id="nope"),
+        ["event_id: not a valid UUID", f"event_type: unknown event type 'Foo'; expected one of {TYPES_TEXT}"],
+    ),
     ("type missing", _with(event_type=_DROP), ["event_type: field required"]),
     ("type not a string", _with(event_type=5), ["event_type: must be a string, got a number"]),
     ("bad uuid", _with(event_id="6f1c1e9e-3b7b-4a53-9d3e"), ["event_id: not a valid UUID"]),
     ("citizen_id missing", _with(p_citizen_id=_DROP), ["payload.citizen_id: field required"]),
-    ("citizen_id wrong length", _with(p_citizen_id="0791234567"),
-     ["payload.citizen_id: must be a 9- or 12-digit national identity number (digits only)"]),
+    (
+        "citizen_id wrong length",
+        _with(p_citizen_id="0791234567"),
+        ["payload.citizen_id: must be a 9- or 12-digit national identity number (digits only)"],
+    ),
     ("citizen_id as number", _with(p_citizen_id=79123456789), ["payload.citizen_id: must be a string"]),
     ("dose number", _with(p_dose_number=6), ["payload.dose_number: must be between 1 and 5, got 6"]),
     ("dose number as text", _with(p_dose_number="2"), ["payload.dose_number: must be an integer"]),
-    ("naive time", _with(occurred_at="2021-08-10T09:30:00"),
-     ["occurred_at: must include a UTC offset (Z or +hh:mm), e.g. 2021-08-10T09:30:00+07:00"]),
-    ("unix time", _with(occurred_at=1628562600),
-     ["occurred_at: must be an RFC 3339 timestamp string, e.g. 2021-08-10T09:30:00+07:00"]),
-    ("not a time", _with(occurred_at="yesterday"), ["occurred_at: not an RFC 3339 timestamp, e.g. 2021-08-10T09:30:00+07:00"]),
-    ("impossible date", _with(occurred_at="2021-02-30T09:30:00Z"),
-     ["occurred_at: not a valid date and time: '2021-02-30T09:30:00Z'"]),
-    ("future", _with(occurred_at="2099-01-01T00:00:00Z"),
-     ["occurred_at: is in the future (more than 5 minutes ahead of the server clock)"]),
+    (
+        "naive time",
+        _with(occurred_at="2021-08-10T09:30:00"),
+        ["occurred_at: must include a UTC offset (Z or +hh:mm), e.g. 2021-08-10T09:30:00+07:00"],
+    ),
+    (
+        "unix time",
+        _with(occurred_at=1628562600),
+        ["occurred_at: must be an RFC 3339 timestamp string, e.g. 2021-08-10T09:30:00+07:00"],
+    ),
+    (
+        "not a time",
+        _with(occurred_at="yesterday"),
+        ["occurred_at: not an RFC 3339 timestamp, e.g. 2021-08-10T09:30:00+07:00"],
+    ),
+    (
+        "impossible date",
+        _with(occurred_at="2021-02-30T09:30:00Z"),
+        ["occurred_at: not a valid date and time: '2021-02-30T09:30:00Z'"],
+    ),
+    (
+        "future",
+        _with(occurred_at="2099-01-01T00:00:00Z"),
+        ["occurred_at: is in the future (more than 5 minutes ahead of the server clock)"],
+    ),
     ("unknown province", _with(province_code="99"), [f"province_code: unknown province code '99'; {PROVINCE_TEXT}"]),
-    ("new 2025 code is not a 2008 code", _with(province_code="03"), [f"province_code: unknown province code '03'; {PROVINCE_TEXT}"]),
-    ("province not two digits", _with(province_code="7"), ["province_code: must be a two-digit province code such as '79', got '7'"]),
+    (
+        "new 2025 code is not a 2008 code",
+        _with(province_code="03"),
+        [f"province_code: unknown province code '03'; {PROVINCE_TEXT}"],
+    ),
+    (
+        "province not two digits",
+        _with(province_code="7"),
+        ["province_code: must be a two-digit province code such as '79', got '7'"],
+    ),
     ("province as number", _with(province_code=79), ["province_code: must be a string"]),
     ("empty source", _with(source=""), ["source: must be 1 to 64 characters long, got 0"]),
     ("long source", _with(source="x" * 65), ["source: must be 1 to 64 characters long, got 65"]),
     ("payload not an object", _with(payload=[]), ["payload: must be an object"]),
     ("payload missing", _with(payload=_DROP), ["payload: field required"]),
-    ("unknown payload field", _with(p_subject_id="abc"),
-     ["payload.subject_id: unknown field; the DoseAdministered payload has "
-      "citizen_id, site_id, vaccine, lot_number, dose_number, vaccinator_id"]),
-    ("unknown envelope field", _with(subject_id="abc"),
-     ["subject_id: unknown field; the envelope has event_id, event_type, occurred_at, province_code, source, trace_id, payload"]),
-    ("several at once", _with(source="", p_vaccine="x", p_lot_number=_DROP, p_dose_number=0),
-     ["source: must be 1 to 64 characters long, got 0",
-      f"payload.vaccine: must be one of {VACCINES_TEXT}",
-      "payload.lot_number: field required",
-      "payload.dose_number: must be between 1 and 5, got 0"]),
-    ("slot order", _with(event_type="AppointmentScheduled", payload={**APPT, "slot_end": "2021-08-10T08:59:00+07:00"}),
-     ["payload.slot_end: must be after slot_start"]),
-    ("slot order across offsets", _with(event_type="AppointmentScheduled",
-                                        payload={**APPT, "slot_end": "2021-08-10T02:00:00Z"}),
-     ["payload.slot_end: must be after slot_start"]),
-    ("symptom list item", _with(event_type="HealthDeclarationSubmitted", payload={
-        "citizen_id": "123456789", "symptoms": ["fever", "headache"], "contact_with_confirmed_case": "no", "channel": "sms"}),
-     ["payload.symptoms.1: must be one of fever, cough, shortness_of_breath, sore_throat, loss_of_taste_or_smell, fatigue",
-      "payload.contact_with_confirmed_case: must be true or false",
-      "payload.channel: must be one of app, web, kiosk, paper"]),
-    ("birth year", _with(event_type="VaccinationRegistered", payload={
-        "citizen_id": "123456789", "birth_year": 1899, "sex": "x", "priority_group": "general", "channel": "app"}),
-     [f"payload.birth_year: must be between 1900 and {THIS_YEAR}, got 1899", "payload.sex: must be one of female, male, unknown"]),
-    ("doses", _with(event_type="VaccineAllocated", payload={
-        "allocation_id": "AL-1", "vaccine": "pfizer", "doses": 0, "recipient": "army"}),
-     ["payload.doses: must be greater than 0, got 0",
-      "payload.recipient: must be one of province_health, armed_forces, police, other_unit"]),
-    ("citizen_id where none belongs", _with(event_type="RecordVoided", payload={
-        "voided_event_id": "x", "reason": "", "citizen_id": "123456789"}),
-     ["payload.voided_event_id: not a valid UUID", "payload.reason: must be 1 to 500 characters long, got 0",
-      "payload.citizen_id: unknown field; the RecordVoided payload has voided_event_id, reason"]),
-    ("adverse event", _with(event_type="AdverseEventReported", payload={
-        "citizen_id": "123456789", "severity": "fatal", "dose_event_id": "abc", "symptoms": "rash"}),
-     ["payload.severity: must be one of mild, moderate, severe, serious",
-      "payload.dose_event_id: not a valid UUID", "payload.symptoms: must be a list"]),
+    (
+        "unknown payload field",
+        _with(p_subject_id="abc"),
+        [
+            "payload.subject_id: unknown field; the DoseAdministered payload has "
+            "citizen_id, site_id, vaccine, lot_number, dose_number, vaccinator_id"
+        ],
+    ),
+    (
+        "unknown envelope field",
+        _with(subject_id="abc"),
+        [
+            "subject_id: unknown field; the envelope has event_id, event_type, occurred_at, province_code, source, trace_id, payload"
+        ],
+    ),
+    (
+        "several at once",
+        _with(source="", p_vaccine="x", p_lot_number=_DROP, p_dose_number=0),
+        [
+            "source: must be 1 to 64 characters long, got 0",
+            f"payload.vaccine: must be one of {VACCINES_TEXT}",
+            "payload.lot_number: field required",
+            "payload.dose_number: must be between 1 and 5, got 0",
+        ],
+    ),
+    (
+        "slot order",
+        _with(event_type="AppointmentScheduled", payload={**APPT, "slot_end": "2021-08-10T08:59:00+07:00"}),
+        ["payload.slot_end: must be after slot_start"],
+    ),
+    (
+        "slot order across offsets",
+        _with(event_type="AppointmentScheduled", payload={**APPT, "slot_end": "2021-08-10T02:00:00Z"}),
+        ["payload.slot_end: must be after slot_start"],
+    ),
+    (
+        "symptom list item",
+        _with(
+            event_type="HealthDeclarationSubmitted",
+            payload={
+                "citizen_id": "123456789",
+                "symptoms": ["fever", "headache"],
+                "contact_with_confirmed_case": "no",
+                "channel": "sms",
+            },
+        ),
+        [
+            "payload.symptoms.1: must be one of fever, cough, shortness_of_breath, sore_throat, loss_of_taste_or_smell, fatigue",
+            "payload.contact_with_confirmed_case: must be true or false",
+            "payload.channel: must be one of app, web, kiosk, paper",
+        ],
+    ),
+    (
+        "birth year",
+        _with(
+            event_type="VaccinationRegistered",
+            payload={
+                "citizen_id": "123456789",
+                "birth_year": 1899,
+                "sex": "x",
+                "priority_group": "general",
+                "channel": "app",
+            },
+        ),
+        [
+            f"payload.birth_year: must be between 1900 and {THIS_YEAR}, got 1899",
+            "payload.sex: must be one of female, male, unknown",
+        ],
+    ),
+    (
+        "doses",
+        _with(
+            event_type="VaccineAllocated",
+            payload={"allocation_id": "AL-1", "vaccine": "pfizer", "doses": 0, "recipient": "army"},
+        ),
+        [
+            "payload.doses: must be greater than 0, got 0",
+            "payload.recipient: must be one of province_health, armed_forces, police, other_unit",
+        ],
+    ),
+    (
+        "citizen_id where none belongs",
+        _with(event_type="RecordVoided", payload={"voided_event_id": "x", "reason": "", "citizen_id": "123456789"}),
+        [
+            "payload.voided_event_id: not a valid UUID",
+            "payload.reason: must be 1 to 500 characters long, got 0",
+            "payload.citizen_id: unknown field; the RecordVoided payload has voided_event_id, reason",
+        ],
+    ),
+    (
+        "adverse event",
+        _with(
+            event_type="AdverseEventReported",
+            payload={"citizen_id": "123456789", "severity": "fatal", "dose_event_id": "abc", "symptoms": "rash"},
+        ),
+        [
+            "payload.severity: must be one of mild, moderate, severe, serious",
+            "payload.dose_event_id: not a valid UUID",
+            "payload.symptoms: must be a list",
+        ],
+    ),
 ]
 
 
@@ -470,7 +579,7 @@ def test_valid_event_result():
     assert validated == ValidatedEvent(
         event_id="6f1c1e9e-3b7b-4a53-9d3e-2f0c8b7f4a10",  # canonical, so retries in any case match
         event_type="DoseAdministered",
-        occurred_at=datetime(2021, 8, 10, 2, 30, 0, 123000, tzinfo=timezone.utc),
+        occurred_at=datetime(2021, 8, 10, 2, 30, 0, 123000, tzinfo=UTC),
         province_code="79",
         source="site-hcm-0123",
         payload={**GOOD["payload"], "vaccinator_id": None},
@@ -480,16 +589,22 @@ def test_valid_event_result():
 
 
 def test_five_minutes_of_clock_skew_are_allowed():
-    soon = datetime.now(timezone.utc) + timedelta(minutes=4)
+    soon = datetime.now(UTC) + timedelta(minutes=4)
     assert validate_event(_with(occurred_at=soon.isoformat()))[1] == []
-    later = datetime.now(timezone.utc) + timedelta(minutes=6)
+    later = datetime.now(UTC) + timedelta(minutes=6)
     assert validate_event(_with(occurred_at=later.isoformat()))[1] == [
-        "occurred_at: is in the future (more than 5 minutes ahead of the server clock)"]
+        "occurred_at: is in the future (more than 5 minutes ahead of the server clock)"
+    ]
 
 
 def test_rfc3339_variants_are_accepted():
-    for text in ("2021-08-10T02:30:00Z", "2021-08-10t02:30:00z", "2021-08-10 09:30:00+07:00",
-                 "2021-08-10T02:30:00.000000001+00:00", "2021-08-09T21:30:00-05:00"):
+    for text in (
+        "2021-08-10T02:30:00Z",
+        "2021-08-10t02:30:00z",
+        "2021-08-10 09:30:00+07:00",
+        "2021-08-10T02:30:00.000000001+00:00",
+        "2021-08-09T21:30:00-05:00",
+    ):
         validated, errors = validate_event(_with(occurred_at=text))
         assert errors == [], text
         assert validated.occurred_at_ms == 1628562600000, text
@@ -502,10 +617,20 @@ def test_to_avro_record_replaces_citizen_id_by_subject_id():
     validated, _ = validate_event(_with(p_vaccinator_id="VN-77"))
     record = to_avro_record(validated, "ab" * 32, trace_id="trace-9")
     assert record == {
-        "event_id": GOOD["event_id"], "event_type": "DoseAdministered", "occurred_at": 1628562600123,
-        "province_code": "79", "source": "site-hcm-0123", "subject_id": "ab" * 32, "trace_id": "trace-9",
-        "payload": {"site_id": "79-760-0123", "vaccine": "astrazeneca", "lot_number": "ABV1234",
-                    "dose_number": 2, "vaccinator_id": "VN-77"},
+        "event_id": GOOD["event_id"],
+        "event_type": "DoseAdministered",
+        "occurred_at": 1628562600123,
+        "province_code": "79",
+        "source": "site-hcm-0123",
+        "subject_id": "ab" * 32,
+        "trace_id": "trace-9",
+        "payload": {
+            "site_id": "79-760-0123",
+            "vaccine": "astrazeneca",
+            "lot_number": "ABV1234",
+            "dose_number": 2,
+            "vaccinator_id": "VN-77",
+        },
     }
     assert "079123456789" not in json.dumps(record)
     with pytest.raises(ValueError, match="subject_id is required"):
@@ -513,8 +638,12 @@ def test_to_avro_record_replaces_citizen_id_by_subject_id():
 
 
 def test_to_avro_record_refuses_a_subject_for_events_without_citizen():
-    validated, errors = validate_event(_with(event_type="VaccineAllocated", payload={
-        "allocation_id": "AL-1", "vaccine": "pfizer", "doses": 836000, "recipient": "province_health"}))
+    validated, errors = validate_event(
+        _with(
+            event_type="VaccineAllocated",
+            payload={"allocation_id": "AL-1", "vaccine": "pfizer", "doses": 836000, "recipient": "province_health"},
+        )
+    )
     assert errors == []
     assert to_avro_record(validated, None)["subject_id"] is None
     with pytest.raises(ValueError, match="subject_id must be None"):

@@ -10,30 +10,36 @@ import json
 import re
 from collections import Counter
 from datetime import datetime, timedelta
-from functools import lru_cache
+from functools import cache
 
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas.figures import FIGURES
 from producers.simulator import simulate, write
+from schemas.figures import FIGURES
 from schemas.reference import provinces
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
 CITIZEN_ID = re.compile(r"^(\d{9}|\d{12})$")
-CITIZEN_TYPES = {"HealthDeclarationSubmitted", "VaccinationRegistered", "AppointmentScheduled", "CheckedIn",
-                 "DoseAdministered", "AdverseEventReported"}
+CITIZEN_TYPES = {
+    "HealthDeclarationSubmitted",
+    "VaccinationRegistered",
+    "AppointmentScheduled",
+    "CheckedIn",
+    "DoseAdministered",
+    "AdverseEventReported",
+}
 
 
-@lru_cache(maxsize=None)
+@cache
 def national_events(seed: int, days: int = 2, daily_doses: int = 5_000) -> tuple[dict, ...]:
     return tuple(simulate("national", seed=seed, days=days, daily_doses=daily_doses).events())
 
 
-@lru_cache(maxsize=None)
+@cache
 def hcmc_events(seed: int = 2021, scale: float = 0.01) -> tuple[dict, ...]:
     return tuple(simulate("hcmc-2021-06", seed=seed, scale=scale).events())
 
@@ -59,9 +65,17 @@ def reference(events, as_of: datetime | None = None) -> dict:
 
     refs = provinces()
     zero = lambda: {  # noqa: E731
-        "registrations": 0, "declarations": 0, "declarations_with_symptoms": 0, "doses_administered": 0,
-        "doses_by_number": Counter(), "doses_by_vaccine": Counter(), "people_vaccinated": 0,
-        "people_fully_vaccinated": 0, "doses_allocated": 0, "adverse_events": 0, "serious_adverse_events": 0,
+        "registrations": 0,
+        "declarations": 0,
+        "declarations_with_symptoms": 0,
+        "doses_administered": 0,
+        "doses_by_number": Counter(),
+        "doses_by_vaccine": Counter(),
+        "people_vaccinated": 0,
+        "people_fully_vaccinated": 0,
+        "doses_allocated": 0,
+        "adverse_events": 0,
+        "serious_adverse_events": 0,
     }
     prov = {code: zero() for code in refs}
     doses_of: dict[str, list[dict]] = {}
@@ -204,8 +218,13 @@ def test_no_duplicates_and_every_void_follows_its_target(which):
     share = len(voids) / (len(events) - len(voids))
     assert 0.003 < share < 0.02, share
     targets = Counter(by_id[v["payload"]["voided_event_id"]]["event_type"] for v in voids)
-    assert {"DoseAdministered", "VaccinationRegistered", "HealthDeclarationSubmitted",
-            "AppointmentScheduled", "CheckedIn"} <= set(targets)
+    assert {
+        "DoseAdministered",
+        "VaccinationRegistered",
+        "HealthDeclarationSubmitted",
+        "AppointmentScheduled",
+        "CheckedIn",
+    } <= set(targets)
 
 
 def test_people_follow_a_realistic_sequence():
@@ -218,8 +237,13 @@ def test_people_follow_a_realistic_sequence():
         if e["event_id"] in valid_ids and "citizen_id" in e["payload"]:
             per.setdefault(e["payload"]["citizen_id"], []).append(e)
     assert all(cid.startswith("079") and len(cid) == 12 for cid in per)
-    order = ["VaccinationRegistered", "AppointmentScheduled", "HealthDeclarationSubmitted", "CheckedIn",
-             "DoseAdministered"]
+    order = [
+        "VaccinationRegistered",
+        "AppointmentScheduled",
+        "HealthDeclarationSubmitted",
+        "CheckedIn",
+        "DoseAdministered",
+    ]
     for cid, evs in per.items():
         visits = [e for e in evs if e["event_type"] in order]
         visits.sort(key=lambda e: (t(e), order.index(e["event_type"])))
@@ -260,7 +284,10 @@ def test_hcmc_allocations_are_the_three_recipients():
     voided = {e["payload"]["voided_event_id"] for e in events if e["event_type"] == "RecordVoided"}
     allocations = [e for e in events if e["event_type"] == "VaccineAllocated" and e["event_id"] not in voided]
     assert sorted((e["payload"]["recipient"], e["payload"]["doses"]) for e in allocations) == [
-        ("armed_forces", 1_500), ("police", 1_000), ("province_health", 39_300)]
+        ("armed_forces", 1_500),
+        ("police", 1_000),
+        ("province_health", 39_300),
+    ]
     assert {e["province_code"] for e in allocations} == {"79"}
     assert {e["payload"]["vaccine"] for e in allocations} == {"astrazeneca"}
     assert all(t(e) < datetime.fromisoformat("2021-06-19T00:00:00+07:00") for e in allocations)
@@ -287,8 +314,9 @@ def edge_cases(events) -> dict[str, int]:
             if first["event_id"] in voided and any(e["event_id"] not in voided for e in evs):
                 moved += 1
         times = Counter(t(e) for e in evs)
-        ties_across += any(n > 1 and len({e["province_code"] for e in evs if t(e) == ts}) > 1
-                           for ts, n in times.items())
+        ties_across += any(
+            n > 1 and len({e["province_code"] for e in evs if t(e) == ts}) > 1 for ts, n in times.items()
+        )
     reasons = Counter(v["payload"]["reason"] for v in voids)
     return {
         "cross_province_people": cross,
@@ -296,8 +324,9 @@ def edge_cases(events) -> dict[str, int]:
         "same_time_doses_in_two_provinces": ties_across,
         "wrong_vaccine_reentries": reasons["entered in error: wrong vaccine"],
         "wrong_time_reentries": reasons["entered in error: wrong time"],
-        "allocation_voids": sum(by_id[v["payload"]["voided_event_id"]]["event_type"] == "VaccineAllocated"
-                                for v in voids),
+        "allocation_voids": sum(
+            by_id[v["payload"]["voided_event_id"]]["event_type"] == "VaccineAllocated" for v in voids
+        ),
         "janssen": sum(e["payload"]["vaccine"] == "janssen" for evs in doses.values() for e in evs),
         "adverse_events": sum(e["event_type"] == "AdverseEventReported" for e in events),
     }
@@ -310,7 +339,9 @@ def cutoffs(sim, events) -> list[datetime | None]:
     cuts += [start + timedelta(days=d, hours=12) for d in range(sim.days)]
     by_id = {e["event_id"]: e for e in events}
     first_dose_voids = [
-        v for v in events if v["event_type"] == "RecordVoided"
+        v
+        for v in events
+        if v["event_type"] == "RecordVoided"
         and by_id[v["payload"]["voided_event_id"]]["event_type"] == "DoseAdministered"
         and by_id[v["payload"]["voided_event_id"]]["payload"]["dose_number"] == 1
     ]

@@ -96,9 +96,7 @@ async def _candidate(request: Request) -> compat.Canonical:
     if body.get("references"):
         raise RegistryError(422, 42201, "Invalid schema: schema references are not supported by this registry")
     if body.get("id") is not None:
-        raise RegistryError(
-            422, 42205, "Overriding the schema id (IMPORT mode) is not supported by this registry"
-        )
+        raise RegistryError(422, 42205, "Overriding the schema id (IMPORT mode) is not supported by this registry")
     # metadata and ruleSet (data contracts) are accepted and ignored.
     text = body.get("schema")
     if not isinstance(text, str):
@@ -244,9 +242,7 @@ def create_app(dsn: str) -> FastAPI:
 
     @app.get("/subjects/{subject}/versions")
     async def versions(subject: str, request: Request):
-        out = await store.versions(
-            subject, _flag(request, "deleted"), _flag(request, "deleted_only", "deletedOnly")
-        )
+        out = await store.versions(subject, _flag(request, "deleted"), _flag(request, "deleted_only", "deletedOnly"))
         return _page(out, request)
 
     @app.get("/subjects/{subject}/versions/{version}")
@@ -334,9 +330,7 @@ def create_app(dsn: str) -> FastAPI:
     async def delete_subject_config(subject: str):
         old = await store.delete_level(subject)
         if old is None:
-            raise RegistryError(
-                404, 40408, f"Subject '{subject}' does not have subject-level compatibility configured"
-            )
+            raise RegistryError(404, 40408, f"Subject '{subject}' does not have subject-level compatibility configured")
         return {"compatibilityLevel": old}
 
     # -- mode: always READWRITE (no IMPORT/READONLY support) -----------------------------
@@ -415,8 +409,10 @@ async def _read_body(receive):
     while True:
         message = await receive()
         if message["type"] != "http.request":  # disconnect: let the app see it
-            async def replay_disconnect():
+
+            async def replay_disconnect(message=message):
                 return message
+
             return b"", replay_disconnect
         chunks.append(message.get("body", b""))
         if not message.get("more_body"):
@@ -438,8 +434,13 @@ _HEADERS = [(b"content-type", MEDIA_TYPE.encode())]
 
 
 async def _send(send, payload: bytes) -> None:
-    await send({"type": "http.response.start", "status": 200,
-                "headers": _HEADERS + [(b"content-length", str(len(payload)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": _HEADERS + [(b"content-length", str(len(payload)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})
 
 

@@ -137,7 +137,7 @@ def _explain(reader: Schema, writer: Schema, loc: str, root: Schema) -> list[Pro
 def _leaf(result, loc: str, root: Schema) -> list[Problem]:
     # The checker restarts locations at "/" inside unions; such paths are
     # relative to the union branch, so we report the enclosing location instead.
-    locs = sorted({loc + l if l != "/" and l.startswith("/") else (loc or "/") for l in result.locations})
+    locs = sorted({loc + sub if sub != "/" and sub.startswith("/") else (loc or "/") for sub in result.locations})
     kinds = [k.name.upper() for k in dict.fromkeys(result.incompatibilities)]
     if len(kinds) == 1 and len(locs) == 1 and len(result.messages) == 1:
         return [_problem(kinds[0], locs[0], next(iter(result.messages)), root)]
@@ -199,13 +199,21 @@ def describe(p: Problem, reader_label: str, writer_label: str) -> str:
                 f"cannot read type {m.group(2)} of the {writer_label} schema"
             )
     if p.kind == "MISSING_ENUM_SYMBOLS":
-        return f"{p.kind}: {where}: the {reader_label} schema lacks enum symbols {p.detail} of the {writer_label} schema"
+        return (
+            f"{p.kind}: {where}: the {reader_label} schema lacks enum symbols {p.detail} of the {writer_label} schema"
+        )
     if p.kind == "MISSING_UNION_BRANCH":
-        return f"{p.kind}: {where}: {p.detail} (the {reader_label} schema's union cannot read the {writer_label} schema's)"
+        return (
+            f"{p.kind}: {where}: {p.detail} (the {reader_label} schema's union cannot read the {writer_label} schema's)"
+        )
     if p.kind == "NAME_MISMATCH":
-        return f"{p.kind}: {where}: the {reader_label} schema's name differs from the {writer_label} schema's ({p.detail})"
+        return (
+            f"{p.kind}: {where}: the {reader_label} schema's name differs from the {writer_label} schema's ({p.detail})"
+        )
     if p.kind == "FIXED_SIZE_MISMATCH":
-        return f"{p.kind}: {where}: fixed size differs between the {reader_label} and {writer_label} schemas ({p.detail})"
+        return (
+            f"{p.kind}: {where}: fixed size differs between the {reader_label} and {writer_label} schemas ({p.detail})"
+        )
     return f"{p.kind}: {where}: {p.detail}"
 
 
