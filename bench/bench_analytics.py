@@ -23,7 +23,7 @@ appointment, check-in, dose 1, for ~half a second dose, adverse events,
 allocations, 0.5% of registrations and declarations voided), with the same
 derived rows the sink writes (event_index, subjects, people and retraction
 points), then the rollups recomputed by the production code
-(analytics.refresh_rollups, analytics.refresh_doses). Queries go through projections.analytics.Analytics,
+(analytics.refresh_rollups, analytics.refresh_doses). Queries go through projections.clickhouse.queries.Analytics,
 exactly as the API calls it: national summary as_of a random time, doses by
 province × day over 30 days (doses and distinct people), coverage by region.
 """
@@ -44,11 +44,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from infra.clickhouse import ensure_database, server_binary, server_service
-from infra.stack import free_ports
-from nhdp.settings import Settings
-from projections import analytics as A
-from projections.analytics_store import open_store
+from infra.clickhouse import ensure_database, server_service
+from infra.settings import Settings
+from infra.tools import server_binary
+from nhdp.stack import free_ports
+from projections.clickhouse.connect import open_store
+from projections.clickhouse.queries import Analytics
+from projections.clickhouse.rollups import refresh_doses, refresh_rollups
+from projections.clickhouse.schema import NEVER_MS, migrate
 from schemas.reference import provinces
 
 HERE = Path(__file__).resolve().parent
@@ -277,7 +280,7 @@ def generate(store, events: int, log=print) -> dict:
             "if(has2, [UUIDNumToString(sipHash128(concat('x', toString(i)))), UUIDNumToString(sipHash128(concat('y', toString(i))))], "
             "[UUIDNumToString(sipHash128(concat('x', toString(i))))]), "
             "if(has2, [t1 * 1000 + dms, t2 * 1000 + dms], [t1 * 1000 + dms]), if(has2, [prov, prov], [prov]), "
-            f"if(has2, [0, 0], [toUInt8(vac = 'janssen')]), if(has2, [{A.NEVER_MS}, {A.NEVER_MS}], [{A.NEVER_MS}]), "
+            f"if(has2, [0, 0], [toUInt8(vac = 'janssen')]), if(has2, [{NEVER_MS}, {NEVER_MS}], [{NEVER_MS}]), "
             "if(has2, [t1 * 1000 + dms, t2 * 1000 + dms], [t1 * 1000 + dms]), if(has2, [6, 7], [6]), "
             f"if(has2, [prov, prov], [prov]), if(has2, [1, 1], [1]) FROM {persons_sql}"
         ),
@@ -287,12 +290,12 @@ def generate(store, events: int, log=print) -> dict:
     store.execute("INSERT INTO hour_marks (hour, mark, version) SELECT DISTINCT hour, 0, 1 FROM points")
     t = time.perf_counter()
     total_hours = 0
-    while n := A.refresh_rollups(store, 2 + total_hours, limit=200):
+    while n := refresh_rollups(store, 2 + total_hours, limit=200):
         total_hours += n
     log(f"    rollups of {total_hours} hours (analytics.refresh_rollups): {time.perf_counter() - t:.1f}s")
     t = time.perf_counter()
     total_days = 0
-    while n := A.refresh_doses(store, 3 + total_hours + total_days):
+    while n := refresh_doses(store, 3 + total_hours + total_days):
         total_days += n
     log(f"    doses_daily of {total_days} days (analytics.refresh_doses): {time.perf_counter() - t:.1f}s")
     ((n_events,),) = store.execute("SELECT count() FROM events")
@@ -314,13 +317,13 @@ def bench_queries(args) -> None:
                 print(f"{name}: generating {args.events:,} events in the engine")
                 store = open_store(url, purpose="bench")
                 try:
-                    A.migrate(store)
+                    migrate(store)
                     started = time.perf_counter()
                     info = generate(store, args.events)
                     info["generate_s"] = round(time.perf_counter() - started, 1)
                     sizes = disk_bytes(store)
                     # merged state for the size figure; queries run on whatever parts exist (as in production)
-                    analytics = A.Analytics(store)
+                    analytics = Analytics(store)
                     check = analytics.national_summary()
                     ((doses,),) = store.execute("SELECT count() FROM events WHERE kind = 3")
                     assert check["doses_administered"] == doses, (check["doses_administered"], doses)
@@ -344,7 +347,7 @@ def bench_queries(args) -> None:
                     }
                     # the 30-day answer from doses_daily is the one `events` alone gives
                     args_ = (["province", "day"], ["province_code", "day"], window[0], window[-1], None)
-                    assert A.Analytics._doses_rows(store, *args_, by_day=True) == A.Analytics._doses_rows(
+                    assert Analytics._doses_rows(store, *args_, by_day=True) == Analytics._doses_rows(
                         store, *args_, by_day=False
                     )
                     latencies = {}
@@ -421,7 +424,9 @@ def wait_for_merges(settings, timeout_s: float = 120) -> None:
 
 def run_sink(settings, name: str, url: str, n: int) -> dict:
     """The sink (Runner) on the whole log, from offset 0, in a fresh group and database."""
-    from projections.sink import Runner, Sink, sink_lag
+    from projections.clickhouse.writer import Sink
+    from streams.sink.audit import sink_lag
+    from streams.sink.runner import Runner
 
     store = open_store(url, purpose="bench sink")
     try:
@@ -454,7 +459,7 @@ def measure_parts(settings, name: str, url: str, n: int, tmp: Path) -> dict:
     """Decoding alone, then Sink.process alone (already decoded events, one thread) into a fresh database."""
     from kafka import KafkaConsumer, TopicPartition
 
-    from projections.sink import Sink
+    from projections.clickhouse.writer import Sink
     from schemas.codec import Codec
     from schemas.registry_client import RegistryClient
     from streams.routing import Router
@@ -508,7 +513,7 @@ def measure_parts(settings, name: str, url: str, n: int, tmp: Path) -> dict:
 
 
 def bench_sink(args) -> None:
-    from infra import stack
+    from nhdp import stack
     from producers.pseudonym import Pseudonymiser
     from producers.sdk import EventProducer
     from producers.simulator import simulate
@@ -603,7 +608,7 @@ def report(_args) -> None:
             "",
             "Synthetic events generated inside each engine with INSERT … SELECT from numbers() (plus the rows "
             "the sink derives: event_index, subjects, points), rollups recomputed by the production "
-            "`refresh_rollups` and `refresh_doses`. Each query through `projections.analytics.Analytics` as the API calls it, "
+            "`refresh_rollups` and `refresh_doses`. Each query through `projections.clickhouse.queries.Analytics` as the API calls it, "
             "warm, repeated; as_of a different random time each run.",
             "",
             "| events | engine | query | p50 ms | p99 ms |",

@@ -20,10 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from infra.clickhouse import ensure_database, server_binary, server_service
-from infra.stack import free_ports
-from nhdp.settings import Settings
-from projections.analytics_store import open_store
+from infra.clickhouse import ensure_database, server_service
+from infra.settings import Settings
+from infra.tools import server_binary
+from nhdp.stack import free_ports
+from projections.clickhouse.connect import open_store
 
 DDL = """
 CREATE TABLE IF NOT EXISTS dose_facts_bench (

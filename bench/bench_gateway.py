@@ -38,7 +38,7 @@ from bench_sdk import console, machine, own_stack
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from nhdp.settings import Settings
+from infra.settings import Settings
 
 LOAD = Path(__file__).resolve().parent / "load_gateway.py"
 TARGET = 10_000
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-batch", type=int, default=100)
     args = ap.parse_args(argv)
     if args.own_stack:
-        from infra import stack
+        from nhdp import stack
 
         with own_stack() as settings:
             if not args.keep_worker:

@@ -43,7 +43,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from nhdp.settings import Settings
+from infra.settings import Settings
+from projections.postgres import tracking
+from schemas import log as kafka_log
 
 console = Console()
 TARGET_RATE = 20_000
@@ -58,10 +60,10 @@ SEED = int(time.time()) % 1_000_000 * 100
 @contextlib.contextmanager
 def bench_stack(from_env: bool, label: str = "bench") -> Iterator[Settings]:
     """The stack to measure: NHDP_* settings, or a private one in a temp folder on free ports (wiped after)."""
-    from infra import stack
+    from nhdp import stack
 
     if from_env:
-        from nhdp.settings import get_settings
+        from infra.settings import get_settings
 
         yield get_settings()
         return
@@ -80,7 +82,7 @@ def machine() -> str:
 
 
 def sink_service(settings: Settings):
-    from infra import stack
+    from nhdp import stack
 
     factory = getattr(stack, "sink_service", None)
     return factory(settings) if factory else None
@@ -105,10 +107,10 @@ def simulated(n: int, seed: int, *, drop_voids: bool = False) -> list[dict]:
 def encode(settings: Settings, events: list[dict], progress: Progress | None = None) -> list[tuple[bytes, bytes]]:
     """(key, value) as the SDK writes them: validated, pseudonymised, Confluent wire format."""
     from producers.pseudonym import Pseudonymiser, edge_record
-    from producers.sdk import partition_key
     from schemas.codec import Codec
     from schemas.models import validate_event
     from schemas.registry_client import RegistryClient
+    from schemas.topics import partition_key
 
     codec = Codec(RegistryClient(settings.registry_url))
     codec.register_catalog()
@@ -128,7 +130,7 @@ def preload(settings: Settings, messages: list[tuple[bytes, bytes]], progress: P
     """Produce into health.events (librdkafka; murmur2 = the Java/kafka-python partitioner the SDK uses)."""
     from confluent_kafka import Producer
 
-    from infra.kafka import TOPIC_EVENTS
+    from schemas.topics import TOPIC_EVENTS
 
     failed: list[str] = []
     producer = Producer(
@@ -172,31 +174,17 @@ def preload(settings: Settings, messages: list[tuple[bytes, bytes]], progress: P
 
 
 def log_end(settings: Settings) -> int:
-    from kafka import KafkaConsumer, TopicPartition
-
-    from infra.kafka import TOPIC_EVENTS
-
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers)
-    try:
-        tps = [TopicPartition(TOPIC_EVENTS, p) for p in sorted(consumer.partitions_for_topic(TOPIC_EVENTS))]
-        return sum(consumer.end_offsets(tps).values())
-    finally:
-        consumer.close()
+    """Messages in health.events now, over all partitions."""
+    return sum(kafka_log.log_end(settings.kafka_bootstrap_servers).values())
 
 
 def applied(conn) -> int:
-    from infra.kafka import TOPIC_EVENTS
-    from streams.worker import GROUP
-
+    """Messages of health.events the live projections have applied (the tracking record)."""
     try:
-        row = conn.execute(
-            'SELECT coalesce(sum("offset" + 1), 0) FROM proj.tracking WHERE consumer_group = %s AND topic = %s',
-            (GROUP, TOPIC_EVENTS),
-        ).fetchone()
-    except Exception:
+        return sum(tracking.next_offsets(conn).values())
+    except Exception:  # the schema is not there yet
         conn.rollback()
         return 0
-    return int(row[0])
 
 
 def wait_caught_up(settings: Settings, progress: Progress, timeout_s: float) -> None:
@@ -256,7 +244,7 @@ def run_workers(settings: Settings, n_workers: int, backlog: int, progress: Prog
     """Start n workers on a pre-loaded backlog; time until the tracking record has applied all of it."""
     import psycopg
 
-    from infra.stack import worker_service
+    from nhdp.stack import worker_service
 
     services = [worker_service(settings)] + [worker_service(settings, f"worker{i}") for i in range(2, n_workers + 1)]
     target = log_end(settings)
@@ -322,7 +310,7 @@ def run_workers(settings: Settings, n_workers: int, backlog: int, progress: Prog
 
 
 def stop_workers(settings: Settings) -> None:
-    from infra.stack import worker_service
+    from nhdp.stack import worker_service
 
     for name in ("worker", "worker2", "worker3", "worker4"):
         worker_service(settings, name).stop()
@@ -332,9 +320,9 @@ def plain_consumer(settings: Settings, limit: int, progress: Progress, timeout_s
     """Read + Avro-decode health.events from offset 0 with kafka-python: the ceiling for any Python consumer."""
     from kafka import KafkaConsumer, TopicPartition
 
-    from infra.kafka import TOPIC_EVENTS
     from schemas.codec import Codec
     from schemas.registry_client import RegistryClient
+    from schemas.topics import TOPIC_EVENTS
 
     codec = Codec(RegistryClient(settings.registry_url))
     consumer = KafkaConsumer(
@@ -496,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"plain consumer: {ceiling['events']:,} in {ceiling['seconds']:.1f}s = {ceiling['rate']:,.0f} events/s"
             )
             stop_workers(settings)
-            from infra.stack import worker_service
+            from nhdp.stack import worker_service
 
             worker_service(settings).start(settings.start_timeout_s)
             if sink is not None and not args.keep_sink:

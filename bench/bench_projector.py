@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psycopg
 
-from projections.projector import Projector
+from projections.postgres.projector import Projector
 
 PROVINCES = [f"{c:02d}" for c in (1, 79, 48, 92, 31, 75, 74, 26, 27, 38, 40, 44, 46, 56, 60, 80, 83, 87, 89, 91)]
 VACCINES = ["astrazeneca", "pfizer", "moderna", "sinopharm", "janssen"]
@@ -154,7 +154,7 @@ def readers(dsn: str, namespace: str, clients: int, stop, results) -> None:
     """`clients` threads, each on its own connection, calling national_summary in a loop."""
     import threading
 
-    from projections.read_models import national_summary
+    from projections.postgres.read_models import national_summary
 
     latencies: list[float] = []
 
@@ -244,7 +244,7 @@ def main() -> None:
     args = ap.parse_args()
     dsn = args.dsn
     if dsn is None:
-        from nhdp.settings import get_settings
+        from infra.settings import get_settings
 
         dsn = get_settings().postgres_url
     for size in (int(s) for s in args.batch_sizes.split(",")):

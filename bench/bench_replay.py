@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from nhdp.settings import CHECKOUT
+from infra.settings import CHECKOUT
 
 console = Console()
 TARGET_RATE = 20_000
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         with progress:
             if not args.settings_from_env:
-                from infra.stack import worker_service
+                from nhdp.stack import worker_service
 
                 worker_service(settings).stop()
                 sink = sink_service(settings)

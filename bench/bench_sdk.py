@@ -45,7 +45,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from nhdp.settings import Settings
+from infra.settings import Settings
 
 console = Console()
 
@@ -56,7 +56,7 @@ console = Console()
 @contextlib.contextmanager
 def own_stack(keep_data: bool = False) -> Iterator[Settings]:
     """The whole local stack in a temporary folder on free loopback ports; stopped and wiped after."""
-    from infra import stack
+    from nhdp import stack
 
     console.print("starting a private stack (temporary folder, free ports; stopped and wiped afterwards)")
     t0 = time.perf_counter()
@@ -266,10 +266,11 @@ def bench(settings: Settings, args) -> int:
     from kafka import KafkaProducer
 
     from producers.pseudonym import Pseudonymiser, edge_record
-    from producers.sdk import EventProducer, murmur2, partition_key
+    from producers.sdk import EventProducer
     from schemas.codec import Codec
     from schemas.models import validate_event
     from schemas.registry_client import RegistryClient
+    from schemas.topics import murmur2, partition_key
 
     console.print(
         f"[bold]NHDP producer SDK benchmark[/]: {args.events:,} national-scenario events, calls of "

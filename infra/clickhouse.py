@@ -1,7 +1,7 @@
 """A local clickhouse-server (Debian's package) with its data in the data folder.
 
 Used only when NHDP_CLICKHOUSE_URL is unset and a server binary is installed;
-otherwise the platform uses embedded chDB (see projections/analytics_store.py).
+otherwise the platform uses embedded chDB (see projections/clickhouse/store.py).
 
 The server runs as whoever runs `nhdp up`, root included: ClickHouse 18.16 does
 not refuse root, and since we create its data folder ourselves the folder is
@@ -14,46 +14,22 @@ ports from the settings, and logs to stdout, which Managed puts in
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from pathlib import Path
 from string import Template
 from urllib.parse import urlparse
 from xml.sax.saxutils import escape
 
 from infra.process import Managed
-from nhdp.settings import Settings
+from infra.settings import Settings
+from infra.tools import server_binary
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 # Per query; a development machine shares its memory with Kafka, PostgreSQL and the JVM.
 MAX_MEMORY_USAGE = 4 * 1024**3
 
-_SERVER_PATHS = ("/usr/sbin/clickhouse-server", "/usr/bin/clickhouse-server", "/usr/local/bin/clickhouse-server")
-_MULTICALL_PATHS = ("/usr/bin/clickhouse", "/usr/local/bin/clickhouse")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def server_binary() -> list[str] | None:
-    """The command prefix that runs a ClickHouse server, or None if none is installed.
-
-    /usr/sbin is searched explicitly because it is not on a normal user's PATH,
-    and that is where Debian's clickhouse-server lives.
-    """
-    found = shutil.which("clickhouse-server")
-    if found:
-        return [found]
-    for path in _SERVER_PATHS:
-        if Path(path).is_file() and os.access(path, os.X_OK):
-            return [path]
-    # The single multi-call binary of upstream releases: `clickhouse server`.
-    found = shutil.which("clickhouse")
-    candidates = ([found] if found else []) + list(_MULTICALL_PATHS)
-    for path in candidates:
-        if Path(path).is_file() and os.access(path, os.X_OK):
-            return [path, "server"]
-    return None
 
 
 def server_dir(settings: Settings) -> Path:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
+from collections.abc import Sequence
 from pathlib import Path
 from string import Template
 
 from infra.process import Managed, ServiceError
-from nhdp.settings import Settings
+from infra.settings import Settings
 
 HERE = Path(__file__).resolve().parent
 POM = HERE / "pom.xml"
@@ -23,13 +23,6 @@ JVM_FLAGS = [
     "-XX:+ExplicitGCInvokesConcurrent",
     "-Djava.awt.headless=true",
 ]
-
-TOPIC_EVENTS = "health.events"
-TOPIC_DLQ = "health.events.dlq"
-
-
-def province_topic(code: str) -> str:
-    return f"province.{code}.events"
 
 
 class PrerequisiteError(ServiceError):
@@ -153,8 +146,8 @@ def prepare(settings: Settings) -> None:
     format_storage(settings, write_config(settings))
 
 
-def ensure_topics(settings: Settings, province_codes: list[str]) -> None:
-    """Create the contract's topics if missing (idempotent)."""
+def ensure_topics(settings: Settings, topics: Sequence[tuple[str, int, dict[str, str]]]) -> None:
+    """Create these topics (name, partitions, configs) if missing (idempotent)."""
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
@@ -162,11 +155,7 @@ def ensure_topics(settings: Settings, province_codes: list[str]) -> None:
     admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers, client_id="nhdp-setup")
     try:
         existing = set(admin.list_topics())
-        forever = {"retention.ms": "-1", "retention.bytes": "-1"}
-        wanted = [
-            NewTopic(TOPIC_EVENTS, settings.kafka_partitions, 1, topic_configs=forever),
-            NewTopic(TOPIC_DLQ, 1, 1, topic_configs=forever),
-        ] + [NewTopic(province_topic(c), 1, 1, topic_configs=forever) for c in province_codes]
+        wanted = [NewTopic(name, parts, 1, topic_configs=dict(configs)) for name, parts, configs in topics]
         missing = [t for t in wanted if t.name not in existing]
         if missing:
             try:
@@ -175,71 +164,3 @@ def ensure_topics(settings: Settings, province_codes: list[str]) -> None:
                 pass  # a concurrent `up` won the race; the topics exist either way
     finally:
         admin.close()
-
-
-if __name__ == "__main__":  # pragma: no cover - debugging aid
-    from nhdp.settings import get_settings
-
-    prepare(get_settings())
-    print(service(get_settings()).command, file=sys.stderr)
-
-
-class LogPrefix:
-    """`health.events` from offset 0 up to given last offsets (inclusive; default: the end now),
-    as the lists of records each poll returns, in offset order per partition.
-
-    What an audit rebuild reads: the same prefix of the log whatever arrives
-    meanwhile. A partition is paused once it reaches its limit, so the others
-    keep their fetch budget."""
-
-    def __init__(self, bootstrap: str, upto: dict[int, int] | None = None, batch_size: int = 10_000):
-        from kafka import KafkaConsumer, TopicPartition
-
-        self.batch_size = batch_size
-        self.consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap,
-            enable_auto_commit=False,
-            max_poll_records=batch_size,
-            fetch_max_bytes=64 * 1024 * 1024,
-            max_partition_fetch_bytes=16 * 1024 * 1024,
-        )
-        try:
-            parts = [
-                TopicPartition(TOPIC_EVENTS, p) for p in sorted(self.consumer.partitions_for_topic(TOPIC_EVENTS) or [])
-            ]
-            self.consumer.assign(parts)
-            self.consumer.seek_to_beginning(*parts)
-            if upto is None:
-                upto = {tp.partition: off - 1 for tp, off in self.consumer.end_offsets(parts).items()}
-        except BaseException:
-            self.consumer.close()
-            raise
-        self._remaining = {p: o for p, o in upto.items() if o >= 0}
-        self.total = sum(o + 1 for o in self._remaining.values())
-        for tp in parts:
-            if tp.partition not in self._remaining:
-                self.consumer.pause(tp)
-
-    def __iter__(self):
-        remaining = self._remaining
-        while remaining:
-            chunk = []
-            for tp, records in self.consumer.poll(timeout_ms=1000, max_records=self.batch_size).items():
-                limit = remaining.get(tp.partition)
-                if limit is None:
-                    continue
-                chunk.extend(r for r in records if r.offset <= limit)
-                if records and records[-1].offset >= limit:
-                    remaining.pop(tp.partition)
-                    self.consumer.pause(tp)
-            if chunk:
-                yield chunk
-
-    def close(self) -> None:
-        self.consumer.close()
-
-    def __enter__(self) -> LogPrefix:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

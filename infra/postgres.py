@@ -17,8 +17,8 @@ from pathlib import Path
 
 import psycopg
 
-from infra.process import Managed, ServiceError
-from nhdp.settings import Settings
+from infra.process import Managed, ServiceError, as_user
+from infra.settings import Settings
 
 # PostgreSQL refuses to run as root; as root we run it as this unprivileged user.
 PG_OS_USER = "nhdp_postgres"
@@ -48,15 +48,6 @@ def _os_user() -> str | None:
             capture_output=True,
         )
     return PG_OS_USER
-
-
-def as_user(user: str | None) -> dict:
-    """subprocess kwargs to drop to `user` entirely: root's gid and groups would
-    otherwise decide access to root's 0700 folders (the group bits win over "other")."""
-    if user is None:
-        return {}
-    entry = pwd.getpwnam(user)
-    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
 
 def _grant_to(user: str, path: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shlex
 import signal
 import subprocess
@@ -45,6 +46,15 @@ def dir_size(path: Path) -> int:
             except OSError:
                 pass
     return total
+
+
+def as_user(user: str | None) -> dict:
+    """subprocess kwargs to drop to `user` entirely: root's gid and groups would
+    otherwise decide access to root's 0700 folders (the group bits win over "other")."""
+    if user is None:
+        return {}
+    entry = pwd.getpwnam(user)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
 
 @dataclass
@@ -122,8 +132,6 @@ class Managed:
         log.flush()
         kwargs = {}
         if self.user:
-            from infra.postgres import as_user
-
             kwargs = as_user(self.user)
         try:
             proc = subprocess.Popen(

@@ -1,4 +1,9 @@
-"""`nhdp`: the one command for the local stack and the platform's jobs."""
+"""`nhdp`: the one command for the local stack and the platform's jobs.
+
+Each command imports what it runs inside its own function: `nhdp status` must
+not pay for importing Faust, uvicorn, chDB and the codec (seconds on a busy
+machine) that only `worker`, `api`, `sink` or `replay` use.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,14 @@ import argparse
 import sys
 
 import orjson
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from infra.process import ServiceError
-from nhdp.settings import ConfigError, get_settings
-
-console = Console(stderr=False)
-err = Console(stderr=True)
+from infra.settings import ConfigError, get_settings
+from nhdp.console import console, err, progress_bar
+from nhdp.publish import cmd_simulate
+from schemas.log import log_end
 
 
 def _human(n: int) -> str:
@@ -26,7 +30,7 @@ def _human(n: int) -> str:
 
 
 def cmd_up(args) -> int:
-    from infra import stack
+    from nhdp import stack
 
     settings = get_settings()
 
@@ -42,7 +46,7 @@ def cmd_up(args) -> int:
 
 
 def cmd_down(args) -> int:
-    from infra import stack
+    from nhdp import stack
 
     stopped = stack.down(get_settings())
     console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
@@ -50,7 +54,7 @@ def cmd_down(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from infra import stack
+    from nhdp import stack
 
     settings = get_settings()
     rows = stack.status(settings)
@@ -80,7 +84,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_reset(args) -> int:
-    from infra import stack
+    from nhdp import stack
 
     settings = get_settings()
     if not args.yes:
@@ -103,67 +107,6 @@ def cmd_demo(args) -> int:
     return demo.run(get_settings(), console, args)
 
 
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
-        console=console,
-    )
-
-
-def cmd_simulate(args) -> int:
-    import time
-    from pathlib import Path
-
-    from producers.simulator import simulate
-
-    settings = get_settings()
-    sim = simulate(args.scenario, seed=args.seed, scale=args.scale, days=args.days, daily_doses=args.daily_doses)
-    out = Path(args.out or settings.data_dir / "simulations" / f"{args.scenario}-seed{args.seed}-x{args.scale:g}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "expected.json").write_bytes(orjson.dumps(sim.expected(), option=orjson.OPT_INDENT_2))
-    total = sim.total_events
-    published, started = 0, time.perf_counter()
-    if args.via == "gateway":
-        from producers.client import GatewayClient, Tally
-
-        client, tally = GatewayClient(settings.api_url), Tally()
-        send = lambda batch: tally.add(client.post(batch, tally))  # noqa: E731
-    else:
-        from producers.pseudonym import Pseudonymiser
-        from producers.sdk import EventProducer
-
-        producer = EventProducer(settings, source="simulator")
-        pseudonymiser = Pseudonymiser.from_settings(settings)
-        send = lambda batch: producer.publish_json(batch, pseudonymiser)  # noqa: E731
-    with _progress() as progress:
-        task = progress.add_task(f"{args.scenario} via {args.via}", total=total, rate="")
-        for batch in sim.batches(args.batch):
-            send(batch)
-            published += len(batch)
-            rate = published / (time.perf_counter() - started)
-            progress.update(task, advance=len(batch), rate=f"{rate:,.0f} ev/s")
-    elapsed = time.perf_counter() - started
-    if args.via == "gateway":
-        client.close()
-        if tally.rejected:
-            err.print(f"[red]{len(tally.rejected)} events rejected[/]; first: {escape(str(tally.rejected[0]))}")
-            return 1
-        console.print(f"gateway: {tally.accepted:,} accepted, {tally.duplicates:,} duplicates, {tally.retries} retries")
-    else:
-        producer.close()
-    console.print(
-        f"published {published:,} events in {elapsed:.1f}s ({published / max(elapsed, 1e-9):,.0f} events/s); "
-        f"expected figures: {out / 'expected.json'}"
-    )
-    return 0
-
-
 def cmd_import(args) -> int:
     """Post a JSON-lines file through the gateway; every line ends accepted, duplicate or in the reject file."""
     import os
@@ -177,7 +120,7 @@ def cmd_import(args) -> int:
     client, tally = GatewayClient(settings.api_url), Tally()
     local_rejects: list[dict] = []
     lines = blank = 0
-    with open(src, "rb") as f, _progress() as progress:
+    with open(src, "rb") as f, progress_bar() as progress:
         task = progress.add_task(f"import {src.name}", total=os.path.getsize(src), rate="")
         batch: list = []
         line_of: list[int] = []
@@ -231,7 +174,7 @@ def cmd_worker(args) -> int:
 def cmd_api(args) -> int:
     import uvicorn
 
-    from projections.api import create_app
+    from nhdp.app import create_app
 
     settings = get_settings()
     # uvloop and httptools (both pinned): the event loop and HTTP parser in C, about
@@ -249,8 +192,8 @@ def cmd_api(args) -> int:
 
 
 def cmd_replay(args) -> int:
-    from projections import sink as analytics_sink
     from streams import replay
+    from streams.sink import audit as analytics_sink
 
     settings = get_settings()
     if args.verify:
@@ -269,7 +212,7 @@ def cmd_replay(args) -> int:
             return 1
         console.print("[green]replay equals the live projections: 0 differences[/] (PostgreSQL and ClickHouse)")
         return 0
-    ends = analytics_sink.log_end(settings)
+    ends = log_end(settings.kafka_bootstrap_servers)
     upto = {p: end - 1 for p, end in ends.items()}  # one prefix of the log for both stores
     result = replay.rebuild(settings, args.into, upto=upto, console=console)
     console.print(
@@ -285,15 +228,15 @@ def cmd_replay(args) -> int:
 
 
 def cmd_sink(args) -> int:
-    from projections.sink import main as sink_main
+    from streams.sink.main import main as sink_main
 
     return sink_main(args.rest)
 
 
 def cmd_verify_analytics(args) -> int:
-    from projections.analytics import AnalyticsUnavailable
-    from projections.analytics_store import AnalyticsStoreError
-    from projections.sink import verify
+    from projections.clickhouse.remote import AnalyticsUnavailable
+    from projections.clickhouse.store import AnalyticsStoreError
+    from streams.sink.audit import verify
 
     try:
         diffs, positions = verify(get_settings(), timeout_s=args.timeout)

@@ -18,7 +18,10 @@ import psycopg
 from rich.console import Console
 from rich.table import Table
 
-from nhdp.settings import Settings
+from infra.settings import Settings
+from nhdp import stack
+from nhdp.publish import cmd_simulate
+from projections.postgres.tracking import consumer_lag
 
 SHOWN = (
     "registrations",
@@ -36,12 +39,10 @@ SHOWN = (
 
 
 def wait_caught_up(settings: Settings, console: Console, timeout_s: float = 1800) -> float:
-    from streams.worker import consumer_lag
-
     started = time.monotonic()
     with psycopg.connect(settings.postgres_url) as conn, console.status("projections catching up…") as status:
         while True:
-            lag, applied, dlq = consumer_lag(settings, conn)
+            lag, applied, dlq = consumer_lag(settings.kafka_bootstrap_servers, conn)
             total = sum(lag.values())
             status.update(f"projections catching up: {applied:,} applied, lag {total:,}, DLQ {dlq:,}")
             if total == 0:
@@ -77,8 +78,6 @@ def compare_table(title: str, rows: list[tuple[str, dict, dict]]) -> tuple[Table
 
 
 def run(settings: Settings, console: Console, args: Namespace) -> int:
-    from nhdp import cli
-
     sim_args = Namespace(
         scenario="hcmc-2021-06",
         seed=args.seed,
@@ -97,15 +96,13 @@ def run(settings: Settings, console: Console, args: Namespace) -> int:
     previous = orjson.loads(marker.read_bytes()) if marker.exists() else None
     mixed = previous is not None and previous != this_run
     if not mixed and previous is None:
-        from streams.worker import consumer_lag
-
         with psycopg.connect(settings.postgres_url) as conn:
             try:
-                mixed = consumer_lag(settings, conn)[1] > 0
+                mixed = consumer_lag(settings.kafka_bootstrap_servers, conn)[1] > 0
             except psycopg.errors.UndefinedTable:
                 mixed = False
     marker.write_bytes(orjson.dumps(previous if mixed else this_run))
-    if cli.cmd_simulate(sim_args) != 0:
+    if cmd_simulate(sim_args) != 0:
         return 1
     took = wait_caught_up(settings, console)
     console.print(f"projections caught up {took:.1f}s after the last event was acknowledged")
@@ -141,7 +138,6 @@ def run(settings: Settings, console: Console, args: Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     stop.wait()
     console.print("\nstopping the stack…")
-    from infra import stack
 
     stack.down(settings)
     return 1 if failed else 0

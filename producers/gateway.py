@@ -30,7 +30,7 @@ from fastapi.responses import ORJSONResponse
 from prometheus_client import Counter, Histogram
 from psycopg_pool import ConnectionPool
 
-from nhdp.settings import Settings
+from infra.settings import Settings
 from producers.pseudonym import Pseudonymiser, edge_record
 from producers.sdk import EventProducer, PublishError
 from schemas.models import validate_event

@@ -11,7 +11,8 @@ import hashlib
 import hmac
 import re
 
-from nhdp.settings import Settings
+from infra.settings import Settings
+from schemas.models import to_avro_record
 
 CITIZEN_ID = re.compile(r"^(?:\d{9}|\d{12})$")
 
@@ -35,7 +36,6 @@ class Pseudonymiser:
 def edge_record(validated, pseudonymiser: Pseudonymiser) -> dict:
     """A validated JSON-form event as the Avro record that may leave the edge:
     citizen_id replaced by its subject_id, nothing else changed."""
-    from schemas.models import to_avro_record
 
     citizen_id = validated.payload.get("citizen_id")
     return to_avro_record(validated, pseudonymiser.subject_id(citizen_id) if citizen_id else None)

@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from kafka import KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.producer.producer_batch import ProducerBatch
@@ -30,10 +29,12 @@ from kafka.record.memory_records import MemoryRecordsBuilder
 from kafka.record.util import encode_varint
 from kafka.structs import TopicPartition
 
-from infra.kafka import TOPIC_EVENTS
-from nhdp.settings import Settings
+from infra.settings import Settings
+from producers.pseudonym import edge_record
 from schemas.codec import Codec
+from schemas.models import validate_event
 from schemas.registry_client import RegistryClient
+from schemas.topics import TOPIC_EVENTS, partition_key, partitions_of
 
 
 @dataclass(frozen=True)
@@ -53,64 +54,6 @@ class PublishError(RuntimeError):
         names = ", ".join(f"#{i} {event_ids[i]} ({reason})" for i, reason in list(failed.items())[:10])
         more = f" and {len(failed) - 10} more" if len(failed) > 10 else ""
         super().__init__(f"{len(failed)} of {len(event_ids)} events were not acknowledged by Kafka: {names}{more}")
-
-
-def partition_key(record: dict[str, Any]) -> bytes:
-    et = record["event_type"]
-    if et == "VaccineAllocated":
-        return record["payload"]["allocation_id"].encode()
-    if record.get("subject_id"):
-        return record["subject_id"].encode()
-    if et == "RecordVoided":
-        return record["payload"]["voided_event_id"].encode()
-    return record["event_id"].encode()
-
-
-def murmur2(data: bytes) -> int:
-    """Kafka's murmur2 (org.apache.kafka.common.utils.Utils.murmur2) of one key."""
-    return int(murmur2_many([data])[0])
-
-
-_M = np.uint32(0x5BD1E995)
-
-
-def murmur2_many(keys: Sequence[bytes]) -> np.ndarray:
-    """Kafka's murmur2 of many keys at once, as kafka-python's DefaultPartitioner
-    computes it for one: keys of equal length (all subject_ids are 64 hex digits,
-    all UUIDs 36 characters) are hashed together, a column of 4-byte words per
-    step, in uint32 arithmetic that wraps exactly as Java's int does. Equality
-    with kafka-python's is tested."""
-    out = np.empty(len(keys), dtype=np.uint32)
-    by_length: dict[int, list[int]] = {}
-    for i, key in enumerate(keys):
-        by_length.setdefault(len(key), []).append(i)
-    with np.errstate(over="ignore"):
-        for length, indexes in by_length.items():
-            raw = np.frombuffer(b"".join(keys[i] for i in indexes), dtype=np.uint8).reshape(len(indexes), length)
-            n4 = length >> 2
-            words = np.ascontiguousarray(raw[:, : n4 * 4]).view("<u4")
-            h = np.full(len(indexes), 0x9747B28C ^ length, dtype=np.uint32)
-            for j in range(n4):
-                k = words[:, j] * _M
-                k ^= k >> np.uint32(24)
-                h = (h * _M) ^ (k * _M)
-            extra = length & 3
-            if extra:
-                tail = raw[:, n4 * 4 :].astype(np.uint32)
-                if extra == 3:
-                    h ^= tail[:, 2] << np.uint32(16)
-                if extra >= 2:
-                    h ^= tail[:, 1] << np.uint32(8)
-                h = (h ^ tail[:, 0]) * _M
-            h ^= h >> np.uint32(13)
-            h = h * _M
-            out[indexes] = h ^ (h >> np.uint32(15))
-    return out
-
-
-def partitions_of(keys: Sequence[bytes], partitions: int) -> list[int]:
-    """The partition index (0..partitions-1) the Java client's default partitioner picks per key."""
-    return ((murmur2_many(keys) & np.uint32(0x7FFFFFFF)) % np.uint32(partitions)).tolist()
 
 
 # Uncompressed bytes per enqueued batch. Far under the broker's message.max.bytes
@@ -330,8 +273,6 @@ class EventProducer:
 
         Invalid input raises ValueError naming every bad event and reason before
         anything is sent: internal producers get the gateway's checks too."""
-        from producers.pseudonym import edge_record
-        from schemas.models import validate_event
 
         records, problems = [], []
         for i, raw in enumerate(events):

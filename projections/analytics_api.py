@@ -10,7 +10,7 @@ Without as_of the summaries stay on the PostgreSQL counters (live, cheapest);
 with as_of they come from ClickHouse with DESIGN §4's semantics, in the same
 shape. Which ClickHouse: the server directly, or, when the analytics store
 is embedded chDB, the sink process that owns the folder, over HTTP
-(projections.analytics.analytics_for). A bad parameter is a 400 that names it
+(projections.clickhouse.remote.analytics_for). A bad parameter is a 400 that names it
 and the allowed values; ClickHouse (or the chDB owner) unreachable is a 503.
 """
 
@@ -23,8 +23,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import ORJSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from projections.analytics import AnalyticsUnavailable, ParameterError, analytics_for
-from projections.analytics_store import AnalyticsStoreError
+from projections.clickhouse.queries import ParameterError
+from projections.clickhouse.remote import AnalyticsUnavailable, analytics_for
+from projections.clickhouse.store import AnalyticsStoreError
 
 router = APIRouter(tags=["analytics"])
 _lock = threading.Lock()

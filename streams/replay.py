@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from psycopg_pool import ConnectionPool
 from rich.console import Console
 
-from infra.kafka import TOPIC_EVENTS, LogPrefix
-from nhdp.settings import Settings
-from projections.projector import InvalidEvent, Projector
+from infra.settings import Settings
+from projections.postgres import tracking
+from projections.postgres.projector import InvalidEvent, Projector
+from projections.postgres.read_models import diff_namespaces
 from schemas.codec import Codec
+from schemas.log import LogPrefix
 from schemas.registry_client import RegistryClient
-from streams.worker import GROUP, Router
+from streams.routing import Router
 
 REPLAY_GROUP = "nhdp-replay"
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
@@ -44,11 +46,7 @@ def namespace_for(name: str) -> str:
 
 def live_positions(pool: ConnectionPool, namespace: str = "proj") -> dict[int, int]:
     with pool.connection() as conn:
-        rows = conn.execute(
-            f'SELECT partition, "offset" FROM {namespace}.tracking WHERE consumer_group = %s AND topic = %s',
-            (GROUP, TOPIC_EVENTS),
-        ).fetchall()
-    return {p: o for p, o in rows}
+        return tracking.applied(conn, namespace)
 
 
 def rebuild(
@@ -121,7 +119,6 @@ def rebuild(
 
 def verify(settings: Settings, name: str, console: Console | None = None) -> list[str]:
     """Rebuild up to the live projections' positions, then list every difference."""
-    from projections.read_models import diff_namespaces
 
     with ConnectionPool(settings.postgres_url, min_size=1, max_size=1, open=True) as pool:
         upto = live_positions(pool)

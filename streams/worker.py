@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,11 +34,11 @@ from typing import Any
 import faust
 from prometheus_client import Counter, Histogram
 
-from infra.kafka import TOPIC_DLQ, TOPIC_EVENTS, province_topic
-from nhdp.settings import Settings
-from producers.sdk import partitions_of
+from infra.settings import Settings, get_settings
+from projections.postgres.projector import InvalidEvent, Projector
 from schemas.codec import Codec
 from schemas.registry_client import RegistryClient
+from schemas.topics import PROJECTOR_GROUP, TOPIC_DLQ, TOPIC_EVENTS, partitions_of, province_topic
 from streams import bulk
 from streams.routing import Router
 
@@ -47,7 +48,6 @@ BATCH_SIZE = 5000
 RESUME_TIMEOUT_S = 60.0  # committing and seeking to the tracking record takes well under a second
 BATCH_WITHIN_S = 0.5  # how long one fetch waits for a first record (a batch is whatever is there)
 REVOKE_WAIT_S = 5.0
-GROUP = "nhdp-projector"
 
 PROCESSED = Counter("nhdp_worker_events_total", "Events handled by the worker", ["outcome"])
 BATCH_SECONDS = Histogram("nhdp_worker_batch_seconds", "Time to route and project one batch")
@@ -78,11 +78,9 @@ class Worker(faust.Worker):
 
 
 def create_app(
-    settings: Settings, *, namespace: str = "proj", group: str = GROUP, ready_file: Path | None = None
+    settings: Settings, *, namespace: str = "proj", group: str = PROJECTOR_GROUP, ready_file: Path | None = None
 ) -> faust.App:
     from psycopg_pool import ConnectionPool
-
-    from projections.projector import Projector
 
     app = bulk.App(
         group,
@@ -251,7 +249,6 @@ def create_app(
     async def apply_with_retry(app_, proj, messages, by_position) -> int:
         """Apply until it succeeds. PostgreSQL down means back-pressure, never a skip;
         an event the projector cannot read goes to the DLQ and the rest is applied."""
-        from projections.projector import InvalidEvent
 
         delay, rejected = 0.5, 0
         while True:
@@ -272,37 +269,11 @@ def create_app(
     return app
 
 
-def consumer_lag(
-    settings: Settings, conn, namespace: str = "proj", group: str = GROUP
-) -> tuple[dict[int, int], int, int]:
-    """(lag per partition, messages applied, DLQ size): Kafka's end offsets against the tracking record."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    rows = conn.execute(
-        f'SELECT partition, "offset" FROM {namespace}.tracking WHERE consumer_group = %s AND topic = %s',
-        (group, TOPIC_EVENTS),
-    ).fetchall()
-    done = {p: o for p, o in rows}
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, request_timeout_ms=5000)
-    try:
-        parts = [TopicPartition(TOPIC_EVENTS, p) for p in sorted(consumer.partitions_for_topic(TOPIC_EVENTS) or [])]
-        ends = consumer.end_offsets(parts + [TopicPartition(TOPIC_DLQ, 0)])
-    finally:
-        consumer.close()
-    lag = {tp.partition: ends[tp] - (done.get(tp.partition, -1) + 1) for tp in parts}
-    return lag, sum(done.get(tp.partition, -1) + 1 for tp in parts), ends[TopicPartition(TOPIC_DLQ, 0)]
-
-
 def ready_path(settings: Settings, pid: int) -> Path:
-    """Written once the worker holds partitions: how `nhdp up` knows it is ready."""
-    return settings.run_dir / f"worker-{pid}.assigned"
+    return settings.ready_path("worker", pid)
 
 
 def main(argv: list[str] | None = None) -> None:
-    import sys
-
-    from nhdp.settings import get_settings
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--nhdp-data" in argv:  # the process manager's marker, not Faust's
         k = argv.index("--nhdp-data")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from infra.stack import private_settings
-from nhdp import settings as settings_mod
-from nhdp.settings import Settings
+from infra import settings as settings_mod
+from infra.settings import Settings
+from nhdp.stack import private_settings
 
 
 def stack_env(data_dir: Path) -> dict[str, str]:
@@ -25,10 +25,10 @@ def stack_env(data_dir: Path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def stack_settings(tmp_path_factory) -> Settings:
     """A running local stack: PostgreSQL, Kafka, ClickHouse (if installed), registry."""
-    from infra import stack
+    from nhdp import stack
 
     if os.environ.get("CI") == "true":
-        from infra.clickhouse import server_binary
+        from infra.tools import server_binary
 
         if server_binary() is None:
             pytest.fail(
@@ -60,7 +60,7 @@ def clean_stack(tmp_path_factory) -> Settings:
     For tests that compare whole-log figures (national sums, replays), which
     the shared session stack cannot give since every test writes into it.
     """
-    from infra import stack
+    from nhdp import stack
 
     settings = settings_for(stack_env(tmp_path_factory.mktemp("clean")))
     try:
@@ -76,12 +76,12 @@ def wait_caught_up(settings: Settings, timeout_s: float = 120.0) -> None:
 
     import psycopg
 
-    from streams.worker import consumer_lag
+    from projections.postgres.tracking import consumer_lag
 
     deadline = time.monotonic() + timeout_s
     with psycopg.connect(settings.postgres_url, autocommit=True) as conn:
         while True:
-            lag = consumer_lag(settings, conn)[0]
+            lag = consumer_lag(settings.kafka_bootstrap_servers, conn)[0]
             if sum(lag.values()) == 0:
                 return
             if time.monotonic() > deadline:

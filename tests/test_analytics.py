@@ -47,32 +47,30 @@ from hypothesis import strategies as st
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from infra import stack
-from infra.clickhouse import server_binary, server_service
-from infra.kafka import TOPIC_EVENTS
-from nhdp.settings import CHECKOUT, Settings
+from infra.clickhouse import server_service
+from infra.settings import CHECKOUT, Settings
+from infra.tools import server_binary
+from nhdp import stack
 from producers.pseudonym import Pseudonymiser
 from producers.sdk import EventProducer
 from producers.simulator import simulate
-from projections import analytics as A
-from projections.analytics_store import open_store
-from projections.projector import InvalidEvent, _prepare
-from projections.sink import (
-    GROUP,
-    Fact,
-    Runner,
-    Sink,
-    SinkFenced,
-    SubjectFilter,
-    serve_queries,
-    shape,
-    timeline,
-    wait_caught_up,
-)
+from projections.clickhouse.connect import open_store
+from projections.clickhouse.queries import _GROUP_COLUMN, Analytics, ParameterError
+from projections.clickhouse.remote import RemoteAnalytics, serve_queries
+from projections.clickhouse.rollups import dirty_dose_days, dirty_hours
+from projections.clickhouse.schema import HCM, MIGRATIONS, NEVER_MS, PEOPLE, applied_versions, migrate
+from projections.clickhouse.shaping import Fact, shape, timeline
+from projections.clickhouse.writer import Sink, SinkFenced, SubjectFilter
+from projections.counting import DOSE
+from projections.postgres.projector import InvalidEvent, _prepare
 from schemas.codec import Codec
-from schemas.reference import provinces
+from schemas.reference import provinces, regions
 from schemas.registry_client import RegistryClient
-from streams.worker import Router
+from schemas.topics import ANALYTICS_GROUP as GROUP
+from schemas.topics import TOPIC_EVENTS
+from streams.routing import Router
+from streams.sink.audit import wait_caught_up
+from streams.sink.runner import Runner
 from tests.conftest import settings_for, stack_env
 from tests.conftest import wait_caught_up as wait_postgres
 from tests.strategies import avro_records
@@ -104,8 +102,8 @@ class World:
     snapshot_national: dict = None
     snapshot_provinces: list = None
     chdb_store: Any = None
-    chdb: A.Analytics = None
-    chdb_remote: A.RemoteAnalytics = None
+    chdb: Analytics = None
+    chdb_remote: RemoteAnalytics = None
     chdb_runner: Runner | None = None
     chdb_thread: threading.Thread | None = None
 
@@ -245,10 +243,10 @@ def world():
     try:
         stack.up(settings)
         world.chdb_store = open_store(f"chdb://{data / 'chdb'}?database=nhdp_test", purpose="tests/test_analytics.py")
-        world.chdb = A.Analytics(world.chdb_store)
+        world.chdb = Analytics(world.chdb_store)
         world.start_chdb_sink()
-        server = serve_queries(A.Analytics(world.chdb_store))
-        world.chdb_remote = A.RemoteAnalytics(f"http://127.0.0.1:{server.server_address[1]}")
+        server = serve_queries(Analytics(world.chdb_store))
+        world.chdb_remote = RemoteAnalytics(f"http://127.0.0.1:{server.server_address[1]}")
 
         events = list(SIM.events())
         publish(settings, [e for e in events if datetime.fromisoformat(e["occurred_at"]) < T_SNAP])
@@ -387,7 +385,7 @@ def test_verify_analytics_agrees_with_postgres(world):
 
 
 def test_chdb_agrees_with_postgres(world):
-    from projections.sink import verify
+    from streams.sink.audit import verify
 
     diffs, positions = verify(world.settings, analytics=world.chdb, group=CHDB_GROUP)
     assert diffs == [] and sum(positions.values()) >= SIM.total_events
@@ -399,7 +397,7 @@ def test_chdb_owner_answers_other_processes_over_http(world):
     assert remote.national_summary(as_of=_as_of(T_SNAP)) == local.national_summary(as_of=_as_of(T_SNAP))
     assert remote.coverage(by="region") == local.coverage(by="region")
     assert remote.doses(group_by="vaccine") == local.doses(group_by="vaccine")
-    with pytest.raises(A.ParameterError, match="group_by"):
+    with pytest.raises(ParameterError, match="group_by"):
         remote.doses(group_by="site")
 
 
@@ -456,7 +454,7 @@ def test_doses_grouped_equal_postgres_valid_doses(engine, world, group_by, first
 def _doses_daily_current(store, timeout_s: float = 120.0) -> None:
     """Until the sink has recomputed doses_daily for every day (it does when idle)."""
     deadline = time.monotonic() + timeout_s
-    while stale := A.dirty_dose_days(store):
+    while stale := dirty_dose_days(store):
         assert time.monotonic() < deadline, f"doses_daily still stale for {sorted(stale)}"
         time.sleep(0.5)
 
@@ -478,11 +476,11 @@ def test_doses_by_day_from_doses_daily_equal_events_and_postgres(world, engine_n
             (["dose_number", "day"], days[0], days[-2], None),
         ]
         for keys, first, last, codes in cases:
-            cols = [A._GROUP_COLUMN[k] for k in keys]
-            from_events = A.Analytics._doses_rows(store, keys, cols, first, last, codes, by_day=False)
+            cols = [_GROUP_COLUMN[k] for k in keys]
+            from_events = Analytics._doses_rows(store, keys, cols, first, last, codes, by_day=False)
             assert from_events, (keys, first, last, codes)
             for stale in ([], days[::2], days):
-                got = A.Analytics._doses_rows(store, keys, cols, first, last, codes, by_day=True, stale_days=stale)
+                got = Analytics._doses_rows(store, keys, cols, first, last, codes, by_day=True, stale_days=stale)
                 assert got == from_events, (keys, first, last, codes, stale)
             rows = [
                 {**{k: (v.isoformat() if k == "day" else v) for k, v in zip(keys, r)}, "doses": r[-2], "people": r[-1]}
@@ -497,7 +495,7 @@ def test_doses_by_day_from_doses_daily_equal_events_and_postgres(world, engine_n
 def test_a_void_makes_its_doses_day_stale_until_recomputed(world):
     """A void arriving long after its dose marks the dose's hour changed, so that the dose's
     day in doses_daily is not trusted until recomputed (the void's own hour holds no dose)."""
-    from projections.sink import _reset_database
+    from streams.sink.audit import _reset_database
 
     url = world.settings.analytics_url().rsplit("/", 1)[0] + "/nhdp_test_doses_void"
     _reset_database(url)
@@ -509,9 +507,9 @@ def test_a_void_makes_its_doses_day_stale_until_recomputed(world):
         sink = Sink(store)
         sink.process([(0, 0, dose)])
         sink.refresh_all()
-        day = datetime.fromtimestamp(dose["occurred_at"] / 1000, A.HCM).date()  # the codec gives epoch ms
+        day = datetime.fromtimestamp(dose["occurred_at"] / 1000, HCM).date()  # the codec gives epoch ms
         keys = ["day"]
-        assert A.Analytics._doses_rows(store, keys, ["day"], None, None, None, by_day=True) == [(day, 1, 1)]
+        assert Analytics._doses_rows(store, keys, ["day"], None, None, None, by_day=True) == [(day, 1, 1)]
         void = {
             **dose,
             "event_id": str(uuid.uuid4()),
@@ -521,11 +519,11 @@ def test_a_void_makes_its_doses_day_stale_until_recomputed(world):
             "payload": {"voided_event_id": dose["event_id"], "reason": "entered in error"},
         }
         sink.process([(0, 1, void)])
-        assert day in A.dirty_dose_days(store)
-        assert A.Analytics._doses_rows(store, keys, ["day"], None, None, None, by_day=True) == []
+        assert day in dirty_dose_days(store)
+        assert Analytics._doses_rows(store, keys, ["day"], None, None, None, by_day=True) == []
         sink.refresh_all()
-        assert not A.dirty_dose_days(store)
-        assert A.Analytics._doses_rows(store, keys, ["day"], None, None, None, by_day=True) == []
+        assert not dirty_dose_days(store)
+        assert Analytics._doses_rows(store, keys, ["day"], None, None, None, by_day=True) == []
         ((left,),) = store.execute("SELECT sum(doses) FROM doses_daily FINAL")
         assert left == 0
     finally:
@@ -545,7 +543,7 @@ def test_coverage_by_province_and_region_ranked_against_the_nation(engine, world
         assert (r["people_vaccinated"], r["coverage_pct"]) == (summary["people_vaccinated"], summary["coverage_pct"])
         assert r["above_national"] == (r["coverage_pct"] > by_province["national"]["coverage_pct"])
     by_region = engine.coverage(by="region")
-    assert {r["region"] for r in by_region["rows"]} == set(A.regions())
+    assert {r["region"] for r in by_region["rows"]} == set(regions())
     assert sum(r["people_vaccinated"] for r in by_region["rows"]) == national["people_vaccinated"]
     assert sum(r["population"] for r in by_region["rows"]) == national["population"]
 
@@ -734,7 +732,7 @@ def test_a_void_seen_before_a_restart_still_voids_its_late_target(world):
 
 
 def A_lag(settings: Settings) -> dict[int, int]:
-    from projections.sink import sink_lag
+    from streams.sink.audit import sink_lag
 
     return sink_lag(settings, GROUP)
 
@@ -745,14 +743,14 @@ def A_lag(settings: Settings) -> dict[int, int]:
 def test_replay_rebuilds_clickhouse_into_its_own_database(world):
     done = nhdp(world.settings, "replay", "--into", "t6", "--verify")
     assert done.returncode == 0, done.stdout + done.stderr
-    from projections.sink import replay_url
+    from streams.sink.audit import replay_url
 
     url = replay_url(world.settings, "t6")
     assert url.endswith("/replay_t6")
     rebuilt = open_store(url)
     try:
-        assert A.dirty_hours(rebuilt) == []  # every rollup recomputed
-        again = A.Analytics(rebuilt)
+        assert dirty_hours(rebuilt) == []  # every rollup recomputed
+        again = Analytics(rebuilt)
         live = ApiEngine(world.settings)
         assert again.all_provinces() == live.all_provinces()
         assert again.national_summary(as_of=_as_of(T_SNAP)) == live.national_summary(as_of=_as_of(T_SNAP))
@@ -766,10 +764,10 @@ def test_replay_rebuilds_clickhouse_into_its_own_database(world):
 def test_migrations_are_recorded_once_and_rerun_harmlessly(world):
     for store in (open_store(world.settings.analytics_url()), world.chdb_store):
         try:
-            assert A.migrate(store) == []  # `nhdp up` and the sink applied them already
-            assert A.applied_versions(store) == {m.version for m in A.MIGRATIONS}
+            assert migrate(store) == []  # `nhdp up` and the sink applied them already
+            assert applied_versions(store) == {m.version for m in MIGRATIONS}
             ((n,),) = store.execute("SELECT count() FROM schema_migrations FINAL")
-            assert n == len(A.MIGRATIONS)
+            assert n == len(MIGRATIONS)
             tables = {t for (t,) in store.execute("SHOW TABLES")}
             assert {
                 "events",
@@ -813,7 +811,7 @@ def test_verify_analytics_lists_a_difference_and_fails(world):
 
 # -- pure parts: the timeline and the figure view -----------------------------------------------------------------------
 
-NEVER = A.NEVER_MS
+NEVER = NEVER_MS
 
 
 def _state_at(doses: dict, t: float) -> tuple[str | None, str | None]:
@@ -846,7 +844,7 @@ def test_timeline_points_sum_to_the_state_at_every_time(raw):
         fully = dict(people)
         for c, kind, code, delta in points:
             if c < t:
-                (people if kind == A.PEOPLE else fully)[code] += delta
+                (people if kind == PEOPLE else fully)[code] += delta
         province, full = _state_at(doses, t)
         assert people == {c: int(c == province) for c in people}, (t, sorted(points))
         assert fully == {c: int(c == full) for c in fully}, (t, sorted(points))
@@ -855,7 +853,7 @@ def test_timeline_points_sum_to_the_state_at_every_time(raw):
 @hsettings(max_examples=200, deadline=None)
 @given(avro_records())
 def test_figure_view_is_the_projectors(pair):
-    """The sink reads an event exactly as projections.projector does (kind, province, flag, doses…)."""
+    """The sink reads an event exactly as the PostgreSQL projector does (kind, province, flag, doses…)."""
     _, record = pair
     shaped = shape([(0, 7, record)], {})
     try:
@@ -875,7 +873,7 @@ def test_figure_view_is_the_projectors(pair):
     _, kind, province, us, subject, vaccine, number, _, flag, amount, _, _ = row
     assert (fact.kind, fact.province, fact.t_ms) == (kind, province, us // 1000)
     assert fact.flag == (1 if flag else 0) and fact.amount == (amount or 0)
-    if kind == A.DOSE:
+    if kind == DOSE:
         assert (fact.subject, fact.vaccine, fact.dose_number) == (subject, vaccine, number)
 
 
@@ -927,7 +925,7 @@ def test_planning_while_the_batch_before_is_written_gives_the_same_figures(world
                     writing = planned
                 sink.write(writing)
             sink.refresh_all()
-            analytics = A.Analytics(store)
+            analytics = Analytics(store)
             figures.append((_figures(analytics), analytics.all_provinces(as_of=_as_of(T_SNAP))))
             # the log has what the overlap must carry across batches: voids and people's later doses
             (voids,) = store.execute("SELECT count() FROM voids")[0]

@@ -23,17 +23,12 @@ from zoneinfo import ZoneInfo
 import psutil
 import pytest
 
-from infra.clickhouse import config_path, ensure_database, server_binary, server_service
-from nhdp.settings import CHECKOUT, Settings
-from projections.analytics_store import (
-    OWNER_LOCK,
-    AnalyticsStore,
-    AnalyticsStoreError,
-    encode_block,
-    open_store,
-    quote,
-    render,
-)
+from infra.clickhouse import config_path, ensure_database, server_service
+from infra.settings import CHECKOUT, Settings
+from infra.tools import server_binary
+from projections.clickhouse.connect import open_store
+from projections.clickhouse.native import encode_block
+from projections.clickhouse.store import OWNER_LOCK, AnalyticsStore, AnalyticsStoreError, quote, render
 
 UTC = UTC
 HCM = ZoneInfo("Asia/Ho_Chi_Minh")
@@ -412,7 +407,8 @@ def _open_in_subprocess(url: str, hold_s: float = 0.0) -> subprocess.CompletedPr
     code = textwrap.dedent(
         f"""
         import sys, time
-        from projections.analytics_store import AnalyticsStoreError, open_store
+        from projections.clickhouse.connect import open_store
+        from projections.clickhouse.store import AnalyticsStoreError
         try:
             store = open_store({url!r}, purpose="a second process")
         except AnalyticsStoreError as exc:
@@ -484,7 +480,7 @@ def test_unsupported_urls_are_refused():
 
 def test_server_starts_and_stops_leaving_no_process(tmp_path, record_property):
     _require_server()
-    from infra.stack import free_ports
+    from nhdp.stack import free_ports
 
     tcp, http = free_ports(2)
     settings = Settings(data_dir=tmp_path / "data", clickhouse_url=None, clickhouse_port=tcp, clickhouse_http_port=http)

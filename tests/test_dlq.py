@@ -19,12 +19,12 @@ import pytest
 from conftest import wait_caught_up
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from infra.kafka import TOPIC_DLQ, TOPIC_EVENTS
-from infra.stack import worker_service
+from nhdp.stack import worker_service
 from producers.pseudonym import Pseudonymiser
 from producers.sdk import EventProducer
 from schemas.codec import Codec
 from schemas.registry_client import RegistryClient
+from schemas.topics import TOPIC_DLQ, TOPIC_EVENTS
 
 pytestmark = pytest.mark.stack
 

@@ -39,16 +39,17 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.partitioner.default import murmur2
 from kafka.structs import OffsetAndMetadata
 
-from infra import stack
-from infra.kafka import TOPIC_EVENTS
 from infra.process import ServiceError
-from infra.stack import worker_service
-from nhdp.settings import Settings
+from infra.settings import Settings
+from nhdp import stack
+from nhdp.stack import worker_service
 from producers.pseudonym import Pseudonymiser, edge_record
-from producers.sdk import EventProducer, partition_key
+from producers.sdk import EventProducer
 from producers.simulator import simulate
 from schemas.models import validate_event
-from streams.worker import GROUP, ready_path
+from schemas.topics import PROJECTOR_GROUP as GROUP
+from schemas.topics import TOPIC_EVENTS, partition_key
+from streams.worker import ready_path
 
 pytestmark = pytest.mark.stack
 

@@ -30,11 +30,11 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.partitioner.default import murmur2 as kafka_murmur2
 
 from infra import kafka as kafka_infra
-from infra.kafka import TOPIC_EVENTS
 from producers.client import GatewayClient, Tally
 from schemas import catalog
 from schemas.codec import Codec
 from schemas.registry_client import RegistryClient
+from schemas.topics import TOPIC_EVENTS
 
 pytestmark = pytest.mark.stack
 
@@ -242,7 +242,8 @@ def test_the_sdks_shortcuts_compute_what_kafka_python_would():
     from kafka.record import default_records, util
     from kafka.record.memory_records import MemoryRecordsBuilder
 
-    from producers.sdk import BATCH_BYTES, build_batches, encode_headers, murmur2, murmur2_many
+    from producers.sdk import BATCH_BYTES, build_batches, encode_headers
+    from schemas.topics import murmur2, murmur2_many
 
     rng = random.Random(4)
     keys = [os.urandom(rng.randrange(0, 80)) for _ in range(5000)]
@@ -551,7 +552,7 @@ def test_docs_and_openapi_are_served(stack_settings):
 def kafka_service(stack_settings):
     """The session stack's Kafka, running again after the test whatever happened in it;
     and the session's stream worker still the same process and caught up."""
-    from infra import stack
+    from nhdp import stack
     from tests.conftest import wait_caught_up
 
     svc = kafka_infra.service(stack_settings)

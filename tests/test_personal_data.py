@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from nhdp.settings import LOCAL_DEV_SECRET, ConfigError, Settings
+from infra.settings import LOCAL_DEV_SECRET, ConfigError, Settings
 from tests.conftest import wait_caught_up
 from tests.test_gateway import post, subject_of, valid_event
 
@@ -206,7 +206,7 @@ def test_no_national_id_reaches_kafka_postgres_or_clickhouse(stack_settings, tmp
             assert all(s.encode() in dump.stdout for s in subjects), "subject_ids missing from the projections"
 
     # 3. ClickHouse: every row of every table outside the system databases, then its files.
-    from projections.analytics_store import open_store
+    from projections.clickhouse.connect import open_store
 
     store = open_store(stack_settings.analytics_url(), purpose="personal-data test")
     try:

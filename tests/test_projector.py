@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from projections import read_models
-from projections.projector import BatchResult, InvalidEvent, Projector
+from projections.postgres import read_models
+from projections.postgres.projector import BatchResult, InvalidEvent, Projector
 from schemas.reference import provinces
 
 pytestmark = pytest.mark.stack

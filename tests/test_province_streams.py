@@ -17,10 +17,10 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer
 from conftest import wait_caught_up
 
-from infra.kafka import province_topic
 from producers.pseudonym import Pseudonymiser
 from producers.sdk import EventProducer
 from producers.simulator import simulate
+from schemas.topics import province_topic
 
 pytestmark = pytest.mark.stack
 

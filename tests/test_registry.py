@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from infra.process import Managed
-from nhdp.settings import CHECKOUT
+from infra.settings import CHECKOUT
 
 pytestmark = pytest.mark.stack
 

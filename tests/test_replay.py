@@ -25,14 +25,14 @@ import pytest
 from conftest import settings_for, stack_env, wait_caught_up
 from kafka import KafkaProducer
 
-from infra import stack
-from infra.kafka import TOPIC_EVENTS
-from nhdp.settings import CHECKOUT, Settings
+from infra.settings import CHECKOUT, Settings
+from nhdp import stack
 from producers.pseudonym import Pseudonymiser
 from producers.sdk import EventProducer
 from producers.simulator import simulate
-from projections import read_models
-from projections.read_models import diff_namespaces
+from projections.postgres import read_models
+from projections.postgres.read_models import diff_namespaces
+from schemas.topics import TOPIC_EVENTS
 
 pytestmark = pytest.mark.stack
 

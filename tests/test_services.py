@@ -7,7 +7,7 @@ import uuid
 import psycopg
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from infra.kafka import TOPIC_DLQ, TOPIC_EVENTS, province_topic
+from schemas.topics import TOPIC_DLQ, TOPIC_EVENTS, province_topic
 
 
 def test_kafka_produce_and_consume_through_the_real_broker(stack_settings):

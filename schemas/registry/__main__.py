@@ -1,6 +1,6 @@
 """`python -m schemas.registry --host H --port P [--nhdp-data PATH]`.
 
-The PostgreSQL DSN comes from nhdp.settings (NHDP_POSTGRES_DSN overrides).
+The PostgreSQL DSN comes from infra.settings (NHDP_POSTGRES_DSN overrides).
 `--nhdp-data` is only the marker the process manager finds us by.
 """
 
@@ -11,7 +11,7 @@ import logging
 
 import uvicorn
 
-from nhdp.settings import get_settings
+from infra.settings import get_settings
 from schemas.registry.app import create_app
 
 

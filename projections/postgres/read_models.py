@@ -1,4 +1,4 @@
-"""Queries over the PostgreSQL projections (projections.projector) for the API.
+"""Queries over the PostgreSQL projections (projections.postgres.projector) for the API.
 
 Every summary is read from the `counters` table (one small query over at most
 a few thousand rows), never by aggregating events, so the national summary
@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from projections.projector import KEYED_FIGURES, SCALAR_FIGURES
+from projections.postgres.projector import KEYED_FIGURES, SCALAR_FIGURES
 from schemas.figures import FIGURES
 from schemas.reference import provinces
 

@@ -13,6 +13,8 @@ from urllib.parse import urlparse
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from infra.tools import server_binary
+
 CHECKOUT = Path(__file__).resolve().parent.parent
 
 # Known to everyone who reads this file, so refused outside the local stack.
@@ -46,7 +48,7 @@ class Settings(BaseSettings):
     clickhouse_port: int = 9500
     clickhouse_http_port: int = 8523
     clickhouse_db: str = "nhdp"
-    # Processes the ClickHouse sink decodes Avro in, beside its own (projections/sink.py).
+    # Processes the ClickHouse sink decodes Avro in, beside its own (streams/sink/).
     sink_decoders: int = Field(default=2, ge=1)
 
     registry_host: str = "127.0.0.1"
@@ -115,8 +117,6 @@ class Settings(BaseSettings):
         """`clickhouse://host:port/db` or `chdb:///path`, resolving the local default."""
         if self.clickhouse_url:
             return self.clickhouse_url
-        from infra.clickhouse import server_binary
-
         if server_binary() is not None:
             return f"clickhouse://127.0.0.1:{self.clickhouse_port}/{self.clickhouse_db}"
         return f"chdb://{(self.data_dir / 'chdb').resolve()}"
@@ -139,6 +139,10 @@ class Settings(BaseSettings):
     @property
     def run_dir(self) -> Path:
         return self.data_dir / "run"
+
+    def ready_path(self, service: str, pid: int) -> Path:
+        """Written by a worker or sink once it holds partitions: how `nhdp up` knows it is ready."""
+        return self.run_dir / f"{service}-{pid}.assigned"
 
     @property
     def log_dir(self) -> Path:

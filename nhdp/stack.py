@@ -9,9 +9,12 @@ schema registry (needs PostgreSQL) → stream worker, ClickHouse sink and API
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import socket
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +22,14 @@ from pathlib import Path
 import psutil
 
 from infra import clickhouse, kafka, postgres
-from infra.process import Managed, ServiceError
-from nhdp.settings import Settings
+from infra.process import Managed, ServiceError, dir_size, recorded_process
+from infra.settings import CHECKOUT, Settings
+from projections.clickhouse.remote import sink_url_path
+from projections.clickhouse.schema import ensure_schema
+from schemas.codec import Codec
+from schemas.reference import province_codes as codes
+from schemas.registry_client import RegistryClient
+from schemas.topics import contract_topics
 
 
 @dataclass
@@ -33,7 +42,6 @@ class Step:
 
 def free_ports(n: int) -> list[int]:
     """n distinct free loopback ports, for a private stack (tests, benchmarks)."""
-    import socket
 
     socks = [socket.socket() for _ in range(n)]
     for sock in socks:
@@ -47,7 +55,6 @@ def free_ports(n: int) -> list[int]:
 def private_settings(data_dir: Path, **overrides) -> Settings:
     """Settings of a private stack in data_dir on free loopback ports (tests, benchmarks),
     sharing the checkout's Kafka jar cache."""
-    from nhdp.settings import CHECKOUT
 
     kafka_port, controller, pg, ch, ch_http, registry, api = free_ports(7)
     values = dict(
@@ -71,7 +78,6 @@ def private(label: str = "private", *, keep_data: bool = False, **overrides) -> 
     Also ends whatever a benchmark added (workers 2–4) and any process of the
     stack still alive after `down` (its unique folder is in its command line),
     e.g. a service whose start-up timed out."""
-    import tempfile
 
     data = Path(tempfile.mkdtemp(prefix=f"nhdp-{label}-"))
     settings = private_settings(data, **({"start_timeout_s": 180.0} | overrides))  # a busy machine starts slowly
@@ -123,23 +129,19 @@ def registry_service(settings: Settings) -> Managed:
 
 
 def worker_service(settings: Settings, name: str = "worker") -> Managed:
-    from streams.worker import ready_path
-
     svc = python_service(settings, name, "streams.worker", ready=lambda: False)
-    svc.ready = lambda: (pid := svc.pid()) is not None and ready_path(settings, pid).exists()
+    svc.ready = lambda: (pid := svc.pid()) is not None and settings.ready_path("worker", pid).exists()
     return svc
 
 
 def sink_service(settings: Settings) -> Managed:
-    """The ClickHouse sink (projections/sink.py); in chDB mode it also owns the folder and answers queries."""
-    from projections.analytics import sink_url_path
-    from projections.sink import ready_path
+    """The ClickHouse sink (streams/sink/); in chDB mode it also owns the folder and answers queries."""
 
-    svc = python_service(settings, "sink", "projections.sink", ready=lambda: False, url=settings.analytics_url())
+    svc = python_service(settings, "sink", "streams.sink", ready=lambda: False, url=settings.analytics_url())
 
     def ready() -> bool:
         pid = svc.pid()
-        if pid is None or not ready_path(settings, pid).exists():
+        if pid is None or not settings.ready_path("sink", pid).exists():
             return False
         return not settings.analytics_url().startswith("chdb:") or sink_url_path(settings).exists()
 
@@ -149,7 +151,6 @@ def sink_service(settings: Settings) -> Managed:
 
 def migrate_analytics(settings: Settings) -> None:
     """The analytics schema (versioned migrations) on the local server; chDB's owner, the sink, migrates itself."""
-    from projections.analytics import ensure_schema
 
     clickhouse.ensure_database(settings)
     ensure_schema(settings.analytics_url())
@@ -168,8 +169,6 @@ def api_service(settings: Settings) -> Managed:
 
 
 def province_codes() -> list[str]:
-    from schemas.reference import province_codes as codes
-
     return codes()
 
 
@@ -187,7 +186,7 @@ def steps(settings: Settings) -> list[Step]:
         Step(
             kafka.service(settings),
             lambda: kafka.prepare(settings),
-            lambda: kafka.ensure_topics(settings, province_codes()),
+            lambda: kafka.ensure_topics(settings, contract_topics(settings.kafka_partitions, province_codes())),
         )
     )
     if settings.local_clickhouse_server:
@@ -200,9 +199,6 @@ def steps(settings: Settings) -> list[Step]:
 
 
 def register_catalog(settings: Settings) -> None:
-    from schemas.codec import Codec
-    from schemas.registry_client import RegistryClient
-
     Codec(RegistryClient(settings.registry_url)).register_catalog()
 
 
@@ -264,10 +260,6 @@ def end_matching(match: Callable[[list[str]], bool]) -> list[int]:
 
 
 def _recorded(pid_file: Path) -> psutil.Process | None:
-    import json
-
-    from infra.process import recorded_process
-
     try:
         record = json.loads(pid_file.read_text())
         return recorded_process(record, lambda args: args == list(record["command"]))
@@ -309,8 +301,6 @@ def status(settings: Settings) -> list[dict]:
             rows.append(_recorded_status(pid_file))
     url = settings.analytics_url()
     if url.startswith("chdb://"):
-        from infra.process import dir_size
-
         path = Path(url.removeprefix("chdb://"))
         rows.append(
             {

@@ -74,22 +74,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 from psycopg import errors, sql
 
-# Stored event types; the codes are part of the table contents.
-DECLARATION, REGISTRATION, DOSE, ADVERSE, ALLOCATION = 1, 2, 3, 4, 5
-ETYPES = {
-    "HealthDeclarationSubmitted": DECLARATION,
-    "VaccinationRegistered": REGISTRATION,
-    "DoseAdministered": DOSE,
-    "AdverseEventReported": ADVERSE,
-    "VaccineAllocated": ALLOCATION,
-}
-VOID = "RecordVoided"
+from projections.counting import ALLOCATION, DOSE, READ_ERRORS, REGISTRATION, figure_view
 
 # Every stored figure, in the counters table as (province, figure, key).
 SCALAR_FIGURES = (
@@ -108,8 +98,6 @@ KEYED_FIGURES = ("doses_by_number", "doses_by_vaccine")
 RETRYABLE = (errors.DeadlockDetected, errors.SerializationFailure)
 MAX_ATTEMPTS = 8
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_US = timedelta(microseconds=1)
 _NAMESPACE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
@@ -129,37 +117,6 @@ class InvalidEvent(ValueError):
     def __init__(self, topic: str, partition: int, offset: int, reason: str):
         super().__init__(f"{topic}[{partition}]@{offset}: {reason}")
         self.topic, self.partition, self.offset, self.reason = topic, partition, offset, reason
-
-
-def _micros(value: Any) -> int:
-    """occurred_at as integer microseconds since the epoch.
-
-    Accepts an aware datetime (a stock Confluent deserializer) or epoch
-    milliseconds (schemas.codec's default).
-    """
-    if isinstance(value, int):
-        return value * 1000
-    if value.tzinfo is None:
-        raise ValueError("occurred_at has no time zone")
-    return (value - _EPOCH) // _US
-
-
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-
-
-def _uuid(value: Any) -> str:
-    """Canonical lower-case text, so that in-batch dedup agrees with the uuid column."""
-    text = value.lower() if isinstance(value, str) else str(value)
-    if not _UUID.match(text):
-        raise ValueError(f"not a UUID: {value!r}")
-    return text
-
-
-def _text(value: Any, name: str) -> str:
-    # counter keys: a NULL would fail the whole batch in the database instead
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{name} must be a non-empty string, not {value!r}")
-    return value
 
 
 # -- SQL -----------------------------------------------------------------------
@@ -441,79 +398,62 @@ def _prepare(messages: Sequence[tuple[str, int, int, Mapping[str, Any] | None]])
     """One entry per message: (key, offset, event_id, fact_row, void_row, dose_subject).
 
     Independent of the database, so a retried transaction reuses it. Raises
-    InvalidEvent before anything is written.
+    InvalidEvent before anything is written. What an event contributes is
+    projections.counting's figure_view, the rule the ClickHouse sink reads by too.
     """
     out = []
     append = out.append
-    etypes = ETYPES
+    view = figure_view
     for topic, partition, offset, ev in messages:
         key = (topic, partition)
         if ev is None:  # consumed but nothing to apply (e.g. dead-lettered)
             append((key, offset, None, None, None, None))
             continue
         try:
-            event_id = _uuid(ev["event_id"])
-            event_type = ev["event_type"]
-            etype = etypes.get(event_type)
-            p = ev["payload"]
-            if etype is None:
-                if event_type == VOID:
-                    append((key, offset, event_id, None, (_uuid(p["voided_event_id"]), event_id), None))
-                else:
-                    # AppointmentScheduled, CheckedIn (or a type added later): no
-                    # figure depends on it, so it is not stored, and neither its
-                    # duplicates nor its voids need bookkeeping.
-                    append((key, offset, event_id, None, None, None))
+            event_id, _, kind, target, _, prov, us, subject, vaccine, number, flag, amount = view(ev)
+            if not kind:
+                # A void; or AppointmentScheduled, CheckedIn (or a type added later): no
+                # figure depends on those, so they are not stored, and neither their
+                # duplicates nor their voids need bookkeeping.
+                append((key, offset, event_id, None, (target, event_id) if target else None, None))
                 continue
-            prov = _text(ev["province_code"], "province_code")
-            us = _micros(ev["occurred_at"])
-            if etype == DOSE:
-                subject = _text(ev["subject_id"], "subject_id")
-                number = p["dose_number"]
-                if type(number) is not int:
-                    raise ValueError(f"dose_number must be an integer, not {number!r}")
-                row = (
-                    event_id,
-                    DOSE,
-                    prov,
-                    us,
-                    subject,
-                    _text(p["vaccine"], "vaccine"),
-                    number,
-                    p["site_id"],
-                    None,
-                    None,
-                    None,
-                    None,
-                )
+            p = ev["payload"]
+            if kind == DOSE:
+                row = (event_id, DOSE, prov, us, subject, vaccine, number, p["site_id"], None, None, None, None)
                 append((key, offset, event_id, row, None, subject))
                 continue
-            if etype == DECLARATION:
-                row = (event_id, etype, prov, us, None, None, None, None, bool(p["symptoms"]), None, None, None)
-            elif etype == REGISTRATION:
-                row = (event_id, etype, prov, us, None, None, None, None, None, None, None, None)
-            elif etype == ADVERSE:
-                row = (event_id, etype, prov, us, None, None, None, None, p["severity"] == "serious", None, None, None)
-            else:  # ALLOCATION
-                doses = p["doses"]
-                if type(doses) is not int:
-                    raise ValueError(f"doses must be an integer, not {doses!r}")
+            if kind == ALLOCATION:
                 row = (
                     event_id,
-                    etype,
+                    kind,
                     prov,
                     us,
                     None,
-                    p["vaccine"],
+                    vaccine,
                     None,
                     None,
                     None,
-                    doses,
+                    amount,
                     p["allocation_id"],
                     p["recipient"],
                 )
+            else:  # a declaration (flag: symptoms), registration, adverse event (flag: serious)
+                row = (
+                    event_id,
+                    kind,
+                    prov,
+                    us,
+                    None,
+                    None,
+                    None,
+                    None,
+                    bool(flag) if kind != REGISTRATION else None,
+                    None,
+                    None,
+                    None,
+                )
             append((key, offset, event_id, row, None, None))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except READ_ERRORS as e:
             raise InvalidEvent(topic, partition, offset, f"{type(e).__name__}: {e}") from e
     return out
 

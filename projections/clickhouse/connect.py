@@ -1,0 +1,74 @@
+"""Opening a store by URL, and a pool of them for threads."""
+
+from __future__ import annotations
+
+import threading
+from urllib.parse import urlparse
+
+from projections.clickhouse.chdb import ChdbStore
+from projections.clickhouse.native import NativeStore
+from projections.clickhouse.store import AnalyticsStore, AnalyticsStoreError
+
+
+def open_store(url: str, *, purpose: str | None = None) -> AnalyticsStore:
+    """`clickhouse://host:port/db` → NativeStore; `chdb:///abs/path[?database=db]` → ChdbStore.
+
+    `purpose` is written into a chDB folder's owner lock so that a refused
+    process is told who holds it (default: this program's command line).
+    """
+    scheme = urlparse(url).scheme
+    if scheme in ("clickhouse", "clickhouses"):
+        return NativeStore(url)
+    if scheme == "chdb":
+        return ChdbStore(url, purpose=purpose)
+    raise AnalyticsStoreError(
+        f"unsupported analytics URL {url!r}: expected clickhouse://host:port/db or chdb:///abs/path"
+    )
+
+
+class StorePool:
+    """Up to `size` stores on one URL, each used by one thread at a time."""
+
+    def __init__(self, url: str, size: int = 4, purpose: str | None = None):
+        self.url, self.size, self.purpose = url, size, purpose
+        self._idle: list[AnalyticsStore] = []
+        self._all: list[AnalyticsStore] = []
+        self._cond = threading.Condition()
+
+    def acquire(self) -> AnalyticsStore:
+        with self._cond:
+            while not self._idle and len(self._all) >= self.size:
+                self._cond.wait()
+            if self._idle:
+                return self._idle.pop()
+            self._all.append(None)  # reserve a slot while connecting
+        try:
+            store = open_store(self.url, purpose=self.purpose)
+        except BaseException:
+            with self._cond:
+                self._all.remove(None)
+                self._cond.notify()
+            raise
+        with self._cond:
+            self._all[self._all.index(None)] = store
+        return store
+
+    def release(self, store: AnalyticsStore, broken: bool = False) -> None:
+        with self._cond:
+            if broken:
+                self._all.remove(store)
+                try:
+                    store.close()
+                except Exception:
+                    pass
+            else:
+                self._idle.append(store)
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            for store in self._all:
+                if store is not None:
+                    store.close()
+            self._all.clear()
+            self._idle.clear()

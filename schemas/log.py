@@ -1,0 +1,106 @@
+"""Reading the log's positions: where it ends, where a group stands, and a fixed prefix of it.
+
+The one place that asks Kafka for offsets (kafka-python clients, closed
+after each question): the projections' lag, the sink's lag, `verify`,
+replay and the benchmarks all read positions through these.
+"""
+
+from __future__ import annotations
+
+from kafka import KafkaConsumer, TopicPartition
+
+from schemas.topics import TOPIC_EVENTS
+
+
+def _partitions(consumer: KafkaConsumer, topic: str) -> list[TopicPartition]:
+    return [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+
+
+def end_offsets(bootstrap: str, topics: tuple[str, ...] = (TOPIC_EVENTS,)) -> dict[tuple[str, int], int]:
+    """The next offset of every partition of these topics, from one client."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    try:
+        parts = [tp for topic in topics for tp in _partitions(consumer, topic)]
+        return {(tp.topic, tp.partition): off for tp, off in consumer.end_offsets(parts).items()}
+    finally:
+        consumer.close()
+
+
+def log_end(bootstrap: str, topic: str = TOPIC_EVENTS) -> dict[int, int]:
+    """The next offset of every partition of the topic."""
+    return {p: off for (_, p), off in end_offsets(bootstrap, (topic,)).items()}
+
+
+def group_positions(bootstrap: str, group: str, topic: str = TOPIC_EVENTS) -> dict[int, int]:
+    """The next offset the group will consume, per partition (its committed offsets; 0 if none)."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False, request_timeout_ms=10_000
+    )
+    try:
+        return {tp.partition: consumer.committed(tp) or 0 for tp in _partitions(consumer, topic)}
+    finally:
+        consumer.close(autocommit=False)
+
+
+def lag(ends: dict[int, int], positions: dict[int, int]) -> dict[int, int]:
+    """Messages not yet consumed, per partition of `ends`."""
+    return {p: end - positions.get(p, 0) for p, end in ends.items()}
+
+
+class LogPrefix:
+    """`health.events` from offset 0 up to given last offsets (inclusive; default: the end now),
+    as the lists of records each poll returns, in offset order per partition.
+
+    What an audit rebuild reads: the same prefix of the log whatever arrives
+    meanwhile. A partition is paused once it reaches its limit, so the others
+    keep their fetch budget."""
+
+    def __init__(self, bootstrap: str, upto: dict[int, int] | None = None, batch_size: int = 10_000):
+        self.batch_size = batch_size
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap,
+            enable_auto_commit=False,
+            max_poll_records=batch_size,
+            fetch_max_bytes=64 * 1024 * 1024,
+            max_partition_fetch_bytes=16 * 1024 * 1024,
+        )
+        try:
+            parts = [
+                TopicPartition(TOPIC_EVENTS, p) for p in sorted(self.consumer.partitions_for_topic(TOPIC_EVENTS) or [])
+            ]
+            self.consumer.assign(parts)
+            self.consumer.seek_to_beginning(*parts)
+            if upto is None:
+                upto = {tp.partition: off - 1 for tp, off in self.consumer.end_offsets(parts).items()}
+        except BaseException:
+            self.consumer.close()
+            raise
+        self._remaining = {p: o for p, o in upto.items() if o >= 0}
+        self.total = sum(o + 1 for o in self._remaining.values())
+        for tp in parts:
+            if tp.partition not in self._remaining:
+                self.consumer.pause(tp)
+
+    def __iter__(self):
+        remaining = self._remaining
+        while remaining:
+            chunk = []
+            for tp, records in self.consumer.poll(timeout_ms=1000, max_records=self.batch_size).items():
+                limit = remaining.get(tp.partition)
+                if limit is None:
+                    continue
+                chunk.extend(r for r in records if r.offset <= limit)
+                if records and records[-1].offset >= limit:
+                    remaining.pop(tp.partition)
+                    self.consumer.pause(tp)
+            if chunk:
+                yield chunk
+
+    def close(self) -> None:
+        self.consumer.close()
+
+    def __enter__(self) -> LogPrefix:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,5 @@
+import sys
+
+from streams.sink.main import main
+
+sys.exit(main())
