@@ -38,6 +38,9 @@ Determinism: all randomness comes from ``random.Random`` instances seeded from
 use one generator ("plan"), event ids and free-text detail another
 ("render"), so ``expected()`` can replay the plan alone without building
 events. Figures come from the plan's ground truth (producers/figures.py).
+
+Size: one scenario engine; its schedule, the events it emits and the ground truth it
+counts independently must change together, so they are kept in one file.
 """
 
 from __future__ import annotations

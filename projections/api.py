@@ -7,6 +7,7 @@ citizen record reads the per-subject state. Errors are JSON with a message.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -43,7 +44,7 @@ class Queries:
         self.populations = {code: p.population for code, p in provinces().items()}
         self.live = Coalescer()
 
-    def run(self, fn, *args):
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         with self.pool.connection() as conn:
             return fn(conn, NAMESPACE, *args)
 

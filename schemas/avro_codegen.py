@@ -14,6 +14,9 @@ the body must be consumed exactly.
 
 Anything not handled raises :class:`Unsupported`; the codec then falls back to
 fastavro for that schema.
+
+Size: one code generator; its encoder and decoder emitters share the naming,
+bounds checks and name escaping of the generated source, which is safest kept in one place.
 """
 
 from __future__ import annotations

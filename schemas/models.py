@@ -14,6 +14,9 @@ symbols added later; producers may not send it (except ``sex``, where DESIGN
 lists it).
 
 Messages never echo a citizen_id: they end up in HTTP answers and logs.
+
+Size: one model per payload of the catalog, written out for readable errors; they
+are one contract and are checked against the .avsc together, so they stay in one file.
 """
 
 from __future__ import annotations

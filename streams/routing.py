@@ -11,6 +11,7 @@ from typing import Any
 
 from schemas.catalog import CITIZEN_EVENT_TYPES
 from schemas.codec import Codec, CodecError
+from schemas.ids import is_uuid
 from schemas.reference import provinces
 
 
@@ -20,12 +21,12 @@ def semantic_error(event: dict[str, Any]) -> str | None:
     event_id = event.get("event_id")
     # Avro types a uuid only as a string: check it here, before the event is
     # copied to a province topic, not first in the projector.
-    if not isinstance(event_id, str) or not _is_uuid(event_id):
+    if not isinstance(event_id, str) or not is_uuid(event_id):
         return f"event_id: not a UUID: {str(event_id)[:60]!r}"
     payload = event["payload"]
     for name in ("voided_event_id", "dose_event_id"):
         value = payload.get(name)
-        if value is not None and not _is_uuid(value):
+        if value is not None and not is_uuid(value):
             return f"payload.{name}: not a UUID: {value[:60]!r}"
     if event.get("province_code") not in _PROVINCES:
         return f"province_code: unknown province {event.get('province_code')!r}"
@@ -34,19 +35,6 @@ def semantic_error(event: dict[str, Any]) -> str | None:
     if et == "RecordVoided" and payload.get("voided_event_id") == event_id:
         return "payload.voided_event_id: an event cannot void itself"
     return None
-
-
-def _is_uuid(value: str) -> bool:
-    """Dashed, either case, as the projector (and a uuid column) accepts; without a regex: 5x
-    faster, and it runs once or twice per event.
-    (bytes.fromhex skips whitespace between pairs, so 16 bytes from 32 characters means 32 hex digits.)"""
-    if len(value) != 36 or value[8] != "-" or value[13] != "-" or value[18] != "-" or value[23] != "-":
-        return False
-    digits = value.replace("-", "")
-    try:
-        return len(digits) == 32 and len(bytes.fromhex(digits)) == 16
-    except ValueError:
-        return False
 
 
 _PROVINCES = frozenset(provinces())  # run once per event by every worker and sink decoder

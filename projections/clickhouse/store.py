@@ -88,7 +88,7 @@ from __future__ import annotations
 import gc
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -234,7 +234,7 @@ def _insert_target(table: str, columns: Sequence[str]) -> tuple[str, str]:
 
 
 @contextmanager
-def collector_paused():
+def collector_paused() -> Iterator[None]:
     """Bulk encoding allocates millions of objects, which sets off full collections
     that find nothing to free; pausing the collector doubles the insert rate."""
     was_enabled = gc.isenabled()

@@ -64,6 +64,9 @@ Decisions the figures depend on
 * Several voids of one event: the first to commit is recorded in `voided_by`.
 * Re-sending an event_id is a retry (DESIGN §2): the first arrival's content
   is kept and later copies are ignored even if their content differs.
+
+Size: most of it is the design note above and the SQL of one transaction; the
+statements depend on each other's lock order, so they stay together.
 """
 
 from __future__ import annotations

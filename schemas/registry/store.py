@@ -16,6 +16,9 @@ forever. "(subject, schema) is version v" can stop being true only through a
 delete; deletes NOTIFY every instance (LISTEN registry_changes), and entries
 also expire after a few seconds in case a notification is ever missed. While
 the listener is down, that cache is bypassed entirely.
+
+Size: one module because every statement here runs under the same per-subject
+advisory lock protocol; split, the lock's reasoning would live apart from the SQL it guards.
 """
 
 from __future__ import annotations

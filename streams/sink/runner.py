@@ -13,6 +13,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 from infra.settings import Settings
 from projections.clickhouse.connect import open_store
@@ -329,5 +330,5 @@ def _registry_errors() -> tuple:
     return (RegistryError,)
 
 
-def ready_path(settings: Settings, pid: int):
+def ready_path(settings: Settings, pid: int) -> Path:
     return settings.ready_path("sink", pid)
