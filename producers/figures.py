@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from schemas.figures import SCALAR_FIGURES
+
 NEVER = 1 << 62  # "not voided" / "no cut-off": later than any event time (epoch seconds)
 
 VACCINES: tuple[str, ...] = ("astrazeneca", "pfizer", "moderna", "sinopharm", "janssen")
@@ -220,20 +222,7 @@ def national(provinces: dict[str, dict[str, Any]], population: int) -> dict[str,
     """National figures: the sum over provinces, percentages from the sums."""
     by_num: dict[str, int] = {}
     by_vac: dict[str, int] = {}
-    tot = {
-        k: 0
-        for k in (
-            "registrations",
-            "declarations",
-            "declarations_with_symptoms",
-            "doses_administered",
-            "people_vaccinated",
-            "people_fully_vaccinated",
-            "doses_allocated",
-            "adverse_events",
-            "serious_adverse_events",
-        )
-    }
+    tot = dict.fromkeys(SCALAR_FIGURES, 0)
     for f in provinces.values():
         for k in tot:
             tot[k] += f[k]

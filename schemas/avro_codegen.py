@@ -4,7 +4,7 @@ Why: fastavro interprets the schema for every datum (type-string dispatch,
 dict lookups in the schema, one ``fo.read`` call per varint byte). For the
 small flat records of the event catalog that costs 2-3x the work of straight-line
 code that knows the layout. This module generates that code once per schema
-(or per writer/reader pair) with ``exec``; tests/test_codec_unit.py checks it
+(or per writer/reader pair) with ``exec``; tests/unit/test_codec_unit.py checks it
 byte-for-byte and value-for-value against fastavro.
 
 The generated decoder is also the place where garbage is caught: every length

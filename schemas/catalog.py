@@ -8,7 +8,7 @@ Composition keeps each registered schema self-contained, so a stock Confluent
 deserializer needs nothing but the schema id.
 
 Every version ever released is frozen under ``schemas/released/<Type>/vN.avsc``.
-CI (tests/test_schemas.py) checks that the current schema equals the latest
+CI (tests/unit/test_schemas.py) checks that the current schema equals the latest
 released one and can read every released version (BACKWARD_TRANSITIVE).
 """
 

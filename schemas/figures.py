@@ -23,3 +23,17 @@ FIGURES: tuple[str, ...] = (
     "adverse_events",
     "serious_adverse_events",
 )
+
+# Of those, the ones stored as counts (the rest are derived: percentages, doses remaining).
+SCALAR_FIGURES: tuple[str, ...] = (
+    "registrations",
+    "declarations",
+    "declarations_with_symptoms",
+    "doses_administered",
+    "people_vaccinated",
+    "people_fully_vaccinated",
+    "doses_allocated",
+    "adverse_events",
+    "serious_adverse_events",
+)
+KEYED_FIGURES: tuple[str, ...] = ("doses_by_number", "doses_by_vaccine")

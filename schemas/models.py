@@ -7,7 +7,7 @@ where field is a dotted path (``payload.vaccine``, ``payload.symptoms.2``).
 :func:`to_avro_record` turns a validated event into the dict of its Avro
 schema, replacing citizen_id by the caller's subject_id.
 
-The models are written by hand for readable errors; tests/test_schemas.py
+The models are written by hand for readable errors; tests/unit/test_schemas.py
 proves they agree with schemas/avro (fields, optionality, enum symbols, types).
 Enums in Avro carry one extra symbol, ``unknown``, as the reader default for
 symbols added later; producers may not send it (except ``sex``, where DESIGN

@@ -84,20 +84,6 @@ from psycopg import errors, sql
 
 from projections.counting import ALLOCATION, DOSE, READ_ERRORS, REGISTRATION, figure_view
 
-# Every stored figure, in the counters table as (province, figure, key).
-SCALAR_FIGURES = (
-    "registrations",
-    "declarations",
-    "declarations_with_symptoms",
-    "doses_administered",
-    "people_vaccinated",
-    "people_fully_vaccinated",
-    "doses_allocated",
-    "adverse_events",
-    "serious_adverse_events",
-)
-KEYED_FIGURES = ("doses_by_number", "doses_by_vaccine")
-
 RETRYABLE = (errors.DeadlockDetected, errors.SerializationFailure)
 MAX_ATTEMPTS = 8
 

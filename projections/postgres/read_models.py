@@ -18,8 +18,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from projections.postgres.projector import KEYED_FIGURES, SCALAR_FIGURES
-from schemas.figures import FIGURES
+from schemas.figures import FIGURES, KEYED_FIGURES, SCALAR_FIGURES
 from schemas.reference import provinces
 
 

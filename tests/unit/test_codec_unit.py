@@ -20,12 +20,12 @@ import fastavro
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import avro_records
 
 from schemas.avro_codegen import compile_decoder, compile_encoder, explain
 from schemas.catalog import EVENT_TYPES, current_schema, released_schemas
 from schemas.codec import Codec, CodecError, SchemaCache, _strip_logical
 from schemas.registry_client import RegistryClient, RegistryError
+from tests.strategies import avro_records
 
 IDS = {t: i + 1 for i, t in enumerate(EVENT_TYPES)}
 V1_DOSE = released_schemas("DoseAdministered")[0][1]

@@ -6,6 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.stack
+
 
 def test_demo_publishes_the_hcmc_campaign_and_every_figure_matches(clean_stack):
     env = {k: v for k, v in os.environ.items() if not k.startswith("NHDP_")} | clean_stack.as_env()

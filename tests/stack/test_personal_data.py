@@ -11,7 +11,8 @@ good measure, every other file of the stack's data folder (service logs included
 Positive controls show each search can see what is there: the subject_ids of the same
 citizens are found in the decoded records and in the dump.
 
-Plus: the settings refuse the public development secret outside the local stack.
+The settings' refusal of the public development secret outside the local stack
+needs no service: tests/unit/test_personal_data.py.
 """
 
 from __future__ import annotations
@@ -19,14 +20,11 @@ from __future__ import annotations
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from infra.settings import LOCAL_DEV_SECRET, ConfigError, Settings
-from tests.conftest import wait_caught_up
-from tests.test_gateway import post, subject_of, valid_event
+from tests.helpers import post, subject_of, valid_event, wait_caught_up
 
 pytestmark = pytest.mark.stack
 
@@ -230,56 +228,3 @@ def test_no_national_id_reaches_kafka_postgres_or_clickhouse(stack_settings, tmp
     # 4. Everything else the stack keeps: PostgreSQL's files, Faust's folder, every service log.
     findings, files, size = needles.scan_files(data_dir)
     assert files > 0 and findings == [], findings[:10]
-
-
-def test_settings_refuse_the_development_secret_outside_the_local_stack(monkeypatch):
-    for name in [k for k in os.environ if k.startswith("NHDP_")]:
-        monkeypatch.delenv(name)
-    message = (
-        r"NHDP_PSEUDONYM_SECRET must be set to a private value when NHDP_ENV is 'production': "
-        r"the local default would make subject ids reversible by anyone"
-    )
-    with pytest.raises(ConfigError, match=message):
-        Settings(env="production")  # missing: the default
-    with pytest.raises(ConfigError, match=message):
-        Settings(env="production", pseudonym_secret=LOCAL_DEV_SECRET)
-    with pytest.raises(ConfigError, match=message):
-        Settings(env="production", pseudonym_secret="")
-
-    monkeypatch.setenv("NHDP_ENV", "staging")
-    with pytest.raises(ConfigError, match="when NHDP_ENV is 'staging'"):
-        Settings()
-    monkeypatch.setenv("NHDP_PSEUDONYM_SECRET", "k8Q2-a-real-secret-from-the-vault-7f3c9e")
-    assert Settings().pseudonym_secret == "k8Q2-a-real-secret-from-the-vault-7f3c9e"
-    assert Settings(env="production", pseudonym_secret="another-real-secret-0a9b8c-f00d-4e1a").env == "production"
-    with pytest.raises(
-        ConfigError,
-        match="NHDP_PSEUDONYM_SECRET is 12 characters; at least 32 are required when NHDP_ENV is 'production'",
-    ):
-        Settings(env="production", pseudonym_secret="short-secret")
-
-    # The local stack keeps working without configuration.
-    monkeypatch.delenv("NHDP_ENV")
-    monkeypatch.delenv("NHDP_PSEUDONYM_SECRET")
-    assert Settings().pseudonym_secret == LOCAL_DEV_SECRET
-
-
-def test_the_cli_refuses_to_start_with_the_development_secret_in_production(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NHDP_")}
-    env |= {"NHDP_ENV": "production", "NHDP_DATA_DIR": str(tmp_path), "COLUMNS": "400"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "nhdp.cli", "import", str(tmp_path / "none.jsonl")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 1
-    assert "NHDP_PSEUDONYM_SECRET must be set to a private value when NHDP_ENV is 'production'" in proc.stderr
-
-
-def test_the_pseudonymiser_refuses_an_empty_secret():
-    from producers.pseudonym import Pseudonymiser
-
-    with pytest.raises(ValueError, match="secret is empty"):
-        Pseudonymiser("")

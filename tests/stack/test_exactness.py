@@ -34,7 +34,6 @@ import httpx
 import psutil
 import psycopg
 import pytest
-from conftest import settings_for, stack_env, wait_caught_up
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.partitioner.default import murmur2
 from kafka.structs import OffsetAndMetadata
@@ -50,6 +49,7 @@ from schemas.models import validate_event
 from schemas.topics import PROJECTOR_GROUP as GROUP
 from schemas.topics import TOPIC_EVENTS, partition_key
 from streams.worker import ready_path
+from tests.helpers import settings_for, stack_env, wait_caught_up
 
 pytestmark = pytest.mark.stack
 
@@ -64,7 +64,7 @@ def private_stack() -> Settings:
     Its folder is outside pytest's basetemp on purpose: a concurrent pytest
     run resets /tmp/pytest-of-<user> to mode 0700, which locks the embedded
     PostgreSQL (running as its own OS user) out of its data folder."""
-    data = Path(tempfile.mkdtemp(prefix="nhdp-exact-"))
+    data = Path(tempfile.mkdtemp(prefix="nhdp-test-exact-"))
     # generous start-up deadlines: other suites may be loading the same 2 cores
     settings = settings_for({**stack_env(data), "NHDP_START_TIMEOUT_S": "180"})
     try:

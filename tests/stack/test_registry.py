@@ -20,6 +20,7 @@ import pytest
 
 from infra.process import Managed
 from infra.settings import CHECKOUT
+from tests.helpers import private_data_dir
 
 pytestmark = pytest.mark.stack
 
@@ -83,9 +84,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def second_registry(stack_settings, tmp_path_factory):
+def second_registry(stack_settings):
     """Another `python -m schemas.registry` on a free port, same PostgreSQL."""
-    home: Path = tmp_path_factory.mktemp("registry2")
+    with private_data_dir("registry2") as home:
+        yield from _second_registry(stack_settings, home)
+
+
+def _second_registry(stack_settings, home: Path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     service = Managed(

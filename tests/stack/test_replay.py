@@ -22,7 +22,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import settings_for, stack_env, wait_caught_up
 from kafka import KafkaProducer
 
 from infra.settings import CHECKOUT, Settings
@@ -33,6 +32,7 @@ from producers.simulator import simulate
 from projections.postgres import read_models
 from projections.postgres.read_models import diff_namespaces
 from schemas.topics import TOPIC_EVENTS
+from tests.helpers import settings_for, stack_env, wait_caught_up
 
 pytestmark = pytest.mark.stack
 
@@ -45,7 +45,7 @@ def replay_stack() -> Settings:
 
     (Outside pytest's basetemp: a concurrent pytest run resets it to 0700,
     which locks the embedded PostgreSQL's own OS user out.)"""
-    data = Path(tempfile.mkdtemp(prefix="nhdp-replay-"))
+    data = Path(tempfile.mkdtemp(prefix="nhdp-test-replay-"))
     # generous start-up deadlines: other suites may be loading the same 2 cores
     settings = settings_for({**stack_env(data), "NHDP_START_TIMEOUT_S": "180"})
     try:

@@ -34,7 +34,6 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import events
 
 from producers.pseudonym import Pseudonymiser
 from schemas import catalog
@@ -42,6 +41,7 @@ from schemas.catalog import EVENT_TYPES, current_schema, released_schemas
 from schemas.codec import Codec, CodecError, SchemaCache, _strip_logical
 from schemas.models import to_avro_record, to_epoch_millis, validate_event
 from schemas.registry_client import RegistryClient, RegistryError
+from tests.strategies import events
 
 pytestmark = pytest.mark.stack
 

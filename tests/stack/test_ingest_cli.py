@@ -21,7 +21,7 @@ import pytest
 from producers.simulator import simulate
 from schemas.codec import Codec
 from schemas.registry_client import RegistryClient
-from tests.test_gateway import CONFLICT, TopicLog, valid_event
+from tests.helpers import CONFLICT, TopicLog, valid_event
 
 pytestmark = pytest.mark.stack
 

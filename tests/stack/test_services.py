@@ -5,9 +5,12 @@ from __future__ import annotations
 import uuid
 
 import psycopg
+import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from schemas.topics import TOPIC_DLQ, TOPIC_EVENTS, province_topic
+
+pytestmark = pytest.mark.stack
 
 
 def test_kafka_produce_and_consume_through_the_real_broker(stack_settings):

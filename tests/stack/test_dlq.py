@@ -16,7 +16,6 @@ import uuid
 
 import httpx
 import pytest
-from conftest import wait_caught_up
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from nhdp.stack import worker_service
@@ -25,6 +24,7 @@ from producers.sdk import EventProducer
 from schemas.codec import Codec
 from schemas.registry_client import RegistryClient
 from schemas.topics import TOPIC_DLQ, TOPIC_EVENTS
+from tests.helpers import wait_caught_up
 
 pytestmark = pytest.mark.stack
 

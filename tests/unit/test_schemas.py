@@ -21,7 +21,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
-from strategies import avro_records, events, invalid_events
 
 from schemas import catalog
 from schemas.catalog import (
@@ -42,6 +41,7 @@ from schemas.models import (
     to_avro_record,
     validate_event,
 )
+from tests.strategies import avro_records, events, invalid_events
 
 SCHEMAS_DIR = Path(catalog.__file__).resolve().parent
 ALL_AVSC = sorted(SCHEMAS_DIR.glob("avro/*.avsc")) + sorted(SCHEMAS_DIR.glob("released/*/v*.avsc"))

@@ -15,12 +15,12 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, DeserializingConsumer, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer
-from conftest import wait_caught_up
 
 from producers.pseudonym import Pseudonymiser
 from producers.sdk import EventProducer
 from producers.simulator import simulate
 from schemas.topics import province_topic
+from tests.helpers import wait_caught_up
 
 pytestmark = pytest.mark.stack
 

@@ -13,7 +13,9 @@ import orjson
 import psutil
 import pytest
 
-from tests.conftest import stack_env
+from tests.helpers import private_data_dir, stack_env
+
+pytestmark = pytest.mark.stack
 
 
 def nhdp(env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -47,13 +49,20 @@ def processes_of(data_dir) -> list[psutil.Process]:
 
 
 @pytest.fixture
-def cli_env(tmp_path):
-    env = stack_env(tmp_path / "data")
+def cli_data():
+    """The CLI stack's data folder (outside pytest's basetemp: see tests.helpers.private_data_dir)."""
+    with private_data_dir("cli") as data:
+        yield data
+
+
+@pytest.fixture
+def cli_env(cli_data):
+    env = stack_env(cli_data)
     yield env
     nhdp(env, "down", check=False)
 
 
-def test_up_status_twice_stale_pid_and_down(cli_env, tmp_path):
+def test_up_status_twice_stale_pid_and_down(cli_env, cli_data):
     t0 = time.monotonic()
     first = nhdp(cli_env, "up")
     cold_s = time.monotonic() - t0
@@ -71,14 +80,14 @@ def test_up_status_twice_stale_pid_and_down(cli_env, tmp_path):
     again = nhdp(cli_env, "up")
     assert "already running" in again.stdout
     assert status(cli_env)["kafka"]["pid"] == kafka_pid
-    brokers = [p for p in processes_of(tmp_path / "data") if "kafka.Kafka" in " ".join(p.cmdline())]
+    brokers = [p for p in processes_of(cli_data) if "kafka.Kafka" in " ".join(p.cmdline())]
     assert len(brokers) == 1
 
     # A killed registry leaves a stale pid file: detected, cleaned, restarted.
     reg_pid = st["registry"]["pid"]
     os.kill(reg_pid, signal.SIGKILL)
     psutil.Process(reg_pid).wait(10) if psutil.pid_exists(reg_pid) else None
-    pid_file = tmp_path / "data" / "run" / "registry.pid"
+    pid_file = cli_data / "run" / "registry.pid"
     assert pid_file.exists()
     assert status(cli_env)["registry"]["state"] == "down"
     assert not pid_file.exists()
@@ -88,13 +97,13 @@ def test_up_status_twice_stale_pid_and_down(cli_env, tmp_path):
 
     nhdp(cli_env, "down")
     time.sleep(0.5)
-    assert processes_of(tmp_path / "data") == []
+    assert processes_of(cli_data) == []
     assert all(v["state"] in ("down", "embedded") for k, v in status(cli_env).items() if not k.startswith("_"))
 
     refused = nhdp(cli_env, "reset", check=False)
     assert refused.returncode == 2 and "--yes" in refused.stderr
     nhdp(cli_env, "reset", "--yes")
-    assert not (tmp_path / "data" / "kafka").exists() and not (tmp_path / "data" / "postgres").exists()
+    assert not (cli_data / "kafka").exists() and not (cli_data / "postgres").exists()
 
 
 def test_a_service_that_cannot_start_is_named_with_its_command_and_log(cli_env):

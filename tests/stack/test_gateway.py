@@ -5,28 +5,25 @@ re-sends; requests that cannot be taken; Kafka stopped and started again under i
 Everything goes through the session stack's API over HTTP and is checked by reading
 the topic back with a plain Kafka consumer, from the end offsets taken before the
 request. Tests in one session run one at a time, so the range holds only what the
-test's own requests published.
+test's own requests published. (The SDK's shortcuts, checked against kafka-python
+without a broker, are in tests/unit/test_gateway.py.)
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import random
 import re
 import socket
 import threading
 import time
 import uuid
 from collections import Counter
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import orjson
 import psycopg
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 from kafka.partitioner.default import murmur2 as kafka_murmur2
 
 from infra import kafka as kafka_infra
@@ -35,139 +32,12 @@ from schemas import catalog
 from schemas.codec import Codec
 from schemas.registry_client import RegistryClient
 from schemas.topics import TOPIC_EVENTS
+from tests.helpers import CONFLICT, TopicLog, millis, post, subject_of, ts, valid_event, wait_caught_up
 
 pytestmark = pytest.mark.stack
 
 TRACE = "trace-" + uuid.uuid4().hex[:12]
-CONFLICT = (
-    "event_id: already accepted with different content; a correction is a RecordVoided of the "
-    "original plus a new event with a new event_id"
-)
 REPEATED = "event_id: repeated in this request with different content"
-HCM = timezone(timedelta(hours=7))
-
-
-# -- helpers shared with test_ingest_cli.py and test_personal_data.py ----------------------------
-
-
-_SYSTEM_RANDOM = random.SystemRandom()
-
-
-def citizen_id(rng: random.Random = _SYSTEM_RANDOM) -> str:
-    """A fresh 12-digit national id (12 digits: it will not turn up by chance in a byte scan)."""
-    return f"{rng.randrange(10**11, 10**12)}"
-
-
-def subject_of(settings, cid: str) -> str:
-    """subject_id computed independently of producers/pseudonym.py: HMAC-SHA256 under the secret."""
-    return hmac.new(settings.pseudonym_secret.encode(), cid.encode(), hashlib.sha256).hexdigest()
-
-
-def ts(dt: datetime) -> str:
-    return dt.isoformat(timespec="milliseconds")
-
-
-def millis(text: str) -> int:
-    """Epoch milliseconds, exactly (integer arithmetic, as Avro timestamp-millis stores them)."""
-    return (datetime.fromisoformat(text) - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
-
-
-def valid_event(event_type: str = "DoseAdministered", cid: str | None = None, **payload: Any) -> dict[str, Any]:
-    """A valid JSON-form event of any type, with a fresh event_id."""
-    cid = cid or citizen_id()
-    at = datetime(2021, 8, 10, 9, 30, tzinfo=HCM) + timedelta(seconds=random.randrange(86_400))
-    base: dict[str, dict[str, Any]] = {
-        "HealthDeclarationSubmitted": {
-            "citizen_id": cid,
-            "symptoms": ["fever", "cough"],
-            "contact_with_confirmed_case": False,
-            "channel": "app",
-        },
-        "VaccinationRegistered": {
-            "citizen_id": cid,
-            "birth_year": 1980,
-            "sex": "female",
-            "priority_group": "elderly_65_plus",
-            "channel": "web",
-        },
-        "AppointmentScheduled": {
-            "citizen_id": cid,
-            "appointment_id": "AP-" + uuid.uuid4().hex[:10],
-            "site_id": "79-760-0001",
-            "slot_start": ts(at + timedelta(days=1)),
-            "slot_end": ts(at + timedelta(days=1, minutes=30)),
-            "dose_number": 1,
-        },
-        "CheckedIn": {"citizen_id": cid, "site_id": "79-760-0001", "appointment_id": None},
-        "DoseAdministered": {
-            "citizen_id": cid,
-            "site_id": "79-760-0001",
-            "vaccine": "astrazeneca",
-            "lot_number": "ABV5811",
-            "dose_number": 1,
-        },
-        "AdverseEventReported": {
-            "citizen_id": cid,
-            "severity": "mild",
-            "dose_event_id": str(uuid.uuid4()),
-            "symptoms": ["headache"],
-        },
-        "VaccineAllocated": {
-            "allocation_id": "AL-" + uuid.uuid4().hex[:10],
-            "vaccine": "pfizer",
-            "doses": 30_000,
-            "recipient": "armed_forces",
-        },
-        "RecordVoided": {"voided_event_id": str(uuid.uuid4()), "reason": "entered in error: wrong person"},
-    }
-    return {
-        "event_id": str(uuid.uuid4()),
-        "event_type": event_type,
-        "occurred_at": ts(at),
-        "province_code": "79",
-        "source": "site-79-760",
-        "payload": {**base[event_type], **payload},
-    }
-
-
-def post(settings, body: Any, *, raw: bytes | None = None, headers: dict[str, str] | None = None) -> httpx.Response:
-    content = raw if raw is not None else orjson.dumps(body)
-    return httpx.post(
-        f"{settings.api_url}/v1/events",
-        content=content,
-        timeout=120,
-        headers={"content-type": "application/json", **(headers or {})},
-    )
-
-
-class TopicLog:
-    """health.events read back with a plain consumer: end offsets, and every message between two positions."""
-
-    def __init__(self, settings, topic: str = TOPIC_EVENTS):
-        self.settings, self.topic = settings, topic
-        self.consumer = KafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False, request_timeout_ms=20_000
-        )
-        self.parts = [TopicPartition(topic, p) for p in sorted(self.consumer.partitions_for_topic(topic))]
-
-    def ends(self) -> dict[int, int]:
-        return {tp.partition: o for tp, o in self.consumer.end_offsets(self.parts).items()}
-
-    def read(self, start: dict[int, int], end: dict[int, int] | None = None, timeout_s: float = 60):
-        end = end or self.ends()
-        wanted = [tp for tp in self.parts if end[tp.partition] > start[tp.partition]]
-        self.consumer.assign(wanted)
-        for tp in wanted:
-            self.consumer.seek(tp, start[tp.partition])
-        out, deadline = [], time.monotonic() + timeout_s
-        while any(self.consumer.position(tp) < end[tp.partition] for tp in wanted):
-            assert time.monotonic() < deadline, f"could not read {self.topic} up to {end} in {timeout_s}s"
-            for tp, msgs in self.consumer.poll(timeout_ms=500).items():
-                out += [m for m in msgs if m.offset < end[tp.partition]]
-        return out
-
-    def close(self) -> None:
-        self.consumer.close()
 
 
 @pytest.fixture
@@ -231,51 +101,6 @@ def assert_published_exactly(
         assert headers["source"] == b"gateway"
         if trace_id:
             assert d["trace_id"] == trace_id and headers["trace_id"] == trace_id.encode()
-
-
-def test_the_sdks_shortcuts_compute_what_kafka_python_would():
-    """producers/sdk.py picks partitions itself with a vectorised murmur2, writes record
-    batches itself and gives kafka-python a compiled CRC-32C: each must give kafka-python's
-    own results, byte for byte."""
-    import os
-
-    from kafka.record import default_records, util
-    from kafka.record.memory_records import MemoryRecordsBuilder
-
-    from producers.sdk import BATCH_BYTES, build_batches, encode_headers
-    from schemas.topics import murmur2, murmur2_many
-
-    rng = random.Random(4)
-    keys = [os.urandom(rng.randrange(0, 80)) for _ in range(5000)]
-    keys += [hashlib.sha256(str(i).encode()).hexdigest().encode() for i in range(5000)]  # subject_ids
-    expected = [kafka_murmur2(k) for k in keys]
-    assert [murmur2(k) for k in keys] == expected
-    assert murmur2_many(keys).tolist() == expected
-    for size in (0, 1, 7, 61, 4096, 100_003):
-        data = os.urandom(size)
-        assert default_records.calc_crc32c(memoryview(data)) == util.crc32c_py(data)
-
-    # Enough rows for several batches, with values past the varint table's 16 KiB.
-    rows, headers = [], []
-    for i in range(2500):
-        h = [("trace_id", os.urandom(rng.randrange(0, 40))), ("source", b"nhdp-sdk")]
-        headers.append(h)
-        rows.append(
-            (i, os.urandom(rng.randrange(0, 70)), os.urandom(rng.choice([0, 200, 900, 20_000])), encode_headers(h))
-        )
-    for compression in (0, 3):  # none, lz4
-        built = build_batches(rows, 1_624_000_000_000, {"message_version": 2, "compression_attrs": compression})
-        assert len(built) > 1 and [i for members, _ in built for i in members] == list(range(len(rows)))
-        sequence = 0
-        for members, ours in built:
-            theirs = MemoryRecordsBuilder(2, compression, BATCH_BYTES)
-            for i in members:
-                assert theirs.append(1_624_000_000_000, rows[i][1], rows[i][2], headers[i]) is not None
-            for builder in (ours, theirs):
-                builder.set_producer_state(7, 1, sequence, False)
-                builder.close()
-            assert bytes(ours.records().next_batch()._buffer) == bytes(theirs.records().next_batch()._buffer)
-            sequence += len(members)
 
 
 # -- 1. one request, every kind of answer ---------------------------------------------------------
@@ -553,7 +378,6 @@ def kafka_service(stack_settings):
     """The session stack's Kafka, running again after the test whatever happened in it;
     and the session's stream worker still the same process and caught up."""
     from nhdp import stack
-    from tests.conftest import wait_caught_up
 
     svc = kafka_infra.service(stack_settings)
     worker = stack.worker_service(stack_settings)

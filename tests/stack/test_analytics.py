@@ -19,6 +19,8 @@ Oracles: the simulator's own expected(as_of=T), the PostgreSQL projections
 (live, and as they stood when the log ended at T_SNAP), a literal
 DESIGN §4 computation for the hand-made voids, and PostgreSQL's valid_doses
 for /v1/analytics/doses. No mocks, no timed assertions.
+
+The pure parts (the timeline, the figure view) are in tests/unit/test_analytics.py.
 """
 
 from __future__ import annotations
@@ -41,9 +43,6 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from hypothesis import given
-from hypothesis import settings as hsettings
-from hypothesis import strategies as st
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
@@ -58,11 +57,9 @@ from projections.clickhouse.connect import open_store
 from projections.clickhouse.queries import _GROUP_COLUMN, Analytics, ParameterError
 from projections.clickhouse.remote import RemoteAnalytics, serve_queries
 from projections.clickhouse.rollups import dirty_dose_days, dirty_hours
-from projections.clickhouse.schema import HCM, MIGRATIONS, NEVER_MS, PEOPLE, applied_versions, migrate
-from projections.clickhouse.shaping import Fact, shape, timeline
+from projections.clickhouse.schema import HCM, MIGRATIONS, applied_versions, migrate
+from projections.clickhouse.shaping import shape
 from projections.clickhouse.writer import Sink, SinkFenced, SubjectFilter
-from projections.counting import DOSE
-from projections.postgres.projector import InvalidEvent, _prepare
 from schemas.codec import Codec
 from schemas.reference import provinces, regions
 from schemas.registry_client import RegistryClient
@@ -71,9 +68,8 @@ from schemas.topics import TOPIC_EVENTS
 from streams.routing import Router
 from streams.sink.audit import wait_caught_up
 from streams.sink.runner import Runner
-from tests.conftest import settings_for, stack_env
-from tests.conftest import wait_caught_up as wait_postgres
-from tests.strategies import avro_records
+from tests.helpers import settings_for, stack_env
+from tests.helpers import wait_caught_up as wait_postgres
 
 pytestmark = pytest.mark.stack
 
@@ -236,7 +232,7 @@ def world():
     if server_binary() is None:
         pytest.skip("clickhouse-server is not installed (apt-get install -y clickhouse-server)")
     # Outside pytest's basetemp: a concurrent pytest run resets it to 0700 (embedded PostgreSQL runs as its own user).
-    data = Path(tempfile.mkdtemp(prefix="nhdp-analytics-"))
+    data = Path(tempfile.mkdtemp(prefix="nhdp-test-analytics-"))
     world = World(settings_for(stack_env(data / "stack")))
     settings = world.settings
     server = None
@@ -807,74 +803,6 @@ def test_verify_analytics_lists_a_difference_and_fails(world):
     done = nhdp(world.settings, "verify-analytics")
     assert done.returncode == 1, done.stdout + done.stderr
     assert "province 79 registrations" in done.stdout and "national registrations" in done.stdout
-
-
-# -- pure parts: the timeline and the figure view -----------------------------------------------------------------------
-
-NEVER = NEVER_MS
-
-
-def _state_at(doses: dict, t: float) -> tuple[str | None, str | None]:
-    """DESIGN §4 by definition: the counted doses at as_of t, the earliest's province, fully or not."""
-    alive = sorted((d[0], k, d) for k, d in doses.items() if d[0] < t and not d[3] < t)
-    if not alive:
-        return None, None
-    province = alive[0][2][1]
-    fully = len(alive) >= 2 or any(d[2] for _, _, d in alive)
-    return province, province if fully else None
-
-
-@hsettings(max_examples=300, deadline=None)
-@given(
-    st.lists(
-        st.tuples(
-            st.integers(0, 20),
-            st.sampled_from(["01", "79", "48"]),
-            st.booleans(),
-            st.one_of(st.just(NEVER), st.integers(0, 22)),
-        ),
-        max_size=5,
-    )
-)
-def test_timeline_points_sum_to_the_state_at_every_time(raw):
-    doses = {f"{i:08x}-0000-4000-8000-000000000000": (t, p, int(j), v) for i, (t, p, j, v) in enumerate(raw)}
-    points = timeline(doses)
-    for t in [x + 0.5 for x in range(-1, 24)]:
-        people = {code: 0 for code in ("01", "79", "48")}
-        fully = dict(people)
-        for c, kind, code, delta in points:
-            if c < t:
-                (people if kind == PEOPLE else fully)[code] += delta
-        province, full = _state_at(doses, t)
-        assert people == {c: int(c == province) for c in people}, (t, sorted(points))
-        assert fully == {c: int(c == full) for c in fully}, (t, sorted(points))
-
-
-@hsettings(max_examples=200, deadline=None)
-@given(avro_records())
-def test_figure_view_is_the_projectors(pair):
-    """The sink reads an event exactly as the PostgreSQL projector does (kind, province, flag, doses…)."""
-    _, record = pair
-    shaped = shape([(0, 7, record)], {})
-    try:
-        ((_, _, event_id, row, void, _),) = _prepare([(TOPIC_EVENTS, 0, 7, record)])
-    except InvalidEvent:
-        assert shaped.skipped == 1 and shaped[0] == []
-        return
-    event_rows, index_rows, void_rows, facts, voids = shaped
-    assert len(event_rows) == 1
-    if row is None:
-        assert facts == {} and index_rows == []
-        assert (void is None) == (voids == {})
-        if void is not None:
-            assert voids[event_id][0] == void[0]
-        return
-    fact = Fact(*facts[event_id])
-    _, kind, province, us, subject, vaccine, number, _, flag, amount, _, _ = row
-    assert (fact.kind, fact.province, fact.t_ms) == (kind, province, us // 1000)
-    assert fact.flag == (1 if flag else 0) and fact.amount == (amount or 0)
-    if kind == DOSE:
-        assert (fact.subject, fact.vaccine, fact.dose_number) == (subject, vaccine, number)
 
 
 def test_subject_filter_loaded_from_chdb_misses_no_stored_subject(world):

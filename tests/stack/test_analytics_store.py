@@ -3,7 +3,8 @@
 Every test that takes `store` runs once per engine and checks against figures
 computed here in Python from the generated events, so both engines are held to
 one oracle; test_engines_agree also compares the two result sets value for
-value and type for type.
+value and type for type. (Quoting and URL checks, without any engine, are in
+tests/unit/test_analytics_store.py.)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import textwrap
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -28,7 +30,10 @@ from infra.settings import CHECKOUT, Settings
 from infra.tools import server_binary
 from projections.clickhouse.connect import open_store
 from projections.clickhouse.native import encode_block
-from projections.clickhouse.store import OWNER_LOCK, AnalyticsStore, AnalyticsStoreError, quote, render
+from projections.clickhouse.store import OWNER_LOCK, AnalyticsStore, AnalyticsStoreError
+from tests.helpers import private_data_dir
+
+pytestmark = pytest.mark.stack
 
 UTC = UTC
 HCM = ZoneInfo("Asia/Ho_Chi_Minh")
@@ -46,8 +51,9 @@ def _require_server() -> None:
 
 
 @pytest.fixture(scope="module")
-def chdb_url(tmp_path_factory) -> str:
-    return f"chdb://{tmp_path_factory.mktemp('chdb')}?database=nhdp_test"
+def chdb_url() -> Iterator[str]:
+    with private_data_dir("chdb") as folder:
+        yield f"chdb://{folder}?database=nhdp_test"
 
 
 @pytest.fixture(scope="module")
@@ -449,30 +455,6 @@ def test_chdb_lock_is_released_when_the_owner_exits(tmp_path):
     # The first owner is gone (its flock went with it): the next process may own the folder.
     second = _open_in_subprocess(url)
     assert second.returncode == 0, second.stdout + second.stderr
-
-
-# -- parameters, without any engine --------------------------------------------------------
-
-
-def test_quote_writes_literals_both_engines_read():
-    assert quote(None) == "NULL" and quote(True) == "1" and quote(False) == "0"
-    assert quote("a'b\\c\n") == "'a\\'b\\\\c\\n'"
-    assert quote(datetime(2021, 8, 10, 20, 0, 5, 999, tzinfo=HCM)) == "toDateTime('2021-08-10 13:00:05', 'UTC')"
-    assert quote(datetime(2021, 8, 10, 20, 0)) == "toDateTime('2021-08-10 20:00:00', 'UTC')"
-    assert quote(date(2021, 8, 10)) == "toDate('2021-08-10')"
-    assert quote((1, "a")) == "(1, 'a')" and quote([]) == "[]" and quote(()) == "(NULL)"
-    assert quote(float("inf")) == "inf" and quote(float("nan")) == "nan"
-    assert render("SELECT 100 %% 7, %(x)s", {"x": 1}) == "SELECT 100 % 7, 1"
-    assert render("SELECT '%'") == "SELECT '%'"
-    with pytest.raises(AnalyticsStoreError):
-        quote(object())
-
-
-def test_unsupported_urls_are_refused():
-    with pytest.raises(AnalyticsStoreError, match="unsupported analytics URL"):
-        open_store("postgresql://localhost/nhdp")
-    with pytest.raises(AnalyticsStoreError, match="absolute folder"):
-        open_store("chdb://relative/path")
 
 
 # -- the server as a managed service ---------------------------------------------------------

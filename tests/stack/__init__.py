@@ -1,0 +1,1 @@
+"""Tests against real private stacks (Kafka, PostgreSQL, ClickHouse, chDB), started by conftest.py."""
