@@ -6,8 +6,9 @@
   so one citizen's events stay in one partition, in order;
 - lz4-compressed batches: Python pays per call, the broker per byte;
 - one record batch per partition per call, handed whole to kafka-python's
-  sender (see `_enqueue`), so a call pays about 5 µs per event instead of the
-  60-70 µs of `KafkaProducer.send`'s per-record futures and locks;
+  sender (producers.kafka_internals, the one module that uses kafka-python's
+  private API), so a call pays about 5 µs per event instead of the 60-70 µs
+  of `KafkaProducer.send`'s per-record futures and locks;
 - `publish_many` returns only when every event is acknowledged, or raises
   `PublishError` naming exactly the events that were not.
 """
@@ -23,13 +24,11 @@ from typing import Any
 
 from kafka import KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
-from kafka.producer.producer_batch import ProducerBatch
-from kafka.record.default_records import DefaultRecordBatchBuilder
-from kafka.record.memory_records import MemoryRecordsBuilder
-from kafka.record.util import encode_varint
-from kafka.structs import TopicPartition
 
 from infra.settings import Settings
+from producers.kafka_internals import BATCH_BYTES as BATCH_BYTES  # re-exported: tests/unit/test_gateway.py
+from producers.kafka_internals import BatchSender, batch_result, encode_headers
+from producers.kafka_internals import build_batches as build_batches  # re-exported: tests/unit/test_gateway.py
 from producers.pseudonym import edge_record
 from schemas.codec import Codec
 from schemas.models import validate_event
@@ -54,75 +53,6 @@ class PublishError(RuntimeError):
         names = ", ".join(f"#{i} {event_ids[i]} ({reason})" for i, reason in list(failed.items())[:10])
         more = f" and {len(failed) - 10} more" if len(failed) > 10 else ""
         super().__init__(f"{len(failed)} of {len(event_ids)} events were not acknowledged by Kafka: {names}{more}")
-
-
-# Uncompressed bytes per enqueued batch. Far under the broker's message.max.bytes
-# (1 MiB), so kafka-python never splits one of them: a split batch would complete
-# futures this module does not wait on.
-BATCH_BYTES = 256 * 1024
-
-
-def _zigzag_varint(value: int) -> bytes:
-    out = bytearray()
-    encode_varint(value, out.append)
-    return bytes(out)
-
-
-# Kafka record fields are zigzag varints; lengths and offset deltas below 16 KiB are looked up.
-_VARINT = [_zigzag_varint(v) for v in range(1 << 14)]
-
-
-def varint(value: int, table=_VARINT) -> bytes:
-    return table[value] if value < 16384 else _zigzag_varint(value)
-
-
-def encode_headers(headers: Sequence[tuple[str, bytes]]) -> bytes:
-    """A record's header section (count, then each key and value), as kafka-python writes it."""
-    parts = [varint(len(headers))]
-    for name, value in headers:
-        raw = name.encode()
-        parts += (varint(len(raw)), raw, varint(len(value)), value)
-    return b"".join(parts)
-
-
-def build_batches(rows: Sequence[tuple[int, bytes, bytes, bytes]], timestamp: int, config: dict[str, Any]):
-    """(index, key, value, header section) rows → [(indexes, MemoryRecordsBuilder)], each at most BATCH_BYTES.
-
-    Writes the records of a v2 batch (DefaultRecordBatchBuilder.append's bytes,
-    byte for byte: tests/test_gateway.py compares) in one join per record instead of
-    a varint call per field, and leaves the header, producer state, compression and
-    CRC to kafka-python's own `build` when the sender drains the batch."""
-    out = []
-    members: list[int] = []
-    parts: list[bytes] = []
-
-    def seal() -> None:
-        builder = MemoryRecordsBuilder(config["message_version"], config["compression_attrs"], BATCH_BYTES)
-        inner = builder._builder
-        inner._buffer += b"".join(parts)
-        inner._num_records = len(members)
-        inner._last_offset = len(members) - 1
-        inner._first_timestamp = inner._max_timestamp = timestamp
-        builder._next_offset = len(members)
-        out.append((members, builder))
-
-    def encode(delta: int, key: bytes, value: bytes, headers: bytes) -> bytes:
-        body = b"".join((b"\x00\x00", varint(delta), varint(len(key)), key, varint(len(value)), value, headers))
-        return varint(len(body)) + body
-
-    header = size = DefaultRecordBatchBuilder.HEADER_STRUCT.size
-    for i, key, value, headers in rows:
-        record = encode(len(members), key, value, headers)
-        if size + len(record) > BATCH_BYTES and members:  # kafka-python's own rule for a full batch
-            seal()
-            members, parts, size = [], [], header
-            record = encode(0, key, value, headers)
-        parts.append(record)
-        members.append(i)
-        size += len(record)
-    if members:
-        seal()
-    return out
 
 
 def _host_port(server: str) -> tuple[str, int]:
@@ -161,7 +91,7 @@ class EventProducer:
         )
         config.update(producer_config)
         self._producer = KafkaProducer(**config)
-        self._accumulator = self._producer._accumulator
+        self._sender = BatchSender(self._producer)
         self._delivery_timeout_s = config["delivery_timeout_ms"] / 1000
         self._max_request_size = self._producer.config["max_request_size"]
         self._brokers = [_host_port(hp) for hp in settings.kafka_bootstrap_servers.split(",") if hp.strip()]
@@ -214,7 +144,7 @@ class EventProducer:
             by_partition.setdefault(partitions[index], []).append(i)
         timestamp = int(time.time() * 1000)
         header_bytes: dict[bytes, bytes] = {}
-        batches: list[tuple[ProducerBatch, list[int]]] = []
+        batches: list[tuple[Any, int, list[int]]] = []  # (batch, its partition, the indexes in it)
         for partition, indexes in by_partition.items():
             rows = []
             for i in indexes:
@@ -223,48 +153,34 @@ class EventProducer:
                 if hb is None:
                     hb = header_bytes[t] = encode_headers([("trace_id", t), ("source", source)])
                 rows.append((i, keys[i], values[i], hb))
-            tp = TopicPartition(self.topic, partition)
-            for members, builder in build_batches(rows, timestamp, self._accumulator.config):
-                batches.append((ProducerBatch(tp, builder), members))
-        self._enqueue([b for b, _ in batches])
+            for batch, members in self._sender.build(self.topic, partition, rows, timestamp):
+                batches.append((batch, partition, members))
+        self._sender.enqueue([b for b, _, _ in batches])
         try:
             self._producer.flush(timeout=self._delivery_timeout_s + 5)
         except KafkaTimeoutError:
             pass  # the batches still open are reported below, each of its events by index
         positions: dict[int, Position] = {}
-        for batch, members in batches:
-            if not batch.produce_future.is_done:
+        for batch, partition, members in batches:
+            result = batch_result(batch)
+            if result is None:
                 for i in members:
                     failed[i] = "KafkaTimeoutError: not acknowledged within the delivery timeout"
                 continue
-            if batch.produce_future.failed():
-                exc = batch.produce_future.exception
+            exc, base_offset, record_error = result
+            if exc is not None:
                 for i in members:
                     failed[i] = f"{type(exc).__name__}: {exc}"
                 continue
-            base_offset, _, record_error = batch.produce_future.value
             for index_in_batch, i in enumerate(members):
                 if record_error is not None:
                     exc = record_error(index_in_batch)
                     failed[i] = f"{type(exc).__name__}: {exc}"
                 else:
-                    positions[i] = Position(batch.topic_partition.partition, base_offset + index_in_batch)
+                    positions[i] = Position(partition, base_offset + index_in_batch)
         if failed:
             raise PublishError(failed, [r["event_id"] for r in records], positions)
         return [positions[i] for i in range(len(records))]
-
-    def _enqueue(self, batches: Sequence[ProducerBatch]) -> None:
-        """Hand complete batches to kafka-python's sender, as its accumulator does for
-        the batches `send` fills: the sender then assigns the idempotent producer id and
-        sequence numbers, compresses, retries and completes each batch's future, all
-        kafka-python's own code. Only the per-record work is skipped.
-        (Internals of the pinned kafka-python; tests/test_sdk.py covers them.)"""
-        acc = self._accumulator
-        for batch in batches:
-            with acc._tp_lock(batch.topic_partition):
-                acc._batches[batch.topic_partition].append(batch)
-                acc._incomplete.add(batch)
-        self._producer._sender.wakeup()
 
     def publish_json(
         self, events: Sequence[dict[str, Any]], pseudonymiser, *, trace_id: str | None = None

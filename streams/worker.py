@@ -1,6 +1,7 @@
 """The stream worker: `health.events` → DLQ, province topics, PostgreSQL projections.
 
-The Faust app's consumer hands over each fetched batch whole (streams.bulk:
+The Faust app's consumer hands over each fetched batch whole
+(streams.faust_internals, the one module that uses Faust's private API:
 Faust's per-message delivery cost three quarters of the worker's CPU). For
 each batch:
 
@@ -39,7 +40,7 @@ from projections.postgres.projector import InvalidEvent, Projector
 from schemas.codec import Codec
 from schemas.registry_client import RegistryClient
 from schemas.topics import PROJECTOR_GROUP, TOPIC_DLQ, TOPIC_EVENTS, partitions_of, province_topic
-from streams import bulk
+from streams import faust_internals
 from streams.routing import Router
 
 log = logging.getLogger("nhdp.worker")
@@ -82,7 +83,7 @@ def create_app(
 ) -> faust.App:
     from psycopg_pool import ConnectionPool
 
-    app = bulk.App(
+    app = faust_internals.App(
         group,
         broker=f"kafka://{settings.kafka_bootstrap_servers}",
         store="memory://",
@@ -98,7 +99,7 @@ def create_app(
         broker_session_timeout=10.0,
         producer_acks=-1,
         producer_compression_type="lz4",
-        broker_max_poll_records=BATCH_SIZE,  # one fetch is one batch (streams.bulk)
+        broker_max_poll_records=BATCH_SIZE,  # one fetch is one batch (streams.faust_internals)
         producer_max_batch_size=512 * 1024,  # province copies go as whole batches (copy_to_provinces)
         Worker=Worker,
     )
@@ -113,10 +114,6 @@ def create_app(
             state["projector"].ensure_schema()
             state["router"] = Router(Codec(RegistryClient(settings.registry_url)))
         return state["projector"]
-
-    async def _commit_and_seek(app_, resume) -> None:
-        await app_.consumer._commit(resume)
-        await app_.consumer.seek_wait(resume)
 
     @app.on_rebalance_complete.connect
     async def seek_to_tracking(app_, **kwargs):
@@ -157,7 +154,7 @@ def create_app(
             watchdog.daemon = True
             watchdog.start()
             try:
-                await _commit_and_seek(app_, resume)
+                await faust_internals.commit_and_seek(app_, resume)
             except Exception as exc:
                 give_up(exc)
             finally:
@@ -202,7 +199,7 @@ def create_app(
             await app_.producer.send(TOPIC_DLQ, msgs[i].key, msgs[i].value, None, None, dlq_headers(msgs[i], reason))
             for i, reason in bad
         ]
-        sends += await copy_to_provinces(app_.producer._ensure_producer(), msgs, good)
+        sends += await copy_to_provinces(faust_internals.aiokafka_producer(app_), msgs, good)
         if sends:
             await asyncio.gather(*sends)
         applied = [(msgs[i].topic, msgs[i].partition, msgs[i].offset, event) for i, event in good]

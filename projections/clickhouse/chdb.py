@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from projections.clickhouse.native import _native, encode_block
+from projections.clickhouse.driver_internals import native
+from projections.clickhouse.native import encode_block
 from projections.clickhouse.store import (
     OWNER_LOCK,
     AnalyticsStoreError,
@@ -170,7 +171,7 @@ class ChdbStore:
                 self._types.clear()  # DDL may have changed a table we cached
         if not data:
             return []
-        types, rows = _native().decode(data)
+        types, rows = native().decode(data)
         return _normalise(rows, types, None)
 
     def column_types(self, table: str, columns: Sequence[str]) -> list[tuple[str, str]]:

@@ -256,7 +256,7 @@ def _transpose(columns: Sequence[str], rows: Sequence[Sequence]) -> list[list]:
 
 
 class Block:
-    """Rows already encoded as one Native block, in the layout chDB reads (see _NativeFormat).
+    """Rows already encoded as one Native block, in the layout chDB reads (see driver_internals.NativeFormat).
 
     The sink's decoder processes encode the rows only they produce (events,
     event_index, voids) so that the sink process, whose one thread plans

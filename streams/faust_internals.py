@@ -1,4 +1,4 @@
-"""Faust with bulk delivery: a fetched batch of records goes to one handler call.
+"""Faust's (and, through it, aiokafka's) private API, in one place: bulk delivery and resuming.
 
 Faust delivers every message on its own: its drain loop awaits
 `wait_first(callback(message), suspend_flow.wait())` (two tasks per message),
@@ -18,17 +18,56 @@ Safety does not depend on this loop: the handler applies each batch with its
 offsets in one transaction and skips offsets at or below the tracking record,
 so a batch fetched just before a rebalance and applied after it changes
 nothing twice. Faust's own committed offsets are not used for resuming.
+
+The private API used, all of it here and only here:
+
+- `Consumer._drain_messages(fetcher)`, overridden by `BulkConsumer`: the method
+  Faust's Fetcher service runs as its background task. Our loop reads
+  `Consumer._wait_next_records(timeout)` (a fetch of the active partitions,
+  respecting flow control), `Consumer._read_offset` (Faust's per-partition read
+  position), `Service._stopped` of the consumer and the fetcher,
+  `app.monitor.stream_inbound_time` (Faust's stalled-stream check reads it) and
+  commits with `Consumer._commit(offsets)`;
+- `App._new_transport()`, overridden by `App` so that the app's consumer is a
+  `BulkConsumer` (through `Transport.Consumer`);
+- `Consumer._commit(offsets)` again in `commit_and_seek`: the worker commits the
+  tracking record's positions before Faust's post-rebalance seek reads them;
+- `Producer._ensure_producer()`, in `aiokafka_producer`: Faust's underlying
+  aiokafka producer, whose `create_batch`/`send_batch` copy a fetch to the
+  province topics as whole record batches instead of one send per message (a
+  fifth of the worker's event loop).
+
+Every one of these is checked against the faust-streaming version pinned in
+pyproject.toml (import fails on any other); tests/unit/test_third_party.py
+checks that Faust's Fetcher runs our drain loop and that the methods above
+exist with the signatures used here, without a broker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from importlib.metadata import version
 from typing import Any, cast
 
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
+
+PINNED = "0.15.3"
+
+
+def check_version(installed: str) -> None:
+    """ImportError unless `installed` is the faust-streaming version this module was checked against."""
+    if installed != PINNED:
+        raise ImportError(
+            f"streams.faust_internals uses faust-streaming {PINNED}'s private API; {installed} is installed. "
+            "Install the pinned version (pip install -e .) or re-check this module against the new one."
+        )
+
+
+check_version(version("faust-streaming"))
+
 
 BulkHandler = Callable[[list[Any]], Awaitable[None]]
 
@@ -95,3 +134,18 @@ class App(faust.App):
 
     def _new_transport(self) -> Transport:
         return Transport(self.conf.broker_consumer, self)
+
+
+async def commit_and_seek(app: faust.App, offsets: Mapping[Any, int]) -> None:
+    """Commit `offsets` as the group's positions and seek the consumer there.
+
+    Faust awaits `on_rebalance_complete` right before it seeks every partition to
+    the group's committed offset (perform_seek), so committing first makes that
+    seek land where ours does."""
+    await app.consumer._commit(offsets)
+    await app.consumer.seek_wait(offsets)
+
+
+def aiokafka_producer(app: faust.App) -> Any:
+    """The started app's aiokafka `AIOKafkaProducer` (its `create_batch`/`send_batch` are public aiokafka API)."""
+    return app.producer._ensure_producer()
