@@ -66,7 +66,7 @@ def write_config(settings: Settings) -> Path:
 
 
 def _client(host: str, port: int, database: str = "default", **kwargs):
-    from clickhouse_driver import Client
+    from clickhouse_driver import Client  # here: ~0.15 s that `nhdp status` and `down` need not pay
 
     return Client(host=host, port=port, database=database, connect_timeout=2, send_receive_timeout=10, **kwargs)
 

@@ -8,6 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from string import Template
 
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
 from infra.process import Managed, ServiceError
 from infra.settings import Settings
 
@@ -114,7 +118,6 @@ def format_storage(settings: Settings, config: Path) -> None:
 
 def metadata_ok(bootstrap: str, timeout_ms: int = 2000) -> bool:
     """Ready means a metadata request succeeds, not just an open port."""
-    from kafka import KafkaAdminClient
 
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms, client_id="nhdp-ready")
     try:
@@ -148,9 +151,6 @@ def prepare(settings: Settings) -> None:
 
 def ensure_topics(settings: Settings, topics: Sequence[tuple[str, int, dict[str, str]]]) -> None:
     """Create these topics (name, partitions, configs) if missing (idempotent)."""
-    from kafka import KafkaAdminClient
-    from kafka.admin import NewTopic
-    from kafka.errors import TopicAlreadyExistsError
 
     admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers, client_id="nhdp-setup")
     try:

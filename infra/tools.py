@@ -33,3 +33,13 @@ def server_binary() -> list[str] | None:
         if Path(path).is_file() and os.access(path, os.X_OK):
             return [path, "server"]
     return None
+
+
+def require_pinned(package: str, pinned: str, user: str, installed: str) -> None:
+    """ImportError unless `installed` is the version of `package` that module `user`, which uses its
+    private API, was checked against (the pin in pyproject.toml)."""
+    if installed != pinned:
+        raise ImportError(
+            f"{user} uses {package} {pinned}'s private API; {installed} is installed. "
+            "Install the pinned version (pip install -e .) or re-check that module against the new one."
+        )

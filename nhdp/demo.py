@@ -22,20 +22,10 @@ from infra.settings import Settings
 from nhdp import stack
 from nhdp.publish import cmd_simulate
 from projections.postgres.tracking import consumer_lag
+from schemas.figures import FIGURES
 
-SHOWN = (
-    "registrations",
-    "declarations",
-    "declarations_with_symptoms",
-    "doses_administered",
-    "people_vaccinated",
-    "people_fully_vaccinated",
-    "coverage_pct",
-    "doses_allocated",
-    "doses_remaining",
-    "adverse_events",
-    "serious_adverse_events",
-)
+# the figures that fit a row: the keyed ones and full coverage are left out
+SHOWN = tuple(f for f in FIGURES if f not in ("doses_by_number", "doses_by_vaccine", "full_coverage_pct"))
 
 
 def wait_caught_up(settings: Settings, console: Console, timeout_s: float = 1800) -> float:

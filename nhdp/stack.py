@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psutil
 
 from infra import clickhouse, kafka, postgres
@@ -108,8 +109,6 @@ def python_service(settings: Settings, name: str, module: str, *args: str, ready
 
 
 def _http_ok(url: str) -> bool:
-    import httpx
-
     return httpx.get(url, timeout=2.0).status_code == 200
 
 

@@ -29,6 +29,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import ORJSONResponse
 from prometheus_client import Counter, Histogram
 from psycopg_pool import ConnectionPool
+from starlette.concurrency import run_in_threadpool
 
 from infra.settings import Settings
 from producers.pseudonym import Pseudonymiser, edge_record
@@ -257,7 +258,6 @@ async def post_events(request: Request):
     if len(events) > MAX_EVENTS:
         return _error(413, f"{len(events):,} events in one request; the limit is {MAX_EVENTS:,}")
     gateway: Gateway = request.app.state.gateway
-    from starlette.concurrency import run_in_threadpool
 
     status, answer = await run_in_threadpool(gateway.ingest, events, request.headers.get("x-trace-id"))
     REQUEST_SECONDS.observe(time.perf_counter() - started)

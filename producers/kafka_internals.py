@@ -42,16 +42,13 @@ from kafka.record.memory_records import MemoryRecordsBuilder
 from kafka.record.util import encode_varint
 from kafka.structs import TopicPartition
 
+from infra.tools import require_pinned
+
 PINNED = "3.0.12"
 
 
 def check_version(installed: str) -> None:
-    """ImportError unless `installed` is the kafka-python version this module was checked against."""
-    if installed != PINNED:
-        raise ImportError(
-            f"producers.kafka_internals uses kafka-python {PINNED}'s private API; {installed} is installed. "
-            "Install the pinned version (pip install -e .) or re-check this module against the new one."
-        )
+    require_pinned("kafka-python", PINNED, __name__, installed)
 
 
 check_version(version("kafka-python"))

@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from producers.figures import NEVER, VACCINES, GroundTruth
 from schemas.figures import FIGURES
@@ -938,7 +939,6 @@ def simulate(
 
 def write(sim: Simulation, out_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Write events.jsonl (one event per line) and expected.json; return a summary."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

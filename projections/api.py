@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import ORJSONResponse, Response
@@ -139,8 +140,6 @@ async def healthz(request: Request):
         metadata_ok(q(request).settings.kafka_bootstrap_servers)
 
     def registry():
-        import httpx
-
         httpx.get(f"{q(request).settings.registry_url}/subjects", timeout=2).raise_for_status()
 
     for name, fn in (("postgres", pg), ("kafka", kafka), ("registry", registry)):

@@ -21,7 +21,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import avro.schema
 import fastavro
+from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
 
 NAMESPACE = "vn.nhdp.events"
 TOPIC = "health.events"
@@ -147,8 +149,6 @@ def compatibility_problems(reader: dict[str, Any], writer: dict[str, Any]) -> li
     Java rules). BACKWARD_TRANSITIVE for a new schema S means
     ``compatibility_problems(S, old) == []`` for every released ``old``.
     """
-    import avro.schema
-    from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
 
     result = ReaderWriterCompatibilityChecker().get_compatibility(
         avro.schema.parse(json.dumps(reader)), avro.schema.parse(json.dumps(writer))

@@ -33,11 +33,13 @@ def uuid_bytes(value: Any) -> tuple[str, bytes]:
 
 
 def is_uuid(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
     try:
         uuid_bytes(value)
     except ValueError:
         return False
-    return isinstance(value, str)
+    return True
 
 
 def is_subject_id(value: Any) -> bool:

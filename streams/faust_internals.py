@@ -54,16 +54,13 @@ from typing import Any, cast
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
+from infra.tools import require_pinned
+
 PINNED = "0.15.3"
 
 
 def check_version(installed: str) -> None:
-    """ImportError unless `installed` is the faust-streaming version this module was checked against."""
-    if installed != PINNED:
-        raise ImportError(
-            f"streams.faust_internals uses faust-streaming {PINNED}'s private API; {installed} is installed. "
-            "Install the pinned version (pip install -e .) or re-check this module against the new one."
-        )
+    require_pinned("faust-streaming", PINNED, __name__, installed)
 
 
 check_version(version("faust-streaming"))

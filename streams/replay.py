@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from psycopg_pool import ConnectionPool
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from infra.settings import Settings
 from projections.postgres import tracking
@@ -58,7 +59,6 @@ def rebuild(
     batch_size: int = 10_000,
 ) -> ReplayResult:
     """Rebuild into replay_<name> from offset 0 up to `upto` (inclusive; default: the log's end now)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     namespace = namespace_for(name)
     pool = ConnectionPool(settings.postgres_url, min_size=1, max_size=2, open=True)

@@ -34,6 +34,7 @@ from typing import Any
 
 import faust
 from prometheus_client import Counter, Histogram
+from psycopg_pool import ConnectionPool
 
 from infra.settings import Settings, get_settings
 from projections.postgres.projector import InvalidEvent, Projector
@@ -81,7 +82,6 @@ class Worker(faust.Worker):
 def create_app(
     settings: Settings, *, namespace: str = "proj", group: str = PROJECTOR_GROUP, ready_file: Path | None = None
 ) -> faust.App:
-    from psycopg_pool import ConnectionPool
 
     app = faust_internals.App(
         group,

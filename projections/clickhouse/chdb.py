@@ -20,13 +20,13 @@ from projections.clickhouse.store import (
     OWNER_LOCK,
     AnalyticsStoreError,
     Block,
-    _check_block,
-    _insert_target,
-    _normalise,
-    _server_message,
-    _snippet,
-    _typed,
+    check_block,
+    insert_target,
+    normalise,
     render,
+    server_message,
+    snippet,
+    typed_columns,
 )
 
 
@@ -136,7 +136,7 @@ class ChdbStore:
         self._session = None
         self._owner = _acquire(self.path, purpose)
         try:
-            from chdb import session
+            from chdb import session  # here, not at the top: ~0.4 s, and only chDB mode needs it
 
             # Own session per store: chDB runs sessions on one folder concurrently.
             # UTC so that text dates and plain DateTime columns read as on the local server.
@@ -151,8 +151,8 @@ class ChdbStore:
             raise AnalyticsStoreError(f"cannot open chDB at {self.path}: {exc}", engine=self.engine) from exc
 
     def _error(self, exc: Exception, sql: str) -> AnalyticsStoreError:
-        message, code = _server_message(exc)
-        return AnalyticsStoreError(f"chDB: {message}\n  query: {_snippet(sql)}", code=code, engine=self.engine)
+        message, code = server_message(exc)
+        return AnalyticsStoreError(f"chDB: {message}\n  query: {snippet(sql)}", code=code, engine=self.engine)
 
     def _session_or_fail(self):
         if self._session is None:
@@ -172,23 +172,23 @@ class ChdbStore:
         if not data:
             return []
         types, rows = native().decode(data)
-        return _normalise(rows, types, None)
+        return normalise(rows, types, None)
 
     def column_types(self, table: str, columns: Sequence[str]) -> list[tuple[str, str]]:
         """[(column, its type)] of a table: what encode_block needs to make blocks for it."""
-        qtable, _ = _insert_target(table, columns)
+        qtable, _ = insert_target(table, columns)
         types = self._types.get(table)
         if types is None:
             rows = self.execute(f"DESCRIBE TABLE {qtable}")
             types = self._types[table] = {row[0]: row[1] for row in rows}
-        return _typed(types, table, columns, self.engine, "chDB")
+        return typed_columns(types, table, columns, self.engine, "chDB")
 
     def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence] | Block) -> int:
         if not rows:
             return 0
-        qtable, qcolumns = _insert_target(table, columns)
+        qtable, qcolumns = insert_target(table, columns)
         if isinstance(rows, Block):
-            _check_block(rows, table, columns, self.engine, "chDB")
+            check_block(rows, table, columns, self.engine, "chDB")
             block = rows.data
         else:
             block = encode_block(

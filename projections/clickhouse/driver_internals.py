@@ -41,17 +41,13 @@ from collections.abc import Sequence
 from importlib.metadata import version
 from typing import Any
 
+from infra.tools import require_pinned
+
 PINNED = "0.2.11"
 
 
 def check_version(installed: str) -> None:
-    """ImportError unless `installed` is the clickhouse-driver version this module was checked against."""
-    if installed != PINNED:
-        raise ImportError(
-            f"projections.clickhouse.driver_internals uses clickhouse-driver {PINNED}'s private API; "
-            f"{installed} is installed. Install the pinned version (pip install -e .) "
-            "or re-check this module against the new one."
-        )
+    require_pinned("clickhouse-driver", PINNED, __name__, installed)
 
 
 check_version(version("clickhouse-driver"))

@@ -9,6 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
+import orjson
+
 from projections.clickhouse.connect import StorePool
 from projections.clickhouse.queries import Analytics, ParameterError
 
@@ -38,8 +41,6 @@ class RemoteAnalytics:
         return url
 
     def call(self, method: str, **kwargs: Any) -> Any:
-        import httpx
-
         if method not in self.METHODS:
             raise AttributeError(method)
         try:
@@ -95,7 +96,6 @@ def serve_queries(analytics: Analytics, host: str = "127.0.0.1", port: int = 0) 
     Started by the sink when it owns a chDB folder: no other process may open
     the folder, so the API (and `nhdp verify-analytics`) ask here instead.
     """
-    import orjson
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):  # quiet: the API logs requests

@@ -223,7 +223,7 @@ def _quote_name(name: str) -> str:
     return name if name.startswith("`") else f"`{name}`"
 
 
-def _insert_target(table: str, columns: Sequence[str]) -> tuple[str, str]:
+def insert_target(table: str, columns: Sequence[str]) -> tuple[str, str]:
     if not _TABLE.match(table):
         raise AnalyticsStoreError(f"invalid table name {table!r}")
     bad = [c for c in columns if not _COLUMN.match(c)]
@@ -246,7 +246,7 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _transpose(columns: Sequence[str], rows: Sequence[Sequence]) -> list[list]:
+def transpose(columns: Sequence[str], rows: Sequence[Sequence]) -> list[list]:
     """Rows → one fresh list per column (the driver's encoders rewrite them in place)."""
     width = len(columns)
     for i, row in enumerate(rows):
@@ -275,7 +275,7 @@ class Block:
         return Block, (self.columns, self.data, self.rows)
 
 
-def _typed(
+def typed_columns(
     types: Mapping[str, str], table: str, columns: Sequence[str], engine: str, label: str
 ) -> list[tuple[str, str]]:
     """[(column, its type)] from a table's DESCRIBE; AnalyticsStoreError naming the columns it lacks."""
@@ -285,7 +285,7 @@ def _typed(
     return [(c, types[c.strip("`")]) for c in columns]
 
 
-def _check_block(block: Block, table: str, columns: Sequence[str], engine: str, label: str) -> None:
+def check_block(block: Block, table: str, columns: Sequence[str], engine: str, label: str) -> None:
     if tuple(columns) != block.columns:
         raise AnalyticsStoreError(
             f"{label}: a block of columns {list(block.columns)} given for {table} {list(columns)}", engine=engine
@@ -295,7 +295,7 @@ def _check_block(block: Block, table: str, columns: Sequence[str], engine: str, 
 _CODE = re.compile(r"Code: (\d+)")
 
 
-def _server_message(exc: BaseException) -> tuple[str, int | None]:
+def server_message(exc: BaseException) -> tuple[str, int | None]:
     """The server's own words, without the 18.16 stack trace."""
     text = getattr(exc, "message", None) or str(exc)
     text = text.split("Stack trace:", 1)[0].strip()
@@ -306,7 +306,7 @@ def _server_message(exc: BaseException) -> tuple[str, int | None]:
     return text, code
 
 
-def _snippet(sql: str) -> str:
+def snippet(sql: str) -> str:
     one_line = " ".join(sql.split())
     return one_line if len(one_line) <= 300 else one_line[:300] + " …"
 
@@ -330,7 +330,7 @@ def _datetime_fixer(server_tz: str | None):
     return fix
 
 
-def _normalise(rows: list, types: Sequence[str], server_tz: str | None) -> list[tuple]:
+def normalise(rows: list, types: Sequence[str], server_tz: str | None) -> list[tuple]:
     targets = [i for i, t in enumerate(types) if "DateTime" in t]
     if not targets or not rows:
         return rows if isinstance(rows, list) else list(rows)

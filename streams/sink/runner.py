@@ -15,6 +15,8 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
 from infra.settings import Settings
 from projections.clickhouse.connect import open_store
 from projections.clickhouse.shaping import Shaped
@@ -89,8 +91,6 @@ class Runner:
         self._block_types = types if types and all(types) else None
 
     def _consumer(self):
-        from confluent_kafka import Consumer
-
         return Consumer(
             {
                 "bootstrap.servers": self.settings.kafka_bootstrap_servers,
@@ -279,7 +279,6 @@ class Runner:
 
     def _finish(self, consumer) -> None:
         """Wait for the batch in flight; retry its write here while ClickHouse is down; then commit it."""
-        from confluent_kafka import KafkaException, TopicPartition
 
         if self._writing is None:
             return

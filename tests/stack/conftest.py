@@ -14,7 +14,9 @@ import pytest
 
 from infra import settings as settings_mod
 from infra.settings import Settings
-from tests.helpers import private_data_dir, settings_for, stack_env
+from schemas.codec import Codec
+from schemas.registry_client import RegistryClient
+from tests.helpers import TopicLog, private_data_dir, settings_for, stack_env
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +62,16 @@ def clean_stack() -> Settings:
             yield settings
         finally:
             stack.down(settings)
+
+
+@pytest.fixture
+def log(stack_settings):
+    """health.events as a test reads it back: what a test published, from the offsets before it."""
+    topic_log = TopicLog(stack_settings)
+    yield topic_log
+    topic_log.close()
+
+
+@pytest.fixture(scope="module")
+def codec(stack_settings):
+    return Codec(RegistryClient(stack_settings.registry_url))

@@ -30,26 +30,13 @@ from infra import kafka as kafka_infra
 from producers.client import GatewayClient, Tally
 from schemas import catalog
 from schemas.codec import Codec
-from schemas.registry_client import RegistryClient
 from schemas.topics import TOPIC_EVENTS
-from tests.helpers import CONFLICT, TopicLog, millis, post, subject_of, ts, valid_event, wait_caught_up
+from tests.helpers import CONFLICT, millis, post, subject_of, ts, valid_event, wait_caught_up
 
 pytestmark = pytest.mark.stack
 
 TRACE = "trace-" + uuid.uuid4().hex[:12]
 REPEATED = "event_id: repeated in this request with different content"
-
-
-@pytest.fixture
-def log(stack_settings):
-    topic_log = TopicLog(stack_settings)
-    yield topic_log
-    topic_log.close()
-
-
-@pytest.fixture(scope="module")
-def codec(stack_settings):
-    return Codec(RegistryClient(stack_settings.registry_url))
 
 
 def expected_key(event: dict[str, Any], settings) -> bytes:

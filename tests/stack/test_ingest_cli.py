@@ -20,7 +20,6 @@ import pytest
 
 from producers.simulator import simulate
 from schemas.codec import Codec
-from schemas.registry_client import RegistryClient
 from tests.helpers import CONFLICT, TopicLog, valid_event
 
 pytestmark = pytest.mark.stack
@@ -32,18 +31,6 @@ def nhdp(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "nhdp.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
     )
-
-
-@pytest.fixture
-def log(stack_settings):
-    topic_log = TopicLog(stack_settings)
-    yield topic_log
-    topic_log.close()
-
-
-@pytest.fixture(scope="module")
-def codec(stack_settings):
-    return Codec(RegistryClient(stack_settings.registry_url))
 
 
 def published_ids(log: TopicLog, before, codec: Codec) -> tuple[Counter, list]:
