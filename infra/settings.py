@@ -6,6 +6,7 @@ checkout needs no configuration at all; production sets the variables.
 
 from __future__ import annotations
 
+from datetime import date
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
@@ -37,6 +38,10 @@ class Settings(BaseSettings):
     kafka_controller_port: int = 9093
     kafka_heap: str = "512m"
     kafka_partitions: int = 6
+
+    # No event may have happened before this day (UTC): older timestamps are typing errors or
+    # attacks, and ClickHouse's DateTime cannot hold every one of them (schemas/bounds.py).
+    platform_epoch: date = date(2020, 1, 1)
 
     # Unset: the embedded PostgreSQL 18 in the data folder, on this port.
     postgres_dsn: str | None = None

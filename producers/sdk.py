@@ -30,7 +30,8 @@ from producers.kafka_internals import BATCH_BYTES as BATCH_BYTES  # re-exported:
 from producers.kafka_internals import BatchSender, batch_result, encode_headers
 from producers.kafka_internals import build_batches as build_batches  # re-exported: tests/unit/test_gateway.py
 from producers.pseudonym import edge_record
-from schemas.codec import Codec
+from schemas.bounds import record_problem
+from schemas.codec import Codec, CodecError
 from schemas.models import validate_event
 from schemas.registry_client import RegistryClient
 from schemas.topics import TOPIC_EVENTS, partition_key, partitions_of
@@ -128,6 +129,10 @@ class EventProducer:
         except KafkaError as exc:
             reason = f"{type(exc).__name__}: {exc}"
             raise PublishError({i: reason for i in range(len(records))}, [r["event_id"] for r in records], {}) from exc
+        for i, record in enumerate(records):  # what the router would dead-letter never leaves
+            problem = record_problem(record)
+            if problem:
+                raise CodecError(f"record {i}: {problem}", index=i)
         values = self.codec.encode_many([(r["event_type"], r) for r in records])
         trace = (trace_id or uuid.uuid4().hex).encode()
         source = self.source.encode()

@@ -22,6 +22,7 @@ bounds checks and name escaping of the generated source, which is safest kept in
 from __future__ import annotations
 
 import copy
+import re
 import struct
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
@@ -59,6 +60,13 @@ _SPEC_LOGICAL = frozenset(
 # Cap for arrays/maps whose items may encode to zero bytes (e.g. array of null),
 # where the remaining length cannot bound the count.
 MAX_EMPTY_ITEMS = 1 << 16
+# Items (array entries, map entries) one datum may decode to, over all its blocks: a
+# writer schema of `array<null>` otherwise turns 300 bytes into millions of objects.
+MAX_ITEMS = 10_000
+# Avro's name grammar (the spec, "Names"): every name that reaches generated source
+# is one of these, and is embedded with repr() besides.
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_FULLNAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 Encoder = Callable[[Any, bytearray], None]
 Decoder = Callable[[bytes, int], Any]
@@ -66,6 +74,17 @@ Decoder = Callable[[bytes, int], Any]
 
 class Unsupported(Exception):
     """The schema uses something this compiler does not generate code for."""
+
+
+class InvalidSchema(ValueError):
+    """A schema that breaks Avro's rules (a name outside its grammar): never compiled, never decoded."""
+
+
+def _check_name(value: Any, what: str, full: bool = False) -> str:
+    pattern = _FULLNAME if full else _NAME
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise InvalidSchema(f"{what} {str(value)[:80]!r} is not a valid Avro name")
+    return value
 
 
 class ResolutionError(Exception):
@@ -124,7 +143,11 @@ class _Normalizer:
             return {"type": "array", "items": self.node(s["items"], ns)}
         if t == "map":
             return {"type": "map", "values": self.node(s["values"], ns)}
-        name = s["name"]
+        name = _check_name(s.get("name"), f"{t} name", full=True)
+        if s.get("namespace"):
+            _check_name(s["namespace"], "namespace", full=True)
+        for alias in s.get("aliases", []):
+            _check_name(alias, "alias", full=True)
         space = s.get("namespace", ns) if "." not in name else name.rpartition(".")[0]
         full = self._full(name, space) if "." not in name else name
         if full in self.named:
@@ -134,13 +157,21 @@ class _Normalizer:
         if t in ("record", "error"):
             fields = []
             for f in s["fields"]:
+                _check_name(f.get("name"), "field name")
+                for alias in f.get("aliases", []):
+                    _check_name(alias, "field alias")
                 nf = {"name": f["name"], "type": self.node(f["type"], space), "aliases": list(f.get("aliases", []))}
                 if "default" in f:
                     nf["default"] = f["default"]
                 fields.append(nf)
             out = {"type": "record", "name": full, "aliases": aliases, "fields": fields}
         elif t == "enum":
-            out = {"type": "enum", "name": full, "aliases": aliases, "symbols": list(s["symbols"])}
+            out = {
+                "type": "enum",
+                "name": full,
+                "aliases": aliases,
+                "symbols": [_check_name(x, "enum symbol") for x in s["symbols"]],
+            }
             if "default" in s:
                 out["default"] = s["default"]
         else:
@@ -335,7 +366,7 @@ def compile_decoder(writer: Any, reader: Any = None, *, logical_types: bool = Fa
     g.emit(2, "if pos != blen:")
     g.emit(3, "raise CorruptData(f'{blen - pos} unread trailing byte(s) after the datum')")
     g.emit(2, "return result")
-    g.lines.insert(0, "        blen = len(buf)")
+    g.lines[0:0] = ["        blen = len(buf)", f"        room = {MAX_ITEMS}"]
     label = w.get("name", w["type"])
     return g.build("decode", "buf, pos", label)
 
@@ -413,7 +444,7 @@ class _Decoder:
         e(ind, "pos += 1")
         e(ind, f"{t} = {k}[{b}]")
         e(ind, f"if {t} is None:")
-        e(ind + 1, f"raise CorruptData(f'{what} index byte {{{b}}} at {{pos - 1}} is out of range')")
+        e(ind + 1, f"raise CorruptData({what!r} + f' index byte {{{b}}} at {{pos - 1}} is out of range')")
 
     def union_index(self, ind: int, n: int, what: str) -> str:
         """Read a union index byte; return the variable holding 2 * index."""
@@ -458,7 +489,7 @@ class _Decoder:
             e(ind, f"pos = {end}")
         elif typ == "fixed":
             e(ind, f"if pos + {w['size']} > blen:")
-            e(ind + 1, f"raise CorruptData('fixed {w['name']} runs past the end')")
+            e(ind + 1, f"raise CorruptData({'fixed ' + w['name'] + ' runs past the end'!r})")
             e(ind, f"{t} = buf[pos:pos + {w['size']}]")
             e(ind, f"pos += {w['size']}")
         elif typ == "enum":
@@ -514,6 +545,9 @@ class _Decoder:
         else:
             e(ind + 1, f"if {c} > {MAX_EMPTY_ITEMS}:")
         e(ind + 2, f"raise CorruptData(f'block of {{{c}}} items cannot fit in the {{blen - pos}} bytes left')")
+        e(ind + 1, f"room -= {c}")
+        e(ind + 1, "if room < 0:")
+        e(ind + 2, f"raise CorruptData('more than {MAX_ITEMS} array or map items in one message')")
         e(ind + 1, f"for _ in range({c}):")
         if is_map:
             n = g.var("n")
@@ -573,7 +607,8 @@ class _Decoder:
                 e(ind, f"if {t}.__class__ is tuple:")
                 e(
                     ind + 1,
-                    f"raise UnresolvableValue(f'enum symbol {{{t}[0]}} is unknown to reader {r['name']} and it has no default')",
+                    f"raise UnresolvableValue(f'enum symbol {{{t}[0]}} is unknown to reader ' + {r['name']!r}"
+                    " + ' and it has no default')",
                 )
         elif wt == "fixed":
             self.read(w, None, t, ind)
@@ -753,7 +788,7 @@ class _Encoder:
             e(ind, f"out += {b}")
         elif typ == "fixed":
             e(ind, f"if not isinstance({v}, (bytes, bytearray)) or len({v}) != {n['size']}:")
-            e(ind + 1, f"raise TypeError('expected {n['size']} bytes for fixed {n['name']}')")
+            e(ind + 1, f"raise TypeError({'expected ' + str(n['size']) + ' bytes for fixed ' + n['name']!r})")
             e(ind, f"out += {v}")
         elif typ == "enum":
             table = {s: _varint_bytes(i) for i, s in enumerate(n["symbols"])}
@@ -805,7 +840,7 @@ class _Encoder:
             if b["type"] != "null":
                 self.write(b, v, ind + 1)
         e(ind, "else:")
-        e(ind + 1, f"raise TypeError('value of type ' + type({v}).__name__ + ' fits no branch of {_describe(n)}')")
+        e(ind + 1, f"raise TypeError('value of type ' + type({v}).__name__ + {' fits no branch of ' + _describe(n)!r})")
 
 
 def _python_kinds(b: dict, branches: list[dict]) -> set[str]:

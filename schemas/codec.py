@@ -5,8 +5,12 @@ Encoding writes each event type with the codec's schema for it (the catalog's
 current one unless overridden) under the id the registry gave that schema.
 Decoding reads the writer schema by id (fetched once, cached) and resolves it to
 the codec's schema for the same record name, so a codec holding v1 reads v2
-data and the other way round. Writer schemas whose record name the codec does
-not know are decoded as written.
+data and the other way round. Only the catalog's events are decoded: a writer
+schema must name one of its records and be registered under that record's
+subject, else every message written with it fails with that reason (a schema
+anyone could register is never compiled into the worker). Names outside Avro's
+grammar are refused before any code is generated, and one message decodes to at
+most MAX_MESSAGE_BYTES of input and avro_codegen.MAX_ITEMS items.
 
 Speed: the per-schema work (fetching, parsing, resolving) happens once; the
 per-message work is straight-line Python generated for the schema
@@ -46,6 +50,7 @@ import fastavro
 from schemas import catalog
 from schemas.avro_codegen import (
     CorruptData,
+    InvalidSchema,
     ResolutionError,
     UnresolvableValue,
     Unsupported,
@@ -56,6 +61,7 @@ from schemas.avro_codegen import (
 from schemas.registry_client import RegistryError
 
 MAGIC = 0
+MAX_MESSAGE_BYTES = 1024 * 1024  # Kafka's default message.max.bytes; the gateway never produces more
 HEADER_SIZE = 5
 
 # What generated (and fallback) decoders can raise on bad bytes. RegistryError is
@@ -96,6 +102,8 @@ class Registry(Protocol):
 
     def get_schema(self, schema_id: int) -> dict[str, Any]: ...
 
+    def subjects_of(self, schema_id: int) -> list[str]: ...
+
 
 class SchemaCache:
     """Writer schemas by id: pre-filled with known ones and/or fetched from a
@@ -104,12 +112,14 @@ class SchemaCache:
     def __init__(self, registry: Registry | None = None, known: Mapping[int, dict[str, Any]] | None = None) -> None:
         self.registry = registry
         self._by_id: dict[int, dict[str, Any]] = {}
+        self._subjects: dict[int, frozenset[str] | None] = {}  # None: pre-filled, so trusted
         self._by_canonical: dict[str, int] = {}
         for schema_id, schema in (known or {}).items():
             self.put(schema_id, schema)
 
     def put(self, schema_id: int, schema: dict[str, Any]) -> None:
         self._by_id[schema_id] = schema
+        self._subjects.setdefault(schema_id, None)
         self._by_canonical.setdefault(catalog.canonical(schema), schema_id)
 
     def get(self, schema_id: int) -> dict[str, Any]:
@@ -125,8 +135,19 @@ class SchemaCache:
             if e.not_found:
                 raise CodecError(f"unknown schema id {schema_id}: not in the registry", schema_id=schema_id) from e
             raise
-        self.put(schema_id, schema)
+        self._by_id[schema_id] = schema
+        self._by_canonical.setdefault(catalog.canonical(schema), schema_id)
         return schema
+
+    def registered_under(self, schema_id: int, subject: str) -> bool:
+        """Whether the registry lists schema_id under subject (schemas this cache was given are trusted)."""
+        if schema_id in self._subjects:
+            known = self._subjects[schema_id]
+            return known is None or subject in known
+        if self.registry is None:
+            return False
+        found = self._subjects[schema_id] = frozenset(self.registry.subjects_of(schema_id))
+        return subject in found
 
     def id_for(self, subject: str, schema: dict[str, Any]) -> int:
         """Id of schema: known already, or registered under subject."""
@@ -317,8 +338,15 @@ class Codec:
         writer = self.cache.get(schema_id)
         name = _full_name(writer)
         reader = self._readers.get(name) if name else None
+        event_type = catalog.event_type_of(name) if reader is not None and name else None
         try:
+            if event_type is None:
+                raise InvalidSchema(f"it writes {str(name)[:80]!r}, which is not an event of the catalog")
+            if not self.cache.registered_under(schema_id, catalog.subject_for(event_type)):
+                raise InvalidSchema(f"it is not registered under the subject {catalog.subject_for(event_type)}")
             dec = compile_decoder(writer, reader, logical_types=self.logical_types)
+        except InvalidSchema as e:
+            dec = _failing_decoder(f"refused writer schema: {e}")
         except ResolutionError as e:
             dec = _failing_decoder(f"cannot resolve the writer schema to this reader's {name}: {e}")
         except Exception:  # Unsupported, or a schema the generator chokes on
@@ -463,6 +491,8 @@ class Codec:
             try:
                 if data.__class__ is not bytes:
                     data = _as_bytes(data)
+                if len(data) > MAX_MESSAGE_BYTES:
+                    raise CodecError(f"message of {len(data):,} bytes; at most {MAX_MESSAGE_BYTES:,} are read")
                 dec = decoders.get(data[:HEADER_SIZE]) or self._decoder(data)
                 append(dec(data, HEADER_SIZE))
             except CodecError as e:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-_SUBJECT_ID = re.compile(r"^[0-9a-f]{64}$")
+_SUBJECT_ID = re.compile(r"[0-9a-f]{64}")
 
 
 def uuid_bytes(value: Any) -> tuple[str, bytes]:
@@ -44,4 +44,4 @@ def is_uuid(value: Any) -> bool:
 
 def is_subject_id(value: Any) -> bool:
     """The pseudonymous id: 64 lower-case hex digits, never a national id."""
-    return isinstance(value, str) and _SUBJECT_ID.match(value) is not None
+    return isinstance(value, str) and _SUBJECT_ID.fullmatch(value) is not None

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import re
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -44,14 +43,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from schemas import bounds
 from schemas.catalog import CITIZEN_EVENT_TYPES, EVENT_TYPES
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
-FUTURE_SKEW = timedelta(minutes=5)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
-LONG_MAX = (1 << 63) - 1
-HCM_OFFSET_S = 7 * 3600  # Asia/Ho_Chi_Minh has no DST: "this year" is the year there
 
 
 def _load_province_codes() -> frozenset[str]:
@@ -116,41 +113,30 @@ def _citizen_id(v: str) -> str:
     return v
 
 
-def _length(lo: int, hi: int) -> AfterValidator:
+def _text(limit: int) -> AfterValidator:
     def check(v: str) -> str:
-        if not lo <= len(v) <= hi:
-            raise _fail(f"must be {lo} to {hi} characters long, got {len(v)}")
+        problem = bounds.text_problem(v, limit)
+        if problem:
+            raise _fail(problem)
         return v
 
     return AfterValidator(check)
 
 
-def _int_range(lo: int, hi: int) -> AfterValidator:
+def _trace_id(v: str) -> str:
+    if not bounds.TRACE_ID.fullmatch(v):
+        raise _fail(f"must be 1 to {bounds.TRACE_ID_MAX} characters of A-Z a-z 0-9 . _ : -")
+    return v
+
+
+def _bounded(name: str) -> AfterValidator:
     def check(v: int) -> int:
-        if not lo <= v <= hi:
-            raise _fail(f"must be between {lo} and {hi}, got {v}")
+        problem = bounds.int_problem(name, v)
+        if problem:
+            raise _fail(problem)
         return v
 
     return AfterValidator(check)
-
-
-def _this_year() -> int:
-    return time.gmtime(time.time() + HCM_OFFSET_S).tm_year
-
-
-def _birth_year(v: int) -> int:
-    top = _this_year()
-    if not 1900 <= v <= top:
-        raise _fail(f"must be between 1900 and {top}, got {v}")
-    return v
-
-
-def _positive_long(v: int) -> int:
-    if v <= 0:
-        raise _fail(f"must be greater than 0, got {v}")
-    if v > LONG_MAX:
-        raise _fail(f"must be at most {LONG_MAX}")
-    return v
 
 
 _RFC3339 = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})?")
@@ -178,9 +164,17 @@ def _timestamp(v: Any) -> datetime:
         raise _fail(f"not a valid date and time: {v!r}") from None
 
 
-def _not_future(v: datetime) -> datetime:
-    if v.timestamp() > time.time() + FUTURE_SKEW.total_seconds():
-        raise _fail("is in the future (more than 5 minutes ahead of the server clock)")
+def _occurred(v: datetime) -> datetime:
+    problem = bounds.occurred_at_problem(to_epoch_millis(v))
+    if problem:
+        raise _fail(problem)
+    return v
+
+
+def _slot(v: datetime) -> datetime:
+    problem = bounds.slot_problem(to_epoch_millis(v))
+    if problem:
+        raise _fail(problem)
     return v
 
 
@@ -196,15 +190,16 @@ def _province(v: str) -> str:
 
 
 CitizenId = Annotated[str, Field(strict=True), AfterValidator(_citizen_id)]
-Identifier = Annotated[str, Field(strict=True), _length(1, 128)]
-Text = Annotated[str, Field(strict=True), _length(1, 500)]
-Timestamp = Annotated[datetime, BeforeValidator(_timestamp)]
-DoseNumber = Annotated[StrictInt, _int_range(1, 5)]
-BirthYear = Annotated[StrictInt, AfterValidator(_birth_year)]
-PositiveLong = Annotated[StrictInt, AfterValidator(_positive_long)]
-OccurredAt = Annotated[datetime, BeforeValidator(_timestamp), AfterValidator(_not_future)]
+Identifier = Annotated[str, Field(strict=True), _text(bounds.IDENTIFIER_MAX)]
+Text = Annotated[str, Field(strict=True), _text(bounds.TEXT_MAX)]
+Slot = Annotated[datetime, BeforeValidator(_timestamp), AfterValidator(_slot)]
+DoseNumber = Annotated[StrictInt, _bounded("dose_number")]
+BirthYear = Annotated[StrictInt, _bounded("birth_year")]
+Doses = Annotated[StrictInt, _bounded("doses")]
+OccurredAt = Annotated[datetime, BeforeValidator(_timestamp), AfterValidator(_occurred)]
 ProvinceCode = Annotated[str, Field(strict=True), AfterValidator(_province)]
-Source = Annotated[str, Field(strict=True), _length(1, 64)]
+Source = Annotated[str, Field(strict=True), _text(bounds.SOURCE_MAX)]
+TraceId = Annotated[str, Field(strict=True), AfterValidator(_trace_id)]
 
 
 class _Strict(BaseModel):
@@ -216,7 +211,7 @@ class _Strict(BaseModel):
 
 class HealthDeclarationSubmittedPayload(_Strict):
     citizen_id: CitizenId
-    symptoms: list[Symptom] = Field(description="empty list = no symptoms")
+    symptoms: list[Symptom] = Field(description="empty list = no symptoms", max_length=bounds.SYMPTOMS_MAX)
     contact_with_confirmed_case: StrictBool
     channel: Channel
 
@@ -233,8 +228,8 @@ class AppointmentScheduledPayload(_Strict):
     citizen_id: CitizenId
     appointment_id: Identifier
     site_id: Identifier
-    slot_start: Timestamp
-    slot_end: Timestamp
+    slot_start: Slot
+    slot_end: Slot
     dose_number: DoseNumber
 
     @field_validator("slot_end")
@@ -265,13 +260,13 @@ class AdverseEventReportedPayload(_Strict):
     citizen_id: CitizenId
     severity: Severity
     dose_event_id: UUID | None = None
-    symptoms: list[Identifier]
+    symptoms: list[Identifier] = Field(max_length=bounds.SYMPTOMS_MAX)
 
 
 class VaccineAllocatedPayload(_Strict):
     allocation_id: Identifier
     vaccine: Vaccine
-    doses: PositiveLong
+    doses: Doses
     recipient: Recipient
 
 
@@ -304,7 +299,7 @@ class EventIn(_Strict):
     occurred_at: OccurredAt
     province_code: ProvinceCode
     source: Source
-    trace_id: Identifier | None = Field(default=None, description="optional; also taken from headers")
+    trace_id: TraceId | None = Field(default=None, description="optional; also taken from headers")
     payload: dict[str, Any]
 
 
@@ -516,6 +511,8 @@ def _messages(e: ValidationError, event_type: str | None) -> list[str]:
             reason = err["ctx"]["reason"]
         elif kind in _SIMPLE:
             reason = _SIMPLE[kind]
+        elif kind == "too_long":
+            reason = f"must have at most {err['ctx']['max_length']} entries"
         elif kind == "literal_error":
             reason = "must be one of " + ", ".join(_QUOTED.findall(err["ctx"]["expected"]))
         elif kind == "extra_forbidden":

@@ -121,6 +121,13 @@ class RegistryClient:
             self._schemas.setdefault(schema_id, schema)
         return self._schemas[schema_id]
 
+    def subjects_of(self, schema_id: int) -> list[str]:
+        """The subjects that list this schema id (Confluent's GET /schemas/ids/{id}/subjects)."""
+        body = self._request("GET", f"/schemas/ids/{int(schema_id)}/subjects")
+        if not isinstance(body, list) or not all(isinstance(x, str) for x in body):
+            raise RegistryError(f"registry answer for the subjects of schema id {schema_id} is not a list: {body!r}")
+        return body
+
     def close(self) -> None:
         if self._owns_http:
             self._http.close()

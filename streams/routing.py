@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from schemas.bounds import record_problem
 from schemas.catalog import CITIZEN_EVENT_TYPES
 from schemas.codec import Codec, CodecError
 from schemas.ids import is_uuid
@@ -16,7 +17,10 @@ from schemas.reference import provinces
 
 
 def semantic_error(event: dict[str, Any]) -> str | None:
-    """Checks a decodable event must still pass; the gateway enforces them too."""
+    """Checks a decodable event must still pass; the gateway enforces them too.
+
+    The same for every producer: an internal one that writes to Kafka directly
+    gets its event dead-lettered here, never a partition stuck behind it."""
     et = event.get("event_type")
     event_id = event.get("event_id")
     # Avro types a uuid only as a string: check it here, before the event is
@@ -34,7 +38,8 @@ def semantic_error(event: dict[str, Any]) -> str | None:
         return f"subject_id: missing on a {et}"
     if et == "RecordVoided" and payload.get("voided_event_id") == event_id:
         return "payload.voided_event_id: an event cannot void itself"
-    return None
+    # Lengths, characters, ranges: what the stores cannot hold (schemas.bounds says why).
+    return record_problem(event)
 
 
 _PROVINCES = frozenset(provinces())  # run once per event by every worker and sink decoder

@@ -44,12 +44,17 @@ OFFSETS = [
 ]
 PROVINCES = sorted(PROVINCE_CODES)
 
-# Realistic ids plus the odd non-ASCII one; no surrogates (not encodable as UTF-8).
+# Realistic ids plus the odd non-ASCII one; none of what schemas.bounds refuses (controls,
+# bidirectional overrides, surrogates): invalid_events() adds those on purpose.
 _ID_CHARS = string.ascii_letters + string.digits + "-_./:#"
+_BIDI = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+printable = st.characters(codec="utf-8", exclude_categories=("Cc", "Cs"), exclude_characters=_BIDI)
 identifiers = st.one_of(
     st.text(_ID_CHARS, min_size=1, max_size=40),
-    st.text(st.characters(codec="utf-8"), min_size=1, max_size=128),
+    st.text(printable, min_size=1, max_size=128),
 )
+trace_ids = st.text(string.ascii_letters + string.digits + "._:-", min_size=1, max_size=128)
+forbidden_characters = st.sampled_from(["\x00", "\x07", "\x1b", "\x7f", "\x85", "\x9f", *_BIDI])
 citizen_ids = st.from_regex(r"[0-9]{9}|[0-9]{12}", fullmatch=True)
 subject_ids = st.binary(min_size=32, max_size=32).map(bytes.hex)
 
@@ -116,11 +121,11 @@ def payloads(draw: Any, event_type: str) -> dict[str, Any]:
     elif event_type == "VaccineAllocated":
         p["allocation_id"] = draw(identifiers)
         p["vaccine"] = draw(st.sampled_from(VACCINES))
-        p["doses"] = draw(st.integers(1, 10_000_000) | st.integers(1, (1 << 63) - 1))
+        p["doses"] = draw(st.integers(1, 10_000_000))
         p["recipient"] = draw(st.sampled_from(RECIPIENTS))
     elif event_type == "RecordVoided":
         p["voided_event_id"] = str(draw(st.uuids()))
-        p["reason"] = draw(st.text(st.characters(codec="utf-8"), min_size=1, max_size=200))
+        p["reason"] = draw(st.text(printable, min_size=1, max_size=200))
     else:  # pragma: no cover
         raise ValueError(event_type)
     return p
@@ -135,11 +140,11 @@ def events(draw: Any, event_type: str | None = None) -> dict[str, Any]:
         "event_type": et,
         "occurred_at": draw(rfc3339()),
         "province_code": draw(st.sampled_from(PROVINCES)),
-        "source": draw(st.text(st.characters(codec="utf-8"), min_size=1, max_size=64)),
+        "source": draw(st.text(printable, min_size=1, max_size=64)),
         "payload": draw(payloads(et)),
     }
     if draw(st.booleans()):
-        ev["trace_id"] = draw(_optional(identifiers))
+        ev["trace_id"] = draw(_optional(trace_ids))
     return ev
 
 
@@ -196,6 +201,7 @@ def _bad_envelope(draw: Any, ev: dict[str, Any]) -> str:
                 st.integers(MIN_MS // 1000, MAX_MS // 1000),  # unix seconds are not RFC 3339
                 rfc3339().map(lambda s: s.replace("Z", "")[:23]),  # offset removed (naive)
                 rfc3339(min_ms=4_102_444_800_000, max_ms=4_200_000_000_000),  # after 2100: future
+                rfc3339(min_ms=-2_208_988_800_000, max_ms=1_577_836_799_999),  # before the platform epoch
             )
         )
     elif field == "province_code":
@@ -207,7 +213,12 @@ def _bad_envelope(draw: Any, ev: dict[str, Any]) -> str:
             )
         )
     elif field == "source":
-        ev["source"] = draw(st.just("") | st.text(min_size=65, max_size=80) | st.integers())
+        ev["source"] = draw(
+            st.just("")
+            | st.text(min_size=65, max_size=80)
+            | st.integers()
+            | st.tuples(st.text(printable, max_size=10), forbidden_characters).map("".join)
+        )
     else:
         field = draw(st.sampled_from(["subject_id", "citizen_id", "foo"]))
         ev[field] = "x"
@@ -227,6 +238,11 @@ def _bad_payload(draw: Any, ev: dict[str, Any]) -> str:
         choices.append("slot_order")
     if et == "VaccineAllocated":
         choices.append("doses")
+    texts = [k for k, v in p.items() if isinstance(v, str) and k != "citizen_id" and (et, k) not in _ENUM_FIELDS]
+    if texts:
+        choices.append("characters")
+    if et in ("HealthDeclarationSubmitted", "AdverseEventReported"):
+        choices.append("symptoms")
     kind = draw(st.sampled_from(choices))
     if kind == "missing":
         required = [
@@ -260,7 +276,14 @@ def _bad_payload(draw: Any, ev: dict[str, Any]) -> str:
     if kind == "slot_order":
         p["slot_start"], p["slot_end"] = p["slot_end"], p["slot_start"]
         return "payload.slot_end"
-    p["doses"] = draw(st.integers(max_value=0) | st.just("10"))
+    if kind == "characters":
+        name = draw(st.sampled_from(texts))
+        p[name] = draw(st.tuples(st.text(printable, max_size=10), forbidden_characters).map("".join))
+        return f"payload.{name}"
+    if kind == "symptoms":
+        p["symptoms"] = ["fever"] * draw(st.integers(33, 200))
+        return "payload.symptoms"
+    p["doses"] = draw(st.integers(max_value=0) | st.integers(10_000_001, (1 << 63) - 1) | st.just("10"))
     return "payload.doses"
 
 

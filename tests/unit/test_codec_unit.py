@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas.avro_codegen import compile_decoder, compile_encoder, explain
+from schemas.avro_codegen import CorruptData, compile_decoder, compile_encoder, explain
 from schemas.catalog import EVENT_TYPES, current_schema, released_schemas
 from schemas.codec import Codec, CodecError, SchemaCache, _strip_logical
 from schemas.registry_client import RegistryClient, RegistryError
@@ -597,16 +597,18 @@ FOREIGN = {
 }
 
 
-def test_foreign_and_unsupported_schemas_fall_back_to_fastavro():
+def test_foreign_schemas_are_refused_and_the_fallback_decoder_still_works():
     from decimal import Decimal
+
+    from schemas.codec import _fastavro_decoder
 
     body = _fastavro_body(FOREIGN, {"amount": Decimal("12.34"), "note": "n"})
     msg = b"\x00\x00\x00\x01\xf4" + body  # id 500
-    raw = Codec.with_known_schemas({500: FOREIGN}).decode(msg)
-    assert raw == {"amount": (1234).to_bytes(2, "big"), "note": "n"}
-    rich = Codec.with_known_schemas({500: FOREIGN}, logical_types=True).decode(msg)
-    assert rich == {"amount": Decimal("12.34"), "note": "n"}
-    with pytest.raises(CodecError, match="^truncated or corrupt body for schema id 500: "):
-        Codec.with_known_schemas({500: FOREIGN}).decode(msg[:-1])
-    with pytest.raises(CodecError, match="trailing"):
-        Codec.with_known_schemas({500: FOREIGN}).decode(msg + b"\x00")
+    # Only the catalog's events are decoded: a foreign writer schema is never compiled.
+    with pytest.raises(CodecError, match="^schema id 500: refused writer schema: it writes 'other.team.Invoice'"):
+        Codec.with_known_schemas({500: FOREIGN}).decode(msg)
+    # What a catalog schema the generator cannot handle would fall back to:
+    assert _fastavro_decoder(FOREIGN, None, False)(msg, 5) == {"amount": (1234).to_bytes(2, "big"), "note": "n"}
+    assert _fastavro_decoder(FOREIGN, None, True)(msg, 5) == {"amount": Decimal("12.34"), "note": "n"}
+    with pytest.raises(CorruptData, match="trailing"):
+        _fastavro_decoder(FOREIGN, None, False)(msg + b"\x00", 5)

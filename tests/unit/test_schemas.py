@@ -533,7 +533,7 @@ BAD_INPUTS = [
             payload={"allocation_id": "AL-1", "vaccine": "pfizer", "doses": 0, "recipient": "army"},
         ),
         [
-            "payload.doses: must be greater than 0, got 0",
+            "payload.doses: must be between 1 and 10000000, got 0",
             "payload.recipient: must be one of province_health, armed_forces, police, other_unit",
         ],
     ),
