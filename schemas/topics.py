@@ -18,6 +18,18 @@ ANALYTICS_GROUP = "nhdp-analytics"  # the ClickHouse sink
 FOREVER = {"retention.ms": "-1", "retention.bytes": "-1"}
 
 
+def dlq_headers(
+    headers: list[tuple[str, bytes]] | None, reason: str, topic: str, partition: int, offset: int
+) -> list[tuple[str, bytes]]:
+    """A dead letter's headers: the original ones plus why and where from, enough to find and replay it."""
+    return list(headers or []) + [
+        ("dlq_reason", reason.encode()),
+        ("source_topic", topic.encode()),
+        ("source_partition", str(partition).encode()),
+        ("source_offset", str(offset).encode()),
+    ]
+
+
 def province_topic(code: str) -> str:
     return f"province.{code}.events"
 

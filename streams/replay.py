@@ -9,6 +9,7 @@ is a real defect, not a second implementation disagreeing with the first.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,8 +20,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from infra.settings import Settings
+from projections.faults import apply_isolating
 from projections.postgres import tracking
-from projections.postgres.projector import InvalidEvent, Projector
+from projections.postgres.projector import Projector
 from projections.postgres.read_models import diff_namespaces
 from schemas.codec import Codec
 from schemas.log import LogPrefix
@@ -28,6 +30,7 @@ from schemas.registry_client import RegistryClient
 from streams.routing import Router
 
 REPLAY_GROUP = "nhdp-replay"
+log = logging.getLogger("nhdp.replay")
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
 
 
@@ -72,16 +75,14 @@ def rebuild(
     applier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay-apply")
     pending: Future | None = None
 
+    def wait(exc: BaseException) -> None:
+        log.warning("replay batch failed (%s); retrying in 1s", exc)
+        time.sleep(1.0)
+
     def apply(batch: list[tuple]) -> int:
         """Apply one batch; returns how many events the projector refused (dead-lettered, as live)."""
-        refused = 0
-        while True:
-            try:
-                projector.apply_batch(batch, REPLAY_GROUP)
-                return refused
-            except InvalidEvent as exc:  # the live worker dead-letters these; so does the replay
-                batch = [b if (b[1], b[2]) != (exc.partition, exc.offset) else (*b[:3], None) for b in batch]
-                refused += 1
+        # the same rule as the live worker (projections.faults), so the replay refuses the same events
+        return apply_isolating(lambda part: projector.apply_batch(part, REPLAY_GROUP), batch, lambda *_: None, wait)
 
     started = time.perf_counter()
     progress = Progress(

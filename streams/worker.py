@@ -37,10 +37,11 @@ from prometheus_client import Counter, Histogram
 from psycopg_pool import ConnectionPool
 
 from infra.settings import Settings, get_settings
-from projections.postgres.projector import InvalidEvent, Projector
+from projections.faults import apply_isolating
+from projections.postgres.projector import Projector
 from schemas.codec import Codec
 from schemas.registry_client import RegistryClient
-from schemas.topics import PROJECTOR_GROUP, TOPIC_DLQ, TOPIC_EVENTS, partitions_of, province_topic
+from schemas.topics import PROJECTOR_GROUP, TOPIC_DLQ, TOPIC_EVENTS, dlq_headers, partitions_of, province_topic
 from streams import faust_internals
 from streams.routing import Router
 
@@ -52,17 +53,12 @@ BATCH_WITHIN_S = 0.5  # how long one fetch waits for a first record (a batch is 
 REVOKE_WAIT_S = 5.0
 
 PROCESSED = Counter("nhdp_worker_events_total", "Events handled by the worker", ["outcome"])
+RETRIES = Counter("nhdp_worker_retries_total", "Batches retried because a dependency failed (transient)")
 BATCH_SECONDS = Histogram("nhdp_worker_batch_seconds", "Time to route and project one batch")
 
 
-def dlq_headers(m, reason: str) -> list[tuple[str, bytes]]:
-    """The original headers plus why and where from: enough to find and replay it."""
-    return list(m.headers or []) + [
-        ("dlq_reason", reason.encode()),
-        ("source_topic", m.topic.encode()),
-        ("source_partition", str(m.partition).encode()),
-        ("source_offset", str(m.offset).encode()),
-    ]
+def dead_letter_headers(m, reason: str) -> list[tuple[str, bytes]]:
+    return dlq_headers(m.headers, reason, m.topic, m.partition, m.offset)
 
 
 class Worker(faust.Worker):
@@ -196,7 +192,9 @@ def create_app(
         router: Router = state["router"]
         good, bad = await asyncio.to_thread(router.split, [m.value for m in msgs])
         sends = [
-            await app_.producer.send(TOPIC_DLQ, msgs[i].key, msgs[i].value, None, None, dlq_headers(msgs[i], reason))
+            await app_.producer.send(
+                TOPIC_DLQ, msgs[i].key, msgs[i].value, None, None, dead_letter_headers(msgs[i], reason)
+            )
             for i, reason in bad
         ]
         sends += await copy_to_provinces(faust_internals.aiokafka_producer(app_), msgs, good)
@@ -205,7 +203,7 @@ def create_app(
         applied = [(msgs[i].topic, msgs[i].partition, msgs[i].offset, event) for i, event in good]
         # Offsets of DLQ'd messages must be tracked too, or a restart would re-route them.
         marks = [(msgs[i].topic, msgs[i].partition, msgs[i].offset, None) for i, _ in bad]
-        rejected = await apply_with_retry(app_, proj, applied + marks, {(m.partition, m.offset): m for m in msgs})
+        rejected = await apply_isolating_async(app_, proj, applied + marks, {(m.partition, m.offset): m for m in msgs})
         PROCESSED.labels("projected").inc(len(good) - rejected)
         PROCESSED.labels("dlq").inc(len(bad) + rejected)
 
@@ -241,26 +239,28 @@ def create_app(
         return futures
 
     async def dead_letter(app_, m, reason: str) -> None:
-        await (await app_.producer.send(TOPIC_DLQ, m.key, m.value, None, None, dlq_headers(m, reason)))
+        await (await app_.producer.send(TOPIC_DLQ, m.key, m.value, None, None, dead_letter_headers(m, reason)))
 
-    async def apply_with_retry(app_, proj, messages, by_position) -> int:
-        """Apply until it succeeds. PostgreSQL down means back-pressure, never a skip;
-        an event the projector cannot read goes to the DLQ and the rest is applied."""
+    async def apply_isolating_async(app_, proj, messages, by_position) -> int:
+        """Apply until it succeeds (projections.faults): PostgreSQL down means back-pressure,
+        never a skip; an event it cannot hold goes to the DLQ and the rest is applied."""
+        loop = asyncio.get_running_loop()
+        delay = [0.5]
 
-        delay, rejected = 0.5, 0
-        while True:
-            try:
-                await asyncio.to_thread(proj.apply_batch, messages, group)
-                return rejected
-            except InvalidEvent as exc:
-                m = by_position[(exc.partition, exc.offset)]
-                await dead_letter(app_, m, f"invalid: {exc.reason}")
-                messages = [(t, p, o, None if (p, o) == (exc.partition, exc.offset) else e) for t, p, o, e in messages]
-                rejected += 1
-            except Exception as exc:
-                log.warning("projection batch failed (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        def reject(entry, reason: str) -> None:
+            m = by_position[(entry[1], entry[2])]
+            log.warning("dead-lettering %s[%d]@%d: %s", m.topic, m.partition, m.offset, reason)
+            asyncio.run_coroutine_threadsafe(dead_letter(app_, m, reason), loop).result()
+
+        def wait(exc: BaseException) -> None:
+            RETRIES.inc()
+            log.warning("projection batch failed (%s); retrying in %.1fs", exc, delay[0])
+            time.sleep(delay[0])
+            delay[0] = min(delay[0] * 2, 10.0)
+
+        return await asyncio.to_thread(
+            apply_isolating, lambda part: proj.apply_batch(part, group), messages, reject, wait
+        )
 
     app.projector = projector  # type: ignore[attr-defined]
     return app

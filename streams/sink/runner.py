@@ -15,15 +15,16 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from infra.settings import Settings
 from projections.clickhouse.connect import open_store
 from projections.clickhouse.shaping import Shaped
 from projections.clickhouse.store import AnalyticsStore, AnalyticsStoreError
 from projections.clickhouse.writer import DOSES_EVERY_S, BatchStats, Planned, Sink
+from projections.faults import apply_isolating, is_permanent
 from schemas.registry_client import RegistryError
-from schemas.topics import ANALYTICS_GROUP, TOPIC_EVENTS
+from schemas.topics import ANALYTICS_GROUP, TOPIC_DLQ, TOPIC_EVENTS, dlq_headers
 from streams.sink.decoders import BLOCK_TABLES, _start_decoder, decode_and_shape
 
 log = logging.getLogger("nhdp.sink")
@@ -77,12 +78,14 @@ class Runner:
         self.processed = 0
         self.batches = 0
         self.retries = 0
+        self.dead_letters = 0
+        self._dlq: Producer | None = None
         self._buffer: list = []
         self._paused = False
         self._decoder = None  # the decoding processes (a ProcessPoolExecutor of settings.sink_decoders)
-        # batches cut from the buffer, in log order: (future, values, partitions, offsets, to commit, messages)
+        # batches cut from the buffer, in log order: (future, records, values, partitions, offsets, to commit)
         self._decoding: collections.deque = collections.deque()
-        self._writing: tuple | None = None  # (future, Planned, offsets to commit, messages): the batch in flight
+        self._writing: tuple | None = None  # (future, Planned, offsets to commit, records): the batch in flight
         self._write_store: AnalyticsStore | None = None
         self._next_collection = 0.0  # run() collects garbage itself (_collect_if_due)
         # The store takes ready-made Native blocks: the decoders encode the rows only they make.
@@ -242,13 +245,13 @@ class Runner:
         offsets = [r.offset() for r in records]
         commit = dict(zip(partitions, (o + 1 for o in offsets)))  # a partition's records come in offset order
         future = self._decoder_pool().submit(decode_and_shape, values, partitions, offsets, self._block_types)
-        self._decoding.append((future, values, partitions, offsets, commit, len(records)))
+        self._decoding.append((future, records, values, partitions, offsets, commit))
 
     def _advance(self, consumer, writer) -> None:
         """The oldest batch being decoded: wait for it, plan it, and once the batch in flight is
         written and committed, hand its write to the writer thread."""
 
-        future, values, partitions, offsets, commit, count = self._decoding.popleft()
+        future, records, values, partitions, offsets, commit = self._decoding.popleft()
         attempt = [future]
 
         def decoded():
@@ -263,30 +266,44 @@ class Runner:
                 raise OSError(f"the sink's decoding process died: {exc}") from exc
 
         data, good = self._with_retry(consumer, decoded)
-        parts, skipped = pickle.loads(data)
-        shaped = Shaped(parts)
-        shaped.skipped = skipped
+        shaped = _unpickled(data)
         # planned while the batch before it is written: what it writes is taken from memory
         writing = self._writing[1] if self._writing is not None else None
         planned = self._with_retry(consumer, lambda: self.sink.plan(shaped, good, writing))
-        self._finish(consumer)  # writes go one batch at a time, in log order
-        self._writing = (writer.submit(self._write, planned), planned, commit, count)
+        if self._finish(consumer):  # writes go one batch at a time, in log order
+            # that batch was written in parts, without the event ClickHouse refused: plan on what is stored
+            planned = self._with_retry(consumer, lambda: self.sink.plan(shaped, good, None))
+        self._writing = (writer.submit(self._write, planned), planned, commit, records)
 
     def _write(self, planned: Planned) -> BatchStats:
         if self._write_store is None:  # its own connection: the next batch's reads need not wait for it
             self._write_store = open_store(self.sink.store.url, purpose="nhdp sink (writer thread)")
         return self.sink.write(planned, self._write_store)
 
-    def _finish(self, consumer) -> None:
-        """Wait for the batch in flight; retry its write here while ClickHouse is down; then commit it."""
+    def _finish(self, consumer) -> bool:
+        """Wait for the batch in flight; retry its write here while ClickHouse is down; then commit it.
+
+        True when ClickHouse refused a value in it for good (projections.faults): the batch was
+        then written in parts around the event at fault, which went to the DLQ."""
 
         if self._writing is None:
-            return
-        future, planned, offsets, count = self._writing
+            return False
+        future, planned, offsets, records = self._writing
+        isolated = False
         try:
-            future.result()
-        except (AnalyticsStoreError, OSError):
-            self._with_retry(consumer, lambda: self._write(planned))
+            try:
+                future.result()
+            except (AnalyticsStoreError, OSError) as exc:
+                if not is_permanent(exc):
+                    self._with_retry(consumer, lambda: self._write(planned))
+                else:
+                    raise
+        except AnalyticsStoreError as exc:
+            if not is_permanent(exc):
+                raise
+            log.warning("ClickHouse refused a value in a batch of %d (%s); isolating it", len(records), exc)
+            self._isolate(consumer, records)
+            isolated = True
         finally:
             self._writing = None
         try:
@@ -295,8 +312,45 @@ class Runner:
             )
         except KafkaException as exc:  # a rebalance took the partitions: they are re-delivered, idempotently
             log.warning("offset commit failed (%s); the batch will be re-delivered and changes nothing", exc)
-        self.processed += count
+        self.processed += len(records)
         self.batches += 1
+        return isolated
+
+    def _isolate(self, consumer, records: list) -> None:
+        """Write a batch ClickHouse refused in halves, down to the event at fault, which is dead-lettered."""
+        by_position = {(r.partition(), r.offset()): r for r in records}
+
+        def write(part) -> None:
+            live = [e for e in part if e[3] is not None]
+            future = self._decoder_pool().submit(
+                decode_and_shape, [e[3] for e in live], [e[1] for e in live], [e[2] for e in live], self._block_types
+            )
+            data, good = future.result()
+            planned = self.sink.plan(_unpickled(data), good, None)
+            self._write(planned)
+
+        def reject(entry, reason: str) -> None:
+            r = by_position[(entry[1], entry[2])]
+            log.warning("dead-lettering %s[%d]@%d: %s", r.topic(), r.partition(), r.offset(), reason)
+            if self._dlq is None:
+                self._dlq = Producer({"bootstrap.servers": self.settings.kafka_bootstrap_servers, "acks": "all"})
+            headers = dlq_headers(r.headers(), reason, r.topic(), r.partition(), r.offset())
+            self._dlq.produce(TOPIC_DLQ, r.value(), r.key(), headers=headers)
+            if self._dlq.flush(30):
+                raise OSError("the DLQ did not acknowledge a dead letter within 30 s")
+            self.dead_letters += 1
+
+        delay = [0.2]
+
+        def wait(exc: BaseException) -> None:
+            self._hold(consumer, exc, delay[0])
+            delay[0] = min(delay[0] * 2, 10.0)
+
+        entries = [(TOPIC_EVENTS, r.partition(), r.offset(), r.value()) for r in records]
+        apply_isolating(write, entries, reject, wait)
+        if self._paused:
+            self._paused = False
+            consumer.resume(consumer.assignment())
 
     def _with_retry(self, consumer, fn):
         """fn() until it succeeds; meanwhile the partitions are paused but the consumer keeps polling."""
@@ -309,20 +363,33 @@ class Runner:
                     consumer.resume(consumer.assignment())
                 return result
             except (AnalyticsStoreError, OSError) + _registry_errors() as exc:
-                if self.stop_event.is_set():
+                if self.stop_event.is_set() or is_permanent(exc):
                     raise
-                self.retries += 1
-                log.warning("ClickHouse or the registry failed (%s); holding the batch, retrying in %.1fs", exc, delay)
-                if not self._paused:
-                    self._paused = True
-                    consumer.pause(consumer.assignment())
-                self._collect_if_due()  # a long outage keeps this loop out of run()'s
-                deadline = time.monotonic() + delay
-                while time.monotonic() < deadline and not self.stop_event.is_set():
-                    # paused: nothing arrives, but rebalances are served; anything fetched before
-                    # the pause is kept for the next batch, never dropped
-                    self._take(consumer, self.max_rows, 0.1)
+                self._hold(consumer, exc, delay)
                 delay = min(delay * 2, 10.0)
+
+    def _hold(self, consumer, exc: BaseException, delay: float) -> None:
+        """Back-pressure for delay seconds: the partitions are paused but the consumer keeps polling."""
+        if self.stop_event.is_set():
+            raise exc
+        self.retries += 1
+        log.warning("ClickHouse or the registry failed (%s); holding the batch, retrying in %.1fs", exc, delay)
+        if not self._paused:
+            self._paused = True
+            consumer.pause(consumer.assignment())
+        self._collect_if_due()  # a long outage keeps this loop out of run()'s
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline and not self.stop_event.is_set():
+            # paused: nothing arrives, but rebalances are served; anything fetched before
+            # the pause is kept for the next batch, never dropped
+            self._take(consumer, self.max_rows, 0.1)
+
+
+def _unpickled(data: bytes) -> Shaped:
+    parts, skipped = pickle.loads(data)
+    shaped = Shaped(parts)
+    shaped.skipped = skipped
+    return shaped
 
 
 def _registry_errors() -> tuple:

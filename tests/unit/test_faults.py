@@ -1,0 +1,74 @@
+"""projections.faults: which failures are permanent, and how a batch is applied around one."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from psycopg import errors as pg
+
+from projections.clickhouse.store import AnalyticsStoreError
+from projections.faults import apply_isolating, is_permanent, reason_of
+from projections.postgres.projector import InvalidEvent
+
+
+class Store:
+    """Pure logic under test needs something to apply to: a list that refuses some values."""
+
+    def __init__(self, poison=(), outages=0, invalid=()):
+        self.rows: list[tuple] = []
+        self.calls = 0
+        self.poison, self.outages, self.invalid = set(poison), outages, set(invalid)
+
+    def apply(self, part):
+        self.calls += 1
+        if self.outages:
+            self.outages -= 1
+            raise psycopg.OperationalError("connection refused")
+        for _, p, o, event in part:
+            if event in self.invalid:
+                raise InvalidEvent("health.events", p, o, "bad payload")
+            if event in self.poison:
+                raise pg.NumericValueOutOfRange("bigint out of range")
+        self.rows += part  # all or nothing, as one transaction
+
+
+def batch(n):
+    return [("health.events", i % 2, i, f"e{i}") for i in range(n)]
+
+
+def test_a_poisoned_event_is_isolated_and_the_rest_applied_in_order():
+    store, rejected, waits = Store(poison={"e6", "e13"}), [], []
+    count = apply_isolating(store.apply, batch(20), lambda e, r: rejected.append((e, r)), waits.append)
+    assert count == 2 and not waits
+    assert [e[2] for e, _ in rejected] == [6, 13]
+    assert rejected[0][1].startswith("unstorable: NumericValueOutOfRange: bigint out of range")
+    # every offset is recorded once, in log order; the refused ones as None
+    assert [r[2] for r in store.rows] == list(range(20))
+    assert [r[3] for r in store.rows if r[3] is None] == [None, None]
+    assert store.calls < 20  # halving, not one call per event
+
+
+def test_a_dependency_that_is_down_is_waited_for_and_nothing_is_rejected():
+    store, waits = Store(outages=3), []
+    assert apply_isolating(store.apply, batch(5), lambda *a: pytest.fail("rejected"), waits.append) == 0
+    assert len(waits) == 3 and [r[3] for r in store.rows] == [f"e{i}" for i in range(5)]
+
+
+def test_an_invalid_event_is_named_by_the_projector_itself():
+    store, rejected = Store(invalid={"e3"}), []
+    assert apply_isolating(store.apply, batch(8), lambda e, r: rejected.append((e, r)), lambda exc: None) == 1
+    assert rejected == [(("health.events", 1, 3, "e3"), "invalid: bad payload")]
+    assert store.calls == 2
+
+
+def test_only_data_errors_are_permanent():
+    assert is_permanent(pg.NumericValueOutOfRange("x"))
+    assert is_permanent(pg.CharacterNotInRepertoire("x"))
+    assert is_permanent(pg.UniqueViolation("x"))
+    assert not is_permanent(psycopg.OperationalError("connection refused"))
+    assert not is_permanent(pg.DeadlockDetected("x"))
+    assert not is_permanent(RuntimeError("a bug is retried, never blamed on an event"))
+    assert is_permanent(AnalyticsStoreError("DateTime out of range", code=321))
+    assert not is_permanent(AnalyticsStoreError("gone", code=321, retryable=True))
+    assert not is_permanent(AnalyticsStoreError("too many parts", code=252))
+    assert reason_of(AnalyticsStoreError("a\n  b", code=6)) == "unstorable: AnalyticsStoreError: a b"
