@@ -7,10 +7,16 @@ file), or, for files without one, a command line that still carries the
 service's marker (normally the data folder). So a stale file left by a killed
 run, or a recycled pid, is detected and removed instead of being mistaken for
 a running service.
+
+`stop` first leaves a `NAME.stopped` marker: a service stopped on purpose is
+not a crash, and the supervisor (infra/supervisor.py) leaves it down until
+something starts it again, which removes the marker.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import pwd
@@ -86,6 +92,14 @@ class Managed:
     def log_file(self) -> Path:
         return self.log_dir / f"{self.name}.log"
 
+    @property
+    def stopped_file(self) -> Path:
+        return self.run_dir / f"{self.name}.stopped"
+
+    def stopped_on_purpose(self) -> bool:
+        """Stopped by `stop` and not started since: a supervisor must not bring it back."""
+        return self.stopped_file.exists()
+
     # -- state ---------------------------------------------------------------
     def pid(self) -> int | None:
         """The live pid of this service, or None; removes a stale pid file."""
@@ -121,12 +135,28 @@ class Managed:
     # -- lifecycle -------------------------------------------------------------
     def start(self, timeout_s: float) -> tuple[int, bool]:
         """Start unless already running. Returns (pid, started_now)."""
-        pid = self.pid()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        # `nhdp up` and the supervisor may both find the service down: the lock makes
+        # the second one find the first one's process instead of starting another.
+        with self._start_lock():
+            self.stopped_file.unlink(missing_ok=True)  # wanted up again: supervised again
+            pid = self.pid()
+            if pid is None:
+                proc = self._spawn()
         if pid is not None:
             self._wait_ready(pid, timeout_s)
             return pid, False
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._wait_ready(proc.pid, timeout_s, popen=proc)
+        return proc.pid, True
+
+    @contextlib.contextmanager
+    def _start_lock(self):
+        with open(self.run_dir / f"{self.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _spawn(self) -> subprocess.Popen:
         log = open(self.log_file, "ab")
         log.write(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting: {shlex.join(self.command)}\n".encode())
         log.flush()
@@ -151,8 +181,7 @@ class Managed:
         self.pid_file.write_text(
             json.dumps({"pid": proc.pid, "command": list(self.command), "started": started_at(proc.pid)})
         )
-        self._wait_ready(proc.pid, timeout_s, popen=proc)
-        return proc.pid, True
+        return proc
 
     def _wait_ready(self, pid: int, timeout_s: float, popen: subprocess.Popen | None = None) -> None:
         deadline = time.monotonic() + timeout_s
@@ -166,7 +195,7 @@ class Managed:
             time.sleep(0.2)
         failure = self._failure(f"not ready after {timeout_s:.0f}s")
         if popen is not None:  # ours and useless: leave nothing running behind the error
-            self.stop()
+            self._stop()  # not "on purpose": a supervisor tries again
             if popen.poll() is None:  # stop() goes by the pid file; end what we started whatever it says
                 popen.kill()
                 popen.wait(5)
@@ -179,18 +208,23 @@ class Managed:
         )
 
     def stop(self) -> bool:
-        """SIGTERM, then SIGKILL after the timeout. Only ever the pid we started."""
+        """SIGTERM, then SIGKILL after the timeout. Only ever the pid we started.
+
+        The marker comes first, so a supervisor never sees the process gone without it."""
+        if self.run_dir.exists():
+            self.stopped_file.write_text(f"{time.time()}\n")
+        return self._stop()
+
+    def _stop(self) -> bool:
         pid = self.pid()
         if pid is None:
             return False
         try:
             proc = psutil.Process(pid)
             proc.send_signal(getattr(signal, self.stop_signal_name))
-            try:
-                proc.wait(self.stop_timeout_s)
-            except psutil.TimeoutExpired:
+            if not _exited(proc, self.stop_timeout_s):
                 proc.kill()
-                proc.wait(5)
+                _exited(proc, 5)
             # The service's own children (postgres backends, worker threads' helpers)
             # were started in its session; take down any straggler with it.
             _kill_session(pid)
@@ -198,6 +232,24 @@ class Managed:
             pass
         self.pid_file.unlink(missing_ok=True)
         return True
+
+
+def _exited(proc: psutil.Process, timeout_s: float) -> bool:
+    """Until proc has exited; a zombie has. Its parent reaps it, and that parent may be a process that
+    started the stack and lives on without reaping (`nhdp demo`, a test run): waiting for the pid to
+    vanish then timed out, and `nhdp down` failed on the supervisor that process had started."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(proc.pid, os.WNOHANG)  # our own child: reaped here
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
 
 
 def started_at(pid: int) -> float | None:

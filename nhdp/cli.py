@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import orjson
 from rich.markup import escape
@@ -67,7 +68,7 @@ def cmd_status(args) -> int:
         )
         return 0
     table = Table(title=f"NHDP local stack ({settings.data_dir})")
-    for col in ("service", "state", "pid", "port", "data", "url"):
+    for col in ("service", "state", "pid", "port", "restarts", "data", "url"):
         table.add_column(col)
     for r in rows:
         color = {"up": "green", "embedded": "green", "starting": "yellow"}.get(r["state"], "red")
@@ -76,11 +77,20 @@ def cmd_status(args) -> int:
             f"[{color}]{r['state']}[/]",
             str(r["pid"] or "-"),
             str(r["port"] or "-"),
+            "-" if r["restarts"] is None else str(r["restarts"]),  # None: not supervised
             _human(r["data_bytes"]),
             r["url"] or "",
         )
     console.print(table)
+    # Why the supervisor last restarted each service (the whole record is in --json).
+    for r in rows:
+        if r["last_exit"]:
+            console.print(f"  {r['service']}: last restart {_when(r['last_restart'])}, {escape(r['last_exit'])}")
     return 0
+
+
+def _when(epoch: float | None) -> str:
+    return "-" if epoch is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
 def cmd_reset(args) -> int:
@@ -258,9 +268,9 @@ def cmd_verify_analytics(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nhdp", description="NHDP national health-data platform")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="start the local stack (idempotent)").set_defaults(fn=cmd_up)
-    sub.add_parser("down", help="stop everything the project started").set_defaults(fn=cmd_down)
-    s = sub.add_parser("status", help="show each service")
+    sub.add_parser("up", help="start the local stack and its supervisor (idempotent)").set_defaults(fn=cmd_up)
+    sub.add_parser("down", help="stop everything the project started, the supervisor first").set_defaults(fn=cmd_down)
+    s = sub.add_parser("status", help="show each service and how often the supervisor restarted it")
     s.add_argument("--json", action="store_true", help="machine-readable, with every endpoint URL")
     s.set_defaults(fn=cmd_status)
     r = sub.add_parser("reset", help="wipe local data")

@@ -3,7 +3,9 @@
 Order matters and is the dependency order: PostgreSQL (registry storage,
 projections) → Kafka → ClickHouse (then its analytics schema is migrated) →
 schema registry (needs PostgreSQL) → stream worker, ClickHouse sink and API
-(need all of the above). `down` walks it backwards.
+(need all of the above). Then the supervisor (infra/supervisor.py), which
+starts again any of them that exits. `down` stops the supervisor first, so it
+does not restart what `down` is stopping, then walks the list backwards.
 """
 
 from __future__ import annotations
@@ -25,12 +27,16 @@ import psutil
 from infra import clickhouse, kafka, postgres
 from infra.process import Managed, ServiceError, dir_size, recorded_process
 from infra.settings import CHECKOUT, Settings
+from infra.supervisor import read_state
 from projections.clickhouse.remote import sink_url_path
 from projections.clickhouse.schema import ensure_schema
 from schemas.codec import Codec
 from schemas.reference import province_codes as codes
 from schemas.registry_client import RegistryClient
 from schemas.topics import contract_topics
+
+# What a row of a service that no supervisor watches says about restarts.
+UNSUPERVISED = {"restarts": None, "last_restart": None, "last_exit": None}
 
 
 @dataclass
@@ -167,6 +173,19 @@ def api_service(settings: Settings) -> Managed:
     )
 
 
+def supervisor_state_path(settings: Settings) -> Path:
+    return settings.run_dir / "supervisor.json"
+
+
+def supervisor_service(settings: Settings) -> Managed:
+    """`python -m nhdp.supervise`: restarts what `steps` lists; ready once its state file names its pid."""
+
+    svc = python_service(settings, "supervisor", "nhdp.supervise", ready=lambda: False)
+    svc.ready = lambda: (pid := svc.pid()) is not None and read_state(supervisor_state_path(settings)).get("pid") == pid
+    svc.stop_timeout_s = 10.0  # it stops within one poll; its restarts in flight need no wait
+    return svc
+
+
 def province_codes() -> list[str]:
     return codes()
 
@@ -201,7 +220,9 @@ def register_catalog(settings: Settings) -> None:
     Codec(RegistryClient(settings.registry_url)).register_catalog()
 
 
-def up(settings: Settings, on_ready: Callable[[Managed, int, bool], None] = lambda *a: None) -> None:
+def up(
+    settings: Settings, on_ready: Callable[[Managed, int, bool], None] = lambda *a: None, *, supervise: bool = True
+) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     for step in steps(settings):
         if step.service.pid() is None:
@@ -217,10 +238,19 @@ def up(settings: Settings, on_ready: Callable[[Managed, int, bool], None] = lamb
             pid, started = step.service.start(settings.start_timeout_s)
         step.after_ready()
         on_ready(step.service, pid, started)
+    if supervise:  # last: it restarts only what has been up and ready
+        supervisor = supervisor_service(settings)
+        pid, started = supervisor.start(settings.start_timeout_s)
+        on_ready(supervisor, pid, started)
 
 
 def down(settings: Settings) -> list[str]:
     stopped = []
+    # First, or it would restart what the steps below stop (each stop also leaves a
+    # "stopped on purpose" marker that a supervisor obeys; this makes sure of it).
+    if supervisor_service(settings).stop():
+        stopped.append("supervisor")
+    supervisor_state_path(settings).unlink(missing_ok=True)  # the next `up` counts restarts from zero
     for step in reversed(steps(settings)):
         if step.service.stop():
             stopped.append(step.service.name)
@@ -293,11 +323,24 @@ def stop_recorded(pid_file: Path) -> bool:
 
 
 def status(settings: Settings) -> list[dict]:
-    rows = [step.service.status() for step in steps(settings)]
+    """Each service's row; those the supervisor watches also say how often it restarted them and why."""
+    supervised = read_state(supervisor_state_path(settings)).get("services", {})
+    rows = []
+    for step in steps(settings):
+        record = supervised.get(step.service.name) or {}
+        rows.append(
+            step.service.status()
+            | {
+                "restarts": record.get("restarts", 0),
+                "last_restart": record.get("last_restart"),
+                "last_exit": record.get("last_exit"),
+            }
+        )
+    rows.append(supervisor_service(settings).status() | UNSUPERVISED)
     known = {r["service"] for r in rows}
     for pid_file in sorted(settings.run_dir.glob("*.pid")) if settings.run_dir.exists() else []:
-        if pid_file.stem not in known:  # started beside the standard services (a second worker…)
-            rows.append(_recorded_status(pid_file))
+        if pid_file.stem not in known:  # started beside the standard services (a second worker…): not supervised
+            rows.append(_recorded_status(pid_file) | UNSUPERVISED)
     url = settings.analytics_url()
     if url.startswith("chdb://"):
         path = Path(url.removeprefix("chdb://"))
@@ -311,6 +354,7 @@ def status(settings: Settings) -> list[dict]:
                 "data_bytes": dir_size(path) if path.exists() else 0,
                 "log": None,
             }
+            | UNSUPERVISED
         )
     return rows
 

@@ -301,6 +301,9 @@ class TestWorkerKilled:
         events, expected = events_of(seed=31, **LARGE)
         total = len(events)
         before, after = split_for_mid_stream(events)
+        # This test restarts the killed worker itself, once the group's offsets are moved:
+        # the supervisor `up` started would restart it first (tests/stack/test_supervision.py).
+        stack.supervisor_service(private_stack).stop()
         worker = worker_service(private_stack)
         worker.stop()  # publish first, so the kill surely lands while the worker is busy
         publish(private_stack, before)
