@@ -100,7 +100,9 @@ def create_app(
         Worker=Worker,
     )
     events = app.topic(TOPIC_EVENTS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-    pool = ConnectionPool(settings.postgres_url, min_size=1, max_size=2, open=False)
+    pool = ConnectionPool(
+        settings.postgres_url, min_size=1, max_size=2, open=False, check=ConnectionPool.check_connection
+    )
     state: dict[str, Any] = {}
 
     def projector() -> Projector:

@@ -3,6 +3,7 @@
 - ``events(event_type=None)``: valid JSON events as producers post them.
 - ``avro_records(event_type=None)``: ``(event_type, record)`` pairs matching the
   Avro schema, made from a valid event by schemas.models.to_avro_record.
+- ``json_values``, ``broken_events()``: any JSON, and valid events with one part replaced by it.
 - ``invalid_events()``: ``(field_path, event)`` where the event is valid except
   at field_path, so the validator must name that path.
 
@@ -294,3 +295,24 @@ def invalid_events(draw: Any) -> tuple[str, dict[str, Any]]:
     if draw(st.booleans()):
         return _bad_envelope(draw, ev), ev
     return _bad_payload(draw, ev), ev
+
+
+# -- anything at all (the fuzz tests) ------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
+    max_leaves=20,
+)
+
+
+@st.composite
+def broken_events(draw) -> object:
+    event = draw(events())
+    where = draw(st.sampled_from(["envelope", "payload", "whole"]))
+    if where == "whole":
+        return draw(json_values)
+    target = event if where == "envelope" else event["payload"]
+    key = draw(st.sampled_from(sorted(target)) | st.text(max_size=12))
+    target[key] = draw(json_values)
+    return event
