@@ -63,6 +63,21 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
 
+    # Bounded resources of the API (DESIGN §5). A body is refused while it arrives, past this size.
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    registry_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # The gateway producer's max request size: a bigger encoded event is rejected, not retried.
+    kafka_max_message_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # Requests in progress per lane; one more is answered 503 at once, so no lane waits on another.
+    api_ingest_concurrency: int = Field(default=64, ge=1)
+    api_analytics_concurrency: int = Field(default=16, ge=1)
+    api_general_concurrency: int = Field(default=128, ge=1)
+    # The API's ClickHouse connections, how long a call waits for one, and each query's limits.
+    analytics_connections: int = Field(default=4, ge=1)
+    analytics_wait_s: float = Field(default=2.0, gt=0)
+    analytics_max_execution_s: int = Field(default=10, ge=1)
+    analytics_max_rows_to_read: int = Field(default=2_000_000_000, ge=1)
+
     pseudonym_secret: str = LOCAL_DEV_SECRET
 
     # Resolved Kafka jars; defaults to <data_dir>/cache. Tests share the checkout's cache.

@@ -1,14 +1,19 @@
 """The API process's app: the gateway (producers) and the queries (projections) behind one port.
 
 `nhdp api` serves it with uvicorn; `nhdp up` starts that. The parts stay in
-their own layers; only their composition (state, error shapes, start-up) is here.
+their own layers; only their composition (state, error shapes, start-up, which
+requests share which lane) is here.
 """
 
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import parse_qsl
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import ORJSONResponse
@@ -21,12 +26,70 @@ from projections import analytics_api
 from projections.api import Queries
 from projections.api import router as query_router
 
+RETRY_AFTER_S = 1
+
 
 def _error(status: int, message: str) -> ORJSONResponse:
     return ORJSONResponse({"error": message}, status_code=status)
 
 
-def create_app(settings: Settings, *, with_gateway: bool = True) -> FastAPI:
+def lane_of(scope: dict[str, Any]) -> str:
+    """ingest: POST /v1/events; analytics: what ClickHouse answers (/v1/analytics/*, and any
+    request with as_of); general: the rest (live summaries, citizen records, health, metrics)."""
+    path: str = scope["path"]
+    if path.startswith("/v1/events"):
+        return "ingest"
+    if path.startswith("/v1/analytics"):
+        return "analytics"
+    query = scope.get("query_string") or b""
+    if b"as_of" in query and any(k == "as_of" for k, _ in parse_qsl(query.decode("latin-1"), keep_blank_values=True)):
+        return "analytics"
+    return "general"
+
+
+class Lanes:
+    """A cap on the requests in progress in each lane; one more is answered 503 with
+    Retry-After at once, before its body is read, instead of queueing.
+
+    Pure ASGI around the whole app. The counters need no lock: they change only on
+    the event loop's thread, with no await between the check and the increment. So
+    slow analytics fill their own lane and are refused there, while ingest keeps its
+    own (and analytics run on their own threads too: projections.analytics_api)."""
+
+    def __init__(self, app, limits: dict[str, int], classify: Callable[[dict[str, Any]], str] = lane_of):
+        self.app, self.limits, self.classify = app, dict(limits), classify
+        self.active = dict.fromkeys(self.limits, 0)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        lane = self.classify(scope)
+        if self.active[lane] >= self.limits[lane]:
+            body = orjson.dumps(
+                {
+                    "error": f"too many {lane} requests in progress (at most {self.limits[lane]}); "
+                    f"retry after {RETRY_AFTER_S} s"
+                }
+            )
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(RETRY_AFTER_S).encode()),
+            ]
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.active[lane] += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active[lane] -= 1
+
+
+def create_app(settings: Settings, *, with_gateway: bool = True, analytics: Any = None) -> FastAPI:
+    """`analytics`: an Analytics object to answer from instead of the one opened from the
+    settings on first use (a test's private API with slow calls)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.queries = Queries(settings)
@@ -49,6 +112,16 @@ def create_app(settings: Settings, *, with_gateway: bool = True) -> FastAPI:
         description="Gateway for producers and live figures for the national technology center and provinces.",
         lifespan=lifespan,
         default_response_class=ORJSONResponse,
+    )
+    if analytics is not None:
+        app.state.analytics = analytics
+    app.add_middleware(
+        Lanes,
+        limits={
+            "ingest": settings.api_ingest_concurrency,
+            "analytics": settings.api_analytics_concurrency,
+            "general": settings.api_general_concurrency,
+        },
     )
     if with_gateway:
         app.include_router(gateway_router)

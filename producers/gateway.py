@@ -27,6 +27,7 @@ import orjson
 import psycopg
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import ORJSONResponse
+from kafka.errors import MessageSizeTooLargeError
 from prometheus_client import Counter, Histogram
 from psycopg_pool import ConnectionPool
 from starlette.concurrency import run_in_threadpool
@@ -34,13 +35,16 @@ from starlette.concurrency import run_in_threadpool
 from infra.settings import Settings
 from producers.pseudonym import Pseudonymiser, edge_record
 from producers.sdk import EventProducer, PublishError
+from schemas.bounds import TRACE_ID, TRACE_ID_MAX
 from schemas.models import validate_event
 
 log = logging.getLogger("nhdp.gateway")
 
 MAX_EVENTS = 10_000
-MAX_BODY_BYTES = 32 * 1024 * 1024
 RETRY_AFTER_S = 5
+# How the SDK names an event too large for one Kafka request, whether its own check
+# before sending found it or the broker refused it: permanent, so a rejection, never a 503.
+TOO_LARGE = MessageSizeTooLargeError.__name__
 SEEN_RETENTION = "7 days"
 
 EVENTS = Counter("nhdp_gateway_events_total", "Events posted to the gateway, by outcome", ["outcome"])
@@ -71,12 +75,18 @@ class Gateway:
     def __init__(self, settings: Settings, producer: EventProducer | None = None):
         self.settings = settings
         self.pseudonymiser = Pseudonymiser.from_settings(settings)
-        self.pool = ConnectionPool(settings.postgres_url, min_size=1, max_size=16, open=True)
+        self.pool = ConnectionPool(
+            settings.postgres_url, min_size=1, max_size=16, open=True, check=ConnectionPool.check_connection
+        )
         with self.pool.connection() as conn:
             conn.execute(DDL)
         # Fail fast when Kafka is down: a 503 in seconds beats a blocked request.
         self.producer = producer or EventProducer(
-            settings, source="gateway", delivery_timeout_ms=15_000, max_block_ms=5_000
+            settings,
+            source="gateway",
+            delivery_timeout_ms=15_000,
+            max_block_ms=5_000,
+            max_request_size=settings.kafka_max_message_bytes,
         )
         self._pruned_at = 0.0
         self._prune_lock = threading.Lock()
@@ -213,7 +223,17 @@ class Gateway:
             except PublishError as exc:
                 failed_ids = [to_publish[i][1] for i in exc.failed]
                 conn.execute("DELETE FROM gateway.seen_events WHERE event_id = ANY(%s::uuid[])", (failed_ids,))
-                return len(to_publish) - len(failed_ids), duplicates, conflicts, len(failed_ids)
+                too_large = {i: reason for i, reason in exc.failed.items() if reason.startswith(TOO_LARGE)}
+                for i, reason in too_large.items():
+                    conflicts.append(
+                        {
+                            "index": to_publish[i][0],
+                            "event_id": to_publish[i][1],
+                            "errors": [f"event: too large for one Kafka message ({reason.partition(': ')[2]})"],
+                        }
+                    )
+                retryable = len(failed_ids) - len(too_large)
+                return len(to_publish) - len(failed_ids), duplicates, conflicts, retryable or None
         return len(to_publish), duplicates, conflicts, None
 
 
@@ -225,6 +245,33 @@ def _error(status: int, message: str, **extra) -> ORJSONResponse:
     return ORJSONResponse({"error": message, **extra}, status_code=status, headers=headers)
 
 
+class BodyTooLarge(ValueError):
+    """The body is over the limit; the message says by how much, as far as is known."""
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused from its Content-Length or, without one (chunked), as soon as
+    the bytes that arrived pass the limit: a large body is never read whole first."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise BodyTooLarge(f"body is {int(length):,} bytes; the limit is {limit:,}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"body is over {limit:,} bytes, the limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def trace_id_problem(value: str | None) -> str | None:
+    """Why an x-trace-id header cannot be copied into events, or None. It lands in every
+    event of the request and in a Kafka header, so it is a short token, not free text."""
+    if value is None or TRACE_ID.fullmatch(value):
+        return None
+    return f"x-trace-id: must be 1 to {TRACE_ID_MAX} characters of A-Z a-z 0-9 . _ : -"
+
+
 @router.post(
     "/v1/events",
     summary="Publish a batch of events",
@@ -232,22 +279,25 @@ def _error(status: int, message: str, **extra) -> ORJSONResponse:
         f"A JSON array of up to {MAX_EVENTS:,} events (DESIGN §2). Each event is validated; the valid "
         "ones are written durably to Kafka (acks=all) before the answer. Answer: "
         '`{"accepted": n, "duplicates": n, "rejected": [{"index": i, "event_id": …, "errors": ["field: reason"]}]}`. '
-        "400: body not a JSON array; 413: too large; 503 + Retry-After: Kafka or PostgreSQL unavailable."
+        "400: body not a JSON array, or a bad x-trace-id header; 413: too large (NHDP_MAX_BODY_BYTES); "
+        "503 + Retry-After: Kafka or PostgreSQL unavailable."
     ),
 )
 async def post_events(request: Request):
     started = time.perf_counter()
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        return _error(413, f"body is {int(length):,} bytes; the limit is {MAX_BODY_BYTES:,}")
-    # Counted while it arrives: a chunked body (no Content-Length) must not be read whole first.
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            return _error(413, f"body is over {MAX_BODY_BYTES:,} bytes, the limit")
-        chunks.append(chunk)
-    body = b"".join(chunks)
+    gateway: Gateway = request.app.state.gateway
+    trace_id = request.headers.get("x-trace-id")
+    problem = trace_id_problem(trace_id)
+    if problem:
+        return _error(400, problem)
+    try:
+        body = await read_body(request, gateway.settings.max_body_bytes)
+    except BodyTooLarge as exc:
+        # Closing the connection is what stops the rest of the body: on a kept-alive one the
+        # server would go on reading it (to throw it away) until it ended.
+        response = _error(413, str(exc))
+        response.headers["Connection"] = "close"
+        return response
     try:
         events = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -257,9 +307,8 @@ async def post_events(request: Request):
         return _error(400, f"body must be a JSON array of events, not {kind.get(type(events), 'null')}")
     if len(events) > MAX_EVENTS:
         return _error(413, f"{len(events):,} events in one request; the limit is {MAX_EVENTS:,}")
-    gateway: Gateway = request.app.state.gateway
 
-    status, answer = await run_in_threadpool(gateway.ingest, events, request.headers.get("x-trace-id"))
+    status, answer = await run_in_threadpool(gateway.ingest, events, trace_id)
     REQUEST_SECONDS.observe(time.perf_counter() - started)
     if status == 503:
         return _error(503, answer.pop("error"), **answer)

@@ -12,6 +12,12 @@ shape. Which ClickHouse: the server directly, or, when the analytics store
 is embedded chDB, the sink process that owns the folder, over HTTP
 (projections.clickhouse.remote.analytics_for). A bad parameter is a 400 that names it
 and the allowed values; ClickHouse (or the chDB owner) unreachable is a 503.
+
+Bounded: the calls run on threads of their own (an anyio CapacityLimiter, not the
+default one the gateway's publishes use), wait at most NHDP_ANALYTICS_WAIT_S for one
+of the NHDP_ANALYTICS_CONNECTIONS connections (then 503 + Retry-After), and each
+SELECT runs with max_execution_time (then 504) and max_rows_to_read (then 422). In
+chDB mode the sink process runs the queries and only the HTTP call's timeout applies.
 """
 
 from __future__ import annotations
@@ -19,20 +25,42 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from anyio import CapacityLimiter, to_thread
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import ORJSONResponse
-from starlette.concurrency import run_in_threadpool
 
-from projections.clickhouse.queries import ParameterError
-from projections.clickhouse.remote import AnalyticsUnavailable, analytics_for
+from infra.settings import Settings
+from projections.clickhouse.connect import PoolBusy, StorePool
+from projections.clickhouse.queries import Analytics, ParameterError
+from projections.clickhouse.remote import AnalyticsUnavailable, RemoteAnalytics, analytics_for
 from projections.clickhouse.store import AnalyticsStoreError
 
 router = APIRouter(tags=["analytics"])
 _lock = threading.Lock()
 
+RETRY_AFTER_S = 1
+TIMEOUT_EXCEEDED, TOO_SLOW, TOO_MANY_ROWS = 159, 160, 158  # ClickHouse's error codes
+
 
 def _error(status: int, message: str) -> ORJSONResponse:
-    return ORJSONResponse({"error": message}, status_code=status)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return ORJSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def open_analytics(settings: Settings, cls: type[Analytics] = Analytics) -> Analytics | RemoteAnalytics:
+    """The API's analytics: a bounded pool with per-query limits (server), or the chDB owner over HTTP."""
+    url = settings.analytics_url()
+    if url.startswith("chdb:"):
+        return analytics_for(settings)
+    pool = StorePool(url, size=settings.analytics_connections, purpose="nhdp api", wait_s=settings.analytics_wait_s)
+    return cls(pool, limits=query_limits(settings))
+
+
+def query_limits(settings: Settings) -> dict[str, int]:
+    return {
+        "max_execution_time": settings.analytics_max_execution_s,
+        "max_rows_to_read": settings.analytics_max_rows_to_read,
+    }
 
 
 def _analytics(request: Request):
@@ -42,17 +70,45 @@ def _analytics(request: Request):
         with _lock:
             found = getattr(state, "analytics", None)
             if found is None:
-                found = state.analytics = analytics_for(state.queries.settings)
+                found = state.analytics = open_analytics(state.queries.settings)
+    return found
+
+
+def _threads(request: Request) -> CapacityLimiter:
+    """The analytics calls' own thread tokens: however slow ClickHouse is, they never
+    take the default limiter's, which the gateway's publishes and the live queries use."""
+    state = request.app.state
+    found = getattr(state, "analytics_threads", None)
+    if found is None:  # made on the event loop's thread, so never twice
+        found = state.analytics_threads = CapacityLimiter(state.queries.settings.api_analytics_concurrency)
     return found
 
 
 async def call(request: Request, method: str, **kwargs: Any):
-    """Run one Analytics call off the event loop; errors become 400 or 503 with the reason."""
+    """Run one Analytics call off the event loop; errors become 400, 422, 503 or 504 with the reason."""
+    settings: Settings = request.app.state.queries.settings
+    fn = getattr(_analytics(request), method)
     try:
-        return await run_in_threadpool(getattr(_analytics(request), method), **kwargs)
+        return await to_thread.run_sync(lambda: fn(**kwargs), limiter=_threads(request))
     except ParameterError as exc:
         return _error(400, str(exc))
-    except (AnalyticsUnavailable, AnalyticsStoreError) as exc:
+    except PoolBusy as exc:
+        return _error(503, f"analytics is busy: {exc}; retry after {RETRY_AFTER_S} s")
+    except AnalyticsStoreError as exc:
+        if exc.code in (TIMEOUT_EXCEEDED, TOO_SLOW):
+            return _error(
+                504,
+                f"the analytics query ran over its time limit of {settings.analytics_max_execution_s} s "
+                "(NHDP_ANALYTICS_MAX_EXECUTION_S); narrow it (from, to, province) or try again later",
+            )
+        if exc.code == TOO_MANY_ROWS:
+            return _error(
+                422,
+                f"the analytics query would read more than {settings.analytics_max_rows_to_read:,} rows "
+                "(NHDP_ANALYTICS_MAX_ROWS_TO_READ); narrow it (from, to, province)",
+            )
+        return _error(503, f"analytics store unavailable: {exc}"[:2000])
+    except AnalyticsUnavailable as exc:
         return _error(503, f"analytics store unavailable: {exc}"[:2000])
 
 

@@ -22,9 +22,11 @@ from infra.kafka import metadata_ok
 from infra.settings import Settings
 from projections import analytics_api
 from projections.postgres import read_models
-from projections.postgres.tracking import consumer_lag
+from projections.postgres.tracking import applied
 from schemas.ids import is_subject_id
+from schemas.log import LogEnds
 from schemas.reference import provinces
+from schemas.topics import TOPIC_DLQ, TOPIC_EVENTS
 
 NAMESPACE = "proj"
 
@@ -41,19 +43,38 @@ def _error(status: int, message: str) -> ORJSONResponse:
 class Queries:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.pool = ConnectionPool(settings.postgres_url, min_size=2, max_size=20, open=True)
+        self.pool = ConnectionPool(
+            settings.postgres_url, min_size=2, max_size=20, open=True, check=ConnectionPool.check_connection
+        )
         self.populations = {code: p.population for code, p in provinces().items()}
         self.live = Coalescer()
+        self.log_ends = LogEnds(settings.kafka_bootstrap_servers)
+        self._lag: asyncio.Future | None = None
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         with self.pool.connection() as conn:
             return fn(conn, NAMESPACE, *args)
 
     def lag(self) -> tuple[dict[int, int], int, int]:
+        """(lag per partition, messages applied, DLQ size), as tracking.consumer_lag counts
+        them, from the one long-lived Kafka client rather than a new one per scrape."""
         with self.pool.connection() as conn:
-            return consumer_lag(self.settings.kafka_bootstrap_servers, conn)
+            done = applied(conn, NAMESPACE)
+        ends = self.log_ends((TOPIC_EVENTS, TOPIC_DLQ))
+        events = {p: off for (t, p), off in ends.items() if t == TOPIC_EVENTS}
+        lag = {p: end - (done.get(p, -1) + 1) for p, end in events.items()}
+        dlq = sum(off for (t, _), off in ends.items() if t == TOPIC_DLQ)
+        return lag, sum(done.get(p, -1) + 1 for p in events), dlq
+
+    async def shared_lag(self) -> tuple[dict[int, int], int, int]:
+        """lag() with one computation in flight: scrapes that arrive meanwhile share it, so
+        a slow Kafka holds one thread, not one per scrape."""
+        if self._lag is None or self._lag.done():
+            self._lag = asyncio.ensure_future(run_in_threadpool(self.lag))
+        return await asyncio.shield(self._lag)
 
     def close(self) -> None:
+        self.log_ends.close()
         self.pool.close()
 
 
@@ -155,10 +176,10 @@ async def healthz(request: Request):
 @router.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
 async def metrics(request: Request):
     try:
-        lag, applied, dlq = await run_in_threadpool(q(request).lag)
+        lag, done, dlq = await q(request).shared_lag()
         for partition, value in lag.items():
             LAG.labels(str(partition)).set(value)
-        APPLIED.set(applied)
+        APPLIED.set(done)
         DLQ.set(dlq)
     except Exception:
         pass

@@ -1,11 +1,13 @@
 """Reading the log's positions: where it ends, where a group stands, and a fixed prefix of it.
 
 The one place that asks Kafka for offsets (kafka-python clients, closed
-after each question): the projections' lag, the sink's lag, `verify`,
-replay and the benchmarks all read positions through these.
+after each question, except LogEnds's): the projections' lag, the sink's lag,
+`verify`, replay and the benchmarks all read positions through these.
 """
 
 from __future__ import annotations
+
+import threading
 
 from kafka import KafkaConsumer, TopicPartition
 
@@ -24,6 +26,38 @@ def end_offsets(bootstrap: str, topics: tuple[str, ...] = (TOPIC_EVENTS,)) -> di
         return {(tp.topic, tp.partition): off for tp, off in consumer.end_offsets(parts).items()}
     finally:
         consumer.close()
+
+
+class LogEnds:
+    """end_offsets from one long-lived client, for a question asked again and again
+    (every /metrics scrape): a client per question costs a connection, a metadata
+    round trip and a socket left in TIME_WAIT each time. Callers take turns; after an
+    error the client is dropped and the next question opens a fresh one."""
+
+    def __init__(self, bootstrap: str):
+        self.bootstrap = bootstrap
+        self._consumer: KafkaConsumer | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, topics: tuple[str, ...] = (TOPIC_EVENTS,)) -> dict[tuple[str, int], int]:
+        with self._lock:
+            if self._consumer is None:
+                self._consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000)
+            try:
+                parts = [tp for topic in topics for tp in _partitions(self._consumer, topic)]
+                return {(tp.topic, tp.partition): off for tp, off in self._consumer.end_offsets(parts).items()}
+            except Exception:
+                self._close()
+                raise
+
+    def _close(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            consumer.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
 
 
 def log_end(bootstrap: str, topic: str = TOPIC_EVENTS) -> dict[int, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from urllib.parse import urlparse
 
 from projections.clickhouse.chdb import ChdbStore
@@ -26,19 +27,33 @@ def open_store(url: str, *, purpose: str | None = None) -> AnalyticsStore:
     )
 
 
-class StorePool:
-    """Up to `size` stores on one URL, each used by one thread at a time."""
+class PoolBusy(AnalyticsStoreError):
+    """Every store of the pool stayed in use for the whole wait: try again shortly."""
 
-    def __init__(self, url: str, size: int = 4, purpose: str | None = None):
-        self.url, self.size, self.purpose = url, size, purpose
+
+class StorePool:
+    """Up to `size` stores on one URL, each used by one thread at a time.
+
+    `wait_s` bounds how long acquire() waits for a store (None: as long as it takes).
+    A caller on a request's path sets it: a waiting thread is one a slow query holds
+    without running it, and enough of them would exhaust the caller's threads."""
+
+    def __init__(self, url: str, size: int = 4, purpose: str | None = None, wait_s: float | None = None):
+        self.url, self.size, self.purpose, self.wait_s = url, size, purpose, wait_s
         self._idle: list[AnalyticsStore] = []
         self._all: list[AnalyticsStore] = []
         self._cond = threading.Condition()
 
     def acquire(self) -> AnalyticsStore:
+        deadline = None if self.wait_s is None else time.monotonic() + self.wait_s
         with self._cond:
             while not self._idle and len(self._all) >= self.size:
-                self._cond.wait()
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise PoolBusy(
+                        f"all {self.size} ClickHouse connections stayed busy for {self.wait_s:g} s", retryable=True
+                    )
+                self._cond.wait(left)
             if self._idle:
                 return self._idle.pop()
             self._all.append(None)  # reserve a slot while connecting

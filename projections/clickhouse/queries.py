@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -181,21 +182,27 @@ class Analytics:
     Bad arguments raise ParameterError naming the parameter and what is allowed.
     """
 
-    def __init__(self, store: AnalyticsStore | StorePool):
+    def __init__(self, store: AnalyticsStore | StorePool, limits: Mapping[str, int] | None = None):
+        # limits: ClickHouse settings every SELECT of these calls runs with (the API's
+        # max_execution_time and max_rows_to_read); none for verify and replay, which read everything.
         self._source = store
+        self._settings = " SETTINGS " + ", ".join(f"{k} = {int(v)}" for k, v in limits.items()) if limits else ""
 
     def _run(self, fn, *args):
         if isinstance(self._source, StorePool):
             store = self._source.acquire()
             broken = False
             try:
-                return fn(store, *args)
+                return fn(self._limited(store), *args)
             except AnalyticsStoreError as exc:
                 broken = bool(exc.retryable)
                 raise
             finally:
                 self._source.release(store, broken)
-        return fn(self._source, *args)
+        return fn(self._limited(self._source), *args)
+
+    def _limited(self, store: AnalyticsStore) -> AnalyticsStore:
+        return _WithSettings(store, self._settings) if self._settings else store
 
     # -- summaries (DESIGN §4), the shapes of projections.postgres.read_models ------------------
     def _values(self, as_of: str | None, only: Sequence[str] | None = None):
@@ -402,6 +409,25 @@ class Analytics:
             }
 
         return self._run(q)
+
+
+_SELECT = re.compile(r"^\s*(?:SELECT|WITH)\b", re.I)
+
+
+class _WithSettings:
+    """A store whose SELECTs end in a SETTINGS clause. Both engines take the clause at
+    the end of a query, and apply it to its subqueries and UNION branches as well."""
+
+    def __init__(self, store: AnalyticsStore, clause: str):
+        self._store, self._clause, self.engine = store, clause, store.engine
+
+    def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> list[tuple]:
+        if _SELECT.match(sql):
+            sql = sql.rstrip().rstrip(";") + self._clause
+        return self._store.execute(sql, params)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
 
 
 def _parse_group_by(group_by: str | Sequence[str] | None) -> list[str]:

@@ -20,6 +20,7 @@ from fastapi.responses import Response
 from psycopg_pool import PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from infra.settings import get_settings
 from schemas.registry import compat
 from schemas.registry.store import RegistryError, Store, check_candidate
 
@@ -125,7 +126,8 @@ def _version_json(v) -> dict:
     return {"subject": v.subject, "version": v.version, "id": v.id, "schema": v.schema}
 
 
-def create_app(dsn: str) -> FastAPI:
+def create_app(dsn: str, *, max_body_bytes: int | None = None) -> FastAPI:
+    """`max_body_bytes`: default NHDP_REGISTRY_MAX_BODY_BYTES (1 MiB: a schema is a few KiB)."""
     store = Store(dsn)
 
     @asynccontextmanager
@@ -147,6 +149,8 @@ def create_app(dsn: str) -> FastAPI:
     )
     app.state.store = store
     app.add_middleware(FastPath, store=store)
+    # Added last, so outermost: it bounds FastPath's reads as well as the routes'.
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes or get_settings().registry_max_body_bytes)
 
     # -- errors in Confluent's shape --------------------------------------------------
     @app.exception_handler(RegistryError)
@@ -348,6 +352,56 @@ def create_app(dsn: str) -> FastAPI:
         return {"mode": mode}
 
     return app
+
+
+class _TooLarge(Exception):
+    """Raised by BodyLimit's receive; no handler of the app knows it, so it comes back out to BodyLimit."""
+
+
+class BodyLimit:
+    """Refuses a body over max_bytes with 413: from its Content-Length before it is read,
+    else (chunked) as soon as the bytes received pass the limit, whoever is reading."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await self._refuse(send, f"body is {int(length):,} bytes")
+        received = 0
+        started = False
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise _TooLarge
+            return message
+
+        async def watched(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except _TooLarge:
+            if started:
+                raise
+            await self._refuse(send, f"body is over {self.max_bytes:,} bytes")
+
+    async def _refuse(self, send, what: str) -> None:
+        payload = orjson.dumps(
+            {"error_code": 413, "message": f"Request body too large: {what}; the limit is {self.max_bytes:,}"}
+        )
+        # Connection: close, or the server would read the rest of the body to throw it away.
+        headers = _HEADERS + [(b"content-length", str(len(payload)).encode()), (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
 
 
 class FastPath:

@@ -299,9 +299,10 @@ def test_bodies_that_are_not_an_array_of_events_get_400(stack_settings):
 
 
 def test_too_many_events_or_too_many_bytes_get_413(stack_settings, log):
-    from producers.gateway import MAX_BODY_BYTES, MAX_EVENTS
+    from producers.gateway import MAX_EVENTS
 
-    assert (MAX_EVENTS, MAX_BODY_BYTES) == (10_000, 32 * 1024 * 1024)
+    MAX_BODY_BYTES = stack_settings.max_body_bytes
+    assert (MAX_EVENTS, MAX_BODY_BYTES) == (10_000, 8 * 1024 * 1024)
     before = log.ends()
     resp = post(stack_settings, [valid_event() for _ in range(MAX_EVENTS + 1)])
     assert resp.status_code == 413
@@ -319,12 +320,12 @@ def test_too_many_events_or_too_many_bytes_get_413(stack_settings, log):
         f"Content-Length: {MAX_BODY_BYTES + 1}\r\n\r\n",
     )
     assert (status, headers["content-type"]) == (413, "application/json")
-    assert orjson.loads(body) == {"error": "body is 33,554,433 bytes; the limit is 33,554,432"}
+    assert orjson.loads(body) == {"error": "body is 8,388,609 bytes; the limit is 8,388,608"}
 
     # Chunked, so no length up front: counted as it arrives.
     mib = b" " * (1024 * 1024)
     chunks = [b"%x\r\n[" % (len(mib) + 1) + mib + b"\r\n"]
-    chunks += [b"%x\r\n" % len(mib) + mib + b"\r\n" for _ in range(30)]
+    chunks += [b"%x\r\n" % len(mib) + mib + b"\r\n" for _ in range(MAX_BODY_BYTES // len(mib) - 2)]
     chunks += [b"%x\r\n" % len(mib) + mib + b"\r\n0\r\n\r\n"]  # crosses the limit, then ends the body
     status, headers, body = raw_http(
         stack_settings,
@@ -333,7 +334,7 @@ def test_too_many_events_or_too_many_bytes_get_413(stack_settings, log):
         chunks,
     )
     assert status == 413
-    assert orjson.loads(body) == {"error": "body is over 33,554,432 bytes, the limit"}
+    assert orjson.loads(body) == {"error": "body is over 8,388,608 bytes, the limit"}
     assert log.ends() == before
 
 
