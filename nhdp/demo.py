@@ -116,6 +116,17 @@ def run(settings: Settings, console: Console, args: Namespace) -> int:
         console.print(f"[red]{mismatches} figure(s) differ from the simulator's independent computation[/]")
     else:
         console.print("[green]every figure equals the simulator's independent computation[/]")
+    # The analytics store, asked to wait until it holds the whole log (read-your-writes), not slept for.
+    answer = api.get("/v1/analytics/doses", params={"wait": 30})
+    if answer.status_code == 200:
+        analysed = sum(r["doses"] for r in answer.json()["rows"])
+        agree = "[green]equals[/]" if analysed == national["doses_administered"] else "[red]differs from[/]"
+        console.print(
+            f"analytics (ClickHouse, positions {answer.headers.get('NHDP-Positions')}): {analysed:,} doses, "
+            f"{agree} the live projections"
+        )
+    else:
+        console.print(f"[yellow]analytics not ready: {answer.json().get('error')}[/]")
 
     console.print(
         f"\nAPI serving at [bold]{settings.api_url}[/] (docs: {settings.api_url}/docs). Ctrl-C stops the stack."

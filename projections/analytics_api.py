@@ -39,6 +39,13 @@ router = APIRouter(tags=["analytics"])
 _lock = threading.Lock()
 
 RETRY_AFTER_S = 1
+WAIT = Query(
+    None,
+    ge=0,
+    le=30,
+    description="read-your-writes: seconds to wait until the analytics store holds every event the log held "
+    "when the request arrived (503 if it does not in time)",
+)
 TIMEOUT_EXCEEDED, TOO_SLOW, TOO_MANY_ROWS = 159, 160, 158  # ClickHouse's error codes
 
 
@@ -84,12 +91,25 @@ def _threads(request: Request) -> CapacityLimiter:
     return found
 
 
-async def call(request: Request, method: str, **kwargs: Any):
-    """Run one Analytics call off the event loop; errors become 400, 422, 503 or 504 with the reason."""
+async def call(request: Request, method: str, *, wait: float | None = None, **kwargs: Any):
+    """Run one Analytics call off the event loop; errors become 400, 422, 503 or 504 with the reason.
+
+    The answer carries its freshness (projections.freshness): the sink's positions, read
+    before the query, so the answer reflects at least them; with wait, only once they
+    reach the log's end as of the request."""
     settings: Settings = request.app.state.queries.settings
+    freshness = request.app.state.queries.freshness
     fn = getattr(_analytics(request), method)
     try:
-        return await to_thread.run_sync(lambda: fn(**kwargs), limiter=_threads(request))
+        if wait:
+            positions = await to_thread.run_sync(lambda: freshness.wait_for_sink(wait), limiter=_threads(request))
+            if positions is None:
+                return _error(503, f"the analytics store has not caught up with the log within {wait:g} s; retry later")
+        else:
+            positions = await to_thread.run_sync(freshness.recent_sink_positions, limiter=_threads(request))
+        result = await to_thread.run_sync(lambda: fn(**kwargs), limiter=_threads(request))
+        headers = freshness.headers("analytics", positions) if positions is not None else {}
+        return ORJSONResponse(result, headers=headers)
     except ParameterError as exc:
         return _error(400, str(exc))
     except PoolBusy as exc:
@@ -119,8 +139,9 @@ async def doses(
     from_: str | None = Query(None, alias="from", description="first local day (Asia/Ho_Chi_Minh), YYYY-MM-DD"),
     to: str | None = Query(None, description="last local day, inclusive, YYYY-MM-DD"),
     province: str | None = Query(None, description="comma-separated province codes"),
+    wait: float | None = WAIT,
 ):
-    return await call(request, "doses", group_by=group_by, from_=from_, to=to, province=province)
+    return await call(request, "doses", wait=wait, group_by=group_by, from_=from_, to=to, province=province)
 
 
 @router.get("/v1/analytics/coverage", summary="Coverage against 2019 population, ranked against the nation")
@@ -128,5 +149,6 @@ async def coverage(
     request: Request,
     by: str = Query("province", description="province or region"),
     as_of: str | None = Query(None, description="RFC 3339; events before it"),
+    wait: float | None = WAIT,
 ):
-    return await call(request, "coverage", by=by, as_of=as_of)
+    return await call(request, "coverage", wait=wait, by=by, as_of=as_of)

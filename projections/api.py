@@ -21,8 +21,9 @@ from starlette.concurrency import run_in_threadpool
 from infra.kafka import metadata_ok
 from infra.settings import Settings
 from projections import analytics_api
+from projections.freshness import Freshness
 from projections.postgres import read_models
-from projections.postgres.tracking import applied
+from projections.postgres.tracking import applied, next_offsets
 from schemas.ids import is_subject_id
 from schemas.log import LogEnds
 from schemas.reference import provinces
@@ -34,6 +35,7 @@ NAMESPACE = "proj"
 LAG = Gauge("nhdp_consumer_lag", "Messages of health.events not yet applied to the projections", ["partition"])
 APPLIED = Gauge("nhdp_events_processed", "Messages of health.events applied to the projections (tracking record)")
 DLQ = Gauge("nhdp_dlq_messages", "Messages on health.events.dlq")
+SINK_LAG = Gauge("nhdp_sink_lag", "Messages of health.events not yet committed by the ClickHouse sink", ["partition"])
 
 
 def _error(status: int, message: str) -> ORJSONResponse:
@@ -49,24 +51,37 @@ class Queries:
         self.populations = {code: p.population for code, p in provinces().items()}
         self.live = Coalescer()
         self.log_ends = LogEnds(settings.kafka_bootstrap_servers)
+        self.freshness = Freshness(
+            settings.kafka_bootstrap_servers, lambda: {p: o for (_, p), o in self.log_ends((TOPIC_EVENTS,)).items()}
+        )
         self._lag: asyncio.Future | None = None
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         with self.pool.connection() as conn:
             return fn(conn, NAMESPACE, *args)
 
-    def lag(self) -> tuple[dict[int, int], int, int]:
-        """(lag per partition, messages applied, DLQ size), as tracking.consumer_lag counts
-        them, from the one long-lived Kafka client rather than a new one per scrape."""
+    def run_fresh(self, fn: Callable[..., Any], *args: Any) -> tuple[Any, dict[str, str]]:
+        """fn's answer and its freshness headers: the tracking record is read first, so the
+        figures reflect at least those positions."""
+        with self.pool.connection() as conn:
+            positions = next_offsets(conn, NAMESPACE)
+            result = fn(conn, NAMESPACE, *args)
+        return result, self.freshness.headers("projections", positions)
+
+    def lag(self) -> tuple[dict[int, int], int, int, dict[int, int]]:
+        """(lag per partition, messages applied, DLQ size, the sink's lag per partition), as
+        tracking.consumer_lag counts them, from long-lived Kafka clients rather than new ones per scrape."""
         with self.pool.connection() as conn:
             done = applied(conn, NAMESPACE)
         ends = self.log_ends((TOPIC_EVENTS, TOPIC_DLQ))
         events = {p: off for (t, p), off in ends.items() if t == TOPIC_EVENTS}
         lag = {p: end - (done.get(p, -1) + 1) for p, end in events.items()}
         dlq = sum(off for (t, _), off in ends.items() if t == TOPIC_DLQ)
-        return lag, sum(done.get(p, -1) + 1 for p in events), dlq
+        sink = self.freshness.sink_positions()
+        sink_lag = {p: max(0, end - sink.get(p, 0)) for p, end in events.items()}
+        return lag, sum(done.get(p, -1) + 1 for p in events), dlq, sink_lag
 
-    async def shared_lag(self) -> tuple[dict[int, int], int, int]:
+    async def shared_lag(self) -> tuple[dict[int, int], int, int, dict[int, int]]:
         """lag() with one computation in flight: scrapes that arrive meanwhile share it, so
         a slow Kafka holds one thread, not one per scrape."""
         if self._lag is None or self._lag.done():
@@ -74,6 +89,7 @@ class Queries:
         return await asyncio.shield(self._lag)
 
     def close(self) -> None:
+        self.freshness.close()
         self.log_ends.close()
         self.pool.close()
 
@@ -94,10 +110,15 @@ class Coalescer:
         task = self._inflight.get(key)
         if task is None:
             # A task of its own, so a requester that disconnects cancels only its own wait.
-            task = asyncio.ensure_future(run_in_threadpool(lambda: orjson.dumps(compute())))
+            task = asyncio.ensure_future(run_in_threadpool(lambda: _dumped(*compute())))
             self._inflight[key] = task
             task.add_done_callback(lambda done: self._inflight.pop(key) if self._inflight.get(key) is done else None)
-        return Response(await asyncio.shield(task), media_type="application/json")
+        body, headers = await asyncio.shield(task)
+        return Response(body, media_type="application/json", headers=headers)
+
+
+def _dumped(result: Any, headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+    return orjson.dumps(result), headers
 
 
 router = APIRouter(tags=["queries"])
@@ -108,34 +129,34 @@ def q(request: Request) -> Queries:
 
 
 @router.get("/v1/national/summary", summary="Every figure of DESIGN §4 for the nation", response_model=dict[str, Any])
-async def national(request: Request, as_of: str | None = None):
+async def national(request: Request, as_of: str | None = None, wait: float | None = analytics_api.WAIT):
     if as_of is not None:
-        return await analytics_api.call(request, "national_summary", as_of=as_of)
+        return await analytics_api.call(request, "national_summary", wait=wait, as_of=as_of)
     queries = q(request)
     return await q(request).live.get(
-        ("national",), lambda: queries.run(read_models.national_summary, queries.populations)
+        ("national",), lambda: queries.run_fresh(read_models.national_summary, queries.populations)
     )
 
 
 @router.get("/v1/provinces", summary="The summaries of all 63 provinces", response_model=list[dict[str, Any]])
-async def all_provinces(request: Request, as_of: str | None = None):
+async def all_provinces(request: Request, as_of: str | None = None, wait: float | None = analytics_api.WAIT):
     if as_of is not None:
-        return await analytics_api.call(request, "all_provinces", as_of=as_of)
+        return await analytics_api.call(request, "all_provinces", wait=wait, as_of=as_of)
     queries = q(request)
     return await q(request).live.get(
-        ("provinces",), lambda: queries.run(read_models.all_provinces, queries.populations)
+        ("provinces",), lambda: queries.run_fresh(read_models.all_provinces, queries.populations)
     )
 
 
 @router.get("/v1/provinces/{code}/summary", summary="Every figure of DESIGN §4 for one province")
-async def province(code: str, request: Request, as_of: str | None = None):
+async def province(code: str, request: Request, as_of: str | None = None, wait: float | None = analytics_api.WAIT):
     if code not in provinces():
         return _error(404, f"unknown province code {code!r}; codes are the 63 two-digit 2008 codes, e.g. 01, 79")
     if as_of is not None:
-        return await analytics_api.call(request, "province_summary", code=code, as_of=as_of)
+        return await analytics_api.call(request, "province_summary", wait=wait, code=code, as_of=as_of)
     queries = q(request)
     return await q(request).live.get(
-        ("province", code), lambda: queries.run(read_models.province_summary, code, queries.populations)
+        ("province", code), lambda: queries.run_fresh(read_models.province_summary, code, queries.populations)
     )
 
 
@@ -176,9 +197,11 @@ async def healthz(request: Request):
 @router.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
 async def metrics(request: Request):
     try:
-        lag, done, dlq = await q(request).shared_lag()
+        lag, done, dlq, sink_lag = await q(request).shared_lag()
         for partition, value in lag.items():
             LAG.labels(str(partition)).set(value)
+        for partition, value in sink_lag.items():
+            SINK_LAG.labels(str(partition)).set(value)
         APPLIED.set(done)
         DLQ.set(dlq)
     except Exception:

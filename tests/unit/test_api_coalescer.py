@@ -18,7 +18,7 @@ def test_concurrent_requests_share_one_query_and_later_ones_run_their_own():
     def compute():
         calls.append(time.monotonic())
         release.wait(5)
-        return {"doses_administered": len(calls)}
+        return {"doses_administered": len(calls)}, {"NHDP-Positions": f"0:{len(calls)}"}
 
     async def scenario():
         live = Coalescer()
@@ -33,6 +33,7 @@ def test_concurrent_requests_share_one_query_and_later_ones_run_their_own():
     first, again, other = asyncio.run(scenario())
     assert {r.body for r in first} == {orjson.dumps({"doses_administered": 1})}
     assert first[0].media_type == "application/json"
+    assert {r.headers["NHDP-Positions"] for r in first} == {"0:1"}  # the freshness of the answer they share
     assert orjson.loads(again.body) == {"doses_administered": 2}
     assert orjson.loads(other.body) == {"doses_administered": 3}
     assert len(calls) == 3
@@ -43,7 +44,7 @@ def test_a_requester_that_goes_away_does_not_cancel_the_others_and_failures_reac
 
     def slow():
         release.wait(5)
-        return [1, 2, 3]
+        return [1, 2, 3], {}
 
     def broken():
         raise RuntimeError("PostgreSQL is down")

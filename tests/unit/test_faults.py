@@ -72,3 +72,12 @@ def test_only_data_errors_are_permanent():
     assert not is_permanent(AnalyticsStoreError("gone", code=321, retryable=True))
     assert not is_permanent(AnalyticsStoreError("too many parts", code=252))
     assert reason_of(AnalyticsStoreError("a\n  b", code=6)) == "unstorable: AnalyticsStoreError: a b"
+
+
+def test_freshness_positions_and_lag():
+    from projections.freshness import behind, positions_text, reached
+
+    assert positions_text({1: 40, 0: 12}) == "0:12,1:40"
+    assert behind({0: 15, 1: 40, 2: 3}, {0: 12, 1: 41}) == 3 + 0 + 3
+    assert reached({0: 15, 1: 40}, {0: 15, 1: 39})
+    assert not reached({0: 15}, {0: 15, 1: 1})
