@@ -30,7 +30,7 @@ from producers.kafka_internals import BATCH_BYTES as BATCH_BYTES  # re-exported:
 from producers.kafka_internals import BatchSender, batch_result, encode_headers
 from producers.kafka_internals import build_batches as build_batches  # re-exported: tests/unit/test_gateway.py
 from producers.pseudonym import edge_record
-from schemas.bounds import record_problem
+from schemas.bounds import now_ms, record_problem
 from schemas.codec import Codec, CodecError
 from schemas.models import validate_event
 from schemas.registry_client import RegistryClient
@@ -129,8 +129,9 @@ class EventProducer:
         except KafkaError as exc:
             reason = f"{type(exc).__name__}: {exc}"
             raise PublishError({i: reason for i in range(len(records))}, [r["event_id"] for r in records], {}) from exc
-        for i, record in enumerate(records):  # what the router would dead-letter never leaves
-            problem = record_problem(record)
+        now = now_ms()
+        for i, record in enumerate(records):  # what the router would dead-letter never leaves (and the edge's own)
+            problem = record_problem(record, now)
             if problem:
                 raise CodecError(f"record {i}: {problem}", index=i)
         values = self.codec.encode_many([(r["event_type"], r) for r in records])

@@ -102,13 +102,20 @@ async def call(request: Request, method: str, *, wait: float | None = None, **kw
     fn = getattr(_analytics(request), method)
     try:
         if wait:
-            positions = await to_thread.run_sync(lambda: freshness.wait_for_sink(wait), limiter=_threads(request))
+            try:
+                positions = await to_thread.run_sync(lambda: freshness.wait_for_sink(wait), limiter=_threads(request))
+            except Exception as exc:  # Kafka cannot say where the log ends or where the sink is
+                return _error(503, f"cannot tell whether the analytics store is caught up: {exc}"[:500])
             if positions is None:
                 return _error(503, f"the analytics store has not caught up with the log within {wait:g} s; retry later")
         else:
             positions = await to_thread.run_sync(freshness.recent_sink_positions, limiter=_threads(request))
-        result = await to_thread.run_sync(lambda: fn(**kwargs), limiter=_threads(request))
-        headers = freshness.headers("analytics", positions) if positions is not None else {}
+
+        def answer():  # the headers too off the event loop: they may ask Kafka for the log's end
+            result = fn(**kwargs)
+            return result, freshness.headers("analytics", positions) if positions is not None else {}
+
+        result, headers = await to_thread.run_sync(answer, limiter=_threads(request))
         return ORJSONResponse(result, headers=headers)
     except ParameterError as exc:
         return _error(400, str(exc))

@@ -1,4 +1,4 @@
-"""Permanent or transient: the one rule for what a failed batch means (DESIGN §8).
+"""Permanent or transient: the one rule for what a failed batch means (DESIGN §7).
 
 A store can refuse a batch for two reasons. A dependency that is down, slow or
 restarting (connection refused, timeout, deadlock, a server going away) will
@@ -7,7 +7,10 @@ partition does not advance. A value the store cannot hold (a numeric overflow, a
 date out of range, an invalid byte sequence) will be refused forever: the caller
 isolates the event at fault by halving the batch, dead-letters it with the
 store's reason, and applies the rest. Anything not known to be a data error
-counts as transient, so a bug or an outage costs time, never events.
+counts as transient, so a bug or an outage costs time, never events. And if more
+than MAX_REJECTS events of one batch are refused, the cause is not in the events
+(a schema out of step, a bug in shaping): the rest of the batch waits as for an
+outage instead of being dead-lettered one by one.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ def reason_of(exc: BaseException) -> str:
 
 
 Entry = tuple[str, int, int, Any]  # (topic, partition, offset, event or None)
+MAX_REJECTS = 20
 
 
 def apply_isolating(
@@ -84,14 +88,16 @@ def apply_isolating(
             continue
         except Exception as exc:
             live = [i for i, entry in enumerate(part) if entry[3] is not None]
+            permanent = is_permanent(exc) and (isinstance(exc, InvalidEvent) or rejected < MAX_REJECTS)
+            at = []
             if isinstance(exc, InvalidEvent):
                 at = [i for i in live if (part[i][1], part[i][2]) == (exc.partition, exc.offset)]
-            elif is_permanent(exc) and len(live) > 1:
+            if permanent and not at and len(live) > 1:
                 middle = live[len(live) // 2]
                 pending += [part[middle:], part[:middle]]
                 continue
-            else:
-                at = live if is_permanent(exc) else []
+            if permanent and not at:
+                at = live
             if not at:  # a dependency, or nothing left to blame: the same part again, later
                 wait(exc)
                 pending.append(part)

@@ -48,16 +48,27 @@ class Freshness:
     def __init__(self, bootstrap: str, log_end: Callable[[], dict[int, int]], group: str = ANALYTICS_GROUP):
         self.bootstrap, self.group = bootstrap, group
         self._log_end = log_end
-        self._ends: tuple[float, dict[int, int]] = (0.0, {})
+        self._ends: tuple[float, dict[int, int] | None] = (0.0, None)  # None: Kafka could not say
+        self._refreshing = threading.Lock()
         self._sink: KafkaConsumer | None = None
         self._sink_seen: tuple[float, dict[int, int]] = (0.0, {})
         self._lock = threading.Lock()
 
     def ends(self, max_age_s: float = ENDS_TTL_S) -> dict[int, int]:
+        """The log's end, at most max_age_s old. One caller asks Kafka at a time; the others take
+        the last answer rather than queue behind a slow Kafka (a failure is remembered as long)."""
         at, ends = self._ends
-        if time.monotonic() - at > max_age_s:
-            ends = self._log_end()
-            self._ends = (time.monotonic(), ends)
+        if time.monotonic() - at > max_age_s and self._refreshing.acquire(blocking=at == 0.0 or max_age_s == 0):
+            try:
+                ends = self._log_end()
+            except Exception:
+                ends = None
+                raise
+            finally:
+                self._ends = (time.monotonic(), ends)
+                self._refreshing.release()
+        if ends is None:
+            raise ConnectionError("Kafka did not say where the log ends")
         return ends
 
     def sink_positions(self) -> dict[int, int]:
@@ -101,7 +112,7 @@ class Freshness:
 
     def wait_for_sink(self, timeout_s: float) -> dict[int, int] | None:
         """The sink's positions once they reach the log's end as of now; None if not within timeout_s."""
-        target = self.ends(max_age_s=0.0)
+        target = self.ends(max_age_s=0.0)  # raises if Kafka cannot say: the caller answers 503
         deadline = time.monotonic() + min(timeout_s, MAX_WAIT_S)
         while True:
             positions = self.sink_positions()

@@ -1,4 +1,4 @@
-"""The bounds of every value an event may carry (DESIGN §2.4), in one place.
+"""The bounds of every value an event may carry (DESIGN §2, "Bounds"), in one place.
 
 Two callers check them: the gateway's and SDK's models (schemas.models, on the
 JSON a producer posts) and the router (streams.routing, on every decoded record,
@@ -8,7 +8,11 @@ cannot hold it: PostgreSQL text refuses NUL, its bigint counters overflow,
 ClickHouse's DateTime cannot hold 1900.
 
 The checks on a decoded record run once per event in every worker and sink
-decoder, so they are a few dict lookups and one regex search per string.
+decoder, so they are a few dict lookups and one regex search per string. They
+never read the clock: a replay years later, or a sink behind the worker, must
+refuse exactly the events the live worker refused. So their upper bounds on time
+are fixed (LATEST); "not 5 minutes ahead", "this year" and "two years ahead" are
+the edge's, which checks the event once, when it arrives.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ BIRTH_YEAR_MIN = 1900
 FUTURE_SKEW_S = 300  # occurred_at may run this far ahead of the server clock
 SLOT_AHEAD_S = 2 * 366 * 86400  # an appointment is booked at most two years ahead
 HCM_OFFSET_S = 7 * 3600  # Asia/Ho_Chi_Minh has no DST: "this year" is the year there
+LATEST_MS = 4_102_444_800_000  # 2100-01-01T00:00Z: the router's fixed upper bound (ClickHouse DateTime ends in 2106)
+LATEST_YEAR = 2100
 
 # Per payload field name (the catalog uses each name with one meaning in every type).
 _TEXT_LIMITS = {"reason": TEXT_MAX}
@@ -74,31 +80,38 @@ def text_problem(value: str, limit: int) -> str | None:
 
 
 def occurred_at_problem(ms: int, now_ms: int | None = None) -> str | None:
-    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    """now_ms None: the router's clock-free check (up to LATEST_MS); else the edge's (now + 5 min)."""
     if ms < epoch_ms():
         return f"is before the platform epoch {epoch_text()}"
+    if now_ms is None:
+        return "is after 2100" if ms >= LATEST_MS else None
     if ms > now_ms + FUTURE_SKEW_S * 1000:
         return "is in the future (more than 5 minutes ahead of the server clock)"
     return None
 
 
 def slot_problem(ms: int, now_ms: int | None = None) -> str | None:
-    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     if ms < epoch_ms():
         return f"is before the platform epoch {epoch_text()}"
+    if now_ms is None:
+        return "is after 2100" if ms >= LATEST_MS else None
     if ms > now_ms + SLOT_AHEAD_S * 1000:
         return "is more than two years ahead"
     return None
 
 
-def int_problem(name: str, value: int) -> str | None:
-    """Bounds of the payload's integers, by field name."""
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def int_problem(name: str, value: int, edge: bool = True) -> str | None:
+    """Bounds of the payload's integers, by field name (edge: with "this year", which the router has not)."""
     if name == "doses":
         lo, hi = 1, MAX_DOSES
     elif name == "dose_number":
         lo, hi = DOSE_NUMBER
     elif name == "birth_year":
-        lo, hi = BIRTH_YEAR_MIN, this_year()
+        lo, hi = BIRTH_YEAR_MIN, this_year() if edge else LATEST_YEAR
     else:
         return None
     if not lo <= value <= hi:
@@ -107,7 +120,9 @@ def int_problem(name: str, value: int) -> str | None:
 
 
 def record_problem(event: dict[str, Any], now_ms: int | None = None) -> str | None:
-    """The first bound a decoded Avro record breaks, as "field: reason"; None if it keeps them all."""
+    """The first bound a decoded Avro record breaks, as "field: reason"; None if it keeps them all.
+
+    now_ms None (the router): only the clock-free bounds. The SDK passes the time."""
     occurred = event.get("occurred_at")
     if isinstance(occurred, int):  # datetimes (a logical-types codec) are the caller's to check
         problem = occurred_at_problem(occurred, now_ms)
@@ -133,7 +148,9 @@ def record_problem(event: dict[str, Any], now_ms: int | None = None) -> str | No
         elif isinstance(value, bool) or value is None:
             continue
         elif isinstance(value, int):
-            problem = slot_problem(value, now_ms) if name in _TIMESTAMPS else int_problem(name, value)
+            problem = (
+                slot_problem(value, now_ms) if name in _TIMESTAMPS else int_problem(name, value, now_ms is not None)
+            )
         elif isinstance(value, list):
             problem = list_problem(name, value)
         else:

@@ -9,8 +9,9 @@ data and the other way round. Only the catalog's events are decoded: a writer
 schema must name one of its records and be registered under that record's
 subject, else every message written with it fails with that reason (a schema
 anyone could register is never compiled into the worker). Names outside Avro's
-grammar are refused before any code is generated, and one message decodes to at
-most MAX_MESSAGE_BYTES of input and avro_codegen.MAX_ITEMS items.
+grammar are refused before any code is generated, one message decodes to at most
+avro_codegen.MAX_ITEMS items, and the batch decode of the worker and the sink
+(decode_many_lenient) refuses a message over MAX_MESSAGE_BYTES.
 
 Speed: the per-schema work (fetching, parsing, resolving) happens once; the
 per-message work is straight-line Python generated for the schema
@@ -61,7 +62,9 @@ from schemas.avro_codegen import (
 from schemas.registry_client import RegistryError
 
 MAGIC = 0
-MAX_MESSAGE_BYTES = 1024 * 1024  # Kafka's default message.max.bytes; the gateway never produces more
+# Above any message.max.bytes the stack configures (the gateway's NHDP_KAFKA_MAX_MESSAGE_BYTES defaults to 1 MiB):
+# a bound on one message's decoding work, not a second size rule.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 HEADER_SIZE = 5
 
 # What generated (and fallback) decoders can raise on bad bytes. RegistryError is
@@ -339,21 +342,23 @@ class Codec:
         name = _full_name(writer)
         reader = self._readers.get(name) if name else None
         event_type = catalog.event_type_of(name) if reader is not None and name else None
+        # Outside the try: a registry that cannot answer must raise (the batch is retried), never
+        # leave a decoder cached for this id that skipped the check.
+        refused = None
+        if event_type is None:
+            refused = f"it writes {str(name)[:80]!r}, which is not an event of the catalog"
+        elif not self.cache.registered_under(schema_id, catalog.subject_for(event_type)):
+            refused = f"it is not registered under the subject {catalog.subject_for(event_type)}"
         try:
-            if event_type is None:
-                raise InvalidSchema(f"it writes {str(name)[:80]!r}, which is not an event of the catalog")
-            if not self.cache.registered_under(schema_id, catalog.subject_for(event_type)):
-                raise InvalidSchema(f"it is not registered under the subject {catalog.subject_for(event_type)}")
+            if refused:
+                raise InvalidSchema(refused)
             dec = compile_decoder(writer, reader, logical_types=self.logical_types)
         except InvalidSchema as e:
             dec = _failing_decoder(f"refused writer schema: {e}")
         except ResolutionError as e:
             dec = _failing_decoder(f"cannot resolve the writer schema to this reader's {name}: {e}")
-        except Exception:  # Unsupported, or a schema the generator chokes on
-            try:
-                dec = _fastavro_decoder(writer, reader, self.logical_types)
-            except Exception as e:
-                dec = _failing_decoder(f"the writer schema is unusable: {type(e).__name__}: {e}")
+        except Exception as e:  # Unsupported: fastavro would decode it without the item cap, so it is refused
+            dec = _failing_decoder(f"refused writer schema: {type(e).__name__}: {e}")
         self._decoders[data[:HEADER_SIZE]] = dec
         return dec
 

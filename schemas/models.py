@@ -165,14 +165,14 @@ def _timestamp(v: Any) -> datetime:
 
 
 def _occurred(v: datetime) -> datetime:
-    problem = bounds.occurred_at_problem(to_epoch_millis(v))
+    problem = bounds.occurred_at_problem(to_epoch_millis(v), bounds.now_ms())
     if problem:
         raise _fail(problem)
     return v
 
 
 def _slot(v: datetime) -> datetime:
-    problem = bounds.slot_problem(to_epoch_millis(v))
+    problem = bounds.slot_problem(to_epoch_millis(v), bounds.now_ms())
     if problem:
         raise _fail(problem)
     return v

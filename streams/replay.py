@@ -75,7 +75,12 @@ def rebuild(
     applier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay-apply")
     pending: Future | None = None
 
+    failures = [0]
+
     def wait(exc: BaseException) -> None:
+        failures[0] += 1
+        if failures[0] > 30:  # a replay is a tool run by hand: after ~30 s it says why, it does not hang
+            raise exc
         log.warning("replay batch failed (%s); retrying in 1s", exc)
         time.sleep(1.0)
 

@@ -252,7 +252,7 @@ def create_app(
         def reject(entry, reason: str) -> None:
             m = by_position[(entry[1], entry[2])]
             log.warning("dead-lettering %s[%d]@%d: %s", m.topic, m.partition, m.offset, reason)
-            asyncio.run_coroutine_threadsafe(dead_letter(app_, m, reason), loop).result()
+            asyncio.run_coroutine_threadsafe(dead_letter(app_, m, reason), loop).result(timeout=60)
 
         def wait(exc: BaseException) -> None:
             RETRIES.inc()

@@ -325,7 +325,11 @@ class Runner:
             future = self._decoder_pool().submit(
                 decode_and_shape, [e[3] for e in live], [e[1] for e in live], [e[2] for e in live], self._block_types
             )
-            data, good = future.result()
+            try:
+                data, good = future.result()
+            except BrokenProcessPool as exc:  # as in _advance: a new pool decodes it again
+                self._decoder = None
+                raise OSError(f"the sink's decoding process died: {exc}") from exc
             planned = self.sink.plan(_unpickled(data), good, None)
             self._write(planned)
 

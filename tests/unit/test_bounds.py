@@ -59,7 +59,7 @@ def test_the_router_refuses_what_the_stores_cannot_hold(rec, reason):
 @pytest.mark.parametrize(
     "change, reason",
     [
-        ({"occurred_at": NOW_MS + 10 * 60_000}, "occurred_at: is in the future"),
+        ({"occurred_at": NOW_MS + 10 * 60_000}, "occurred_at: is in the future"),  # the edge's check
         ({"source": "x" * 65}, "source: must be 1 to 64 characters"),
         ({"source": "evil\u202etxt"}, "source: must not contain control or bidirectional-override"),
         ({"trace_id": "a b"}, "trace_id: must be 1 to 128 characters"),
@@ -68,7 +68,19 @@ def test_the_router_refuses_what_the_stores_cannot_hold(rec, reason):
     ],
 )
 def test_the_envelope_bounds(change, reason):
-    assert bounds.record_problem(record("DoseAdministered", DOSE) | change).startswith(reason)
+    assert bounds.record_problem(record("DoseAdministered", DOSE) | change, NOW_MS).startswith(reason)
+
+
+def test_the_router_never_reads_the_clock():
+    # A replay years later refuses exactly what the live worker refused: only fixed bounds.
+    ahead = record("DoseAdministered", DOSE, occurred_at=NOW_MS + 10 * 60_000)
+    assert semantic_error(ahead) is None
+    assert (
+        semantic_error(record("DoseAdministered", DOSE, occurred_at=bounds.LATEST_MS)) == "occurred_at: is after 2100"
+    )
+    born = {"birth_year": 2099, "sex": "female", "priority_group": "general", "channel": "app"}
+    assert semantic_error(record("VaccinationRegistered", born)) is None
+    assert bounds.record_problem(record("VaccinationRegistered", born), NOW_MS).startswith("payload.birth_year")
 
 
 def test_payload_bounds_by_field():
@@ -170,5 +182,5 @@ def test_foreign_record_names_are_never_decoded():
 
 
 def test_oversized_messages_are_refused_before_decoding():
-    [result] = Codec.with_known_schemas({}).decode_many_lenient([b"\x00" * (2 * 1024 * 1024)])
-    assert isinstance(result, CodecError) and "at most 1,048,576 are read" in str(result)
+    [result] = Codec.with_known_schemas({}).decode_many_lenient([b"\x00" * (17 * 1024 * 1024)])
+    assert isinstance(result, CodecError) and "at most 16,777,216 are read" in str(result)

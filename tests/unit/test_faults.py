@@ -81,3 +81,17 @@ def test_freshness_positions_and_lag():
     assert behind({0: 15, 1: 40, 2: 3}, {0: 12, 1: 41}) == 3 + 0 + 3
     assert reached({0: 15, 1: 40}, {0: 15, 1: 39})
     assert not reached({0: 15}, {0: 15, 1: 1})
+
+
+def test_a_batch_refused_everywhere_is_not_dead_lettered_one_by_one():
+    # Every event refused: a cause outside the events. After MAX_REJECTS it waits as for an outage.
+    from projections.faults import MAX_REJECTS
+
+    store, rejected = Store(poison={f"e{i}" for i in range(100)}), []
+
+    def give_up(exc):
+        raise TimeoutError("the test stops the wait")
+
+    with pytest.raises(TimeoutError):
+        apply_isolating(store.apply, batch(100), lambda e, r: rejected.append(e), give_up)
+    assert len(rejected) == MAX_REJECTS
