@@ -109,9 +109,11 @@ async def call(request: Request, method: str, *, wait: float | None = None, **kw
             if positions is None:
                 return _error(503, f"the analytics store has not caught up with the log within {wait:g} s; retry later")
         else:
-            positions = await to_thread.run_sync(freshness.recent_sink_positions, limiter=_threads(request))
+            positions = None
 
-        def answer():  # the headers too off the event loop: they may ask Kafka for the log's end
+        def answer(positions=positions):  # one thread hop; the headers too may ask Kafka
+            if positions is None:  # read before the query: the answer reflects at least these
+                positions = freshness.recent_sink_positions()
             result = fn(**kwargs)
             return result, freshness.headers("analytics", positions) if positions is not None else {}
 

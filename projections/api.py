@@ -23,11 +23,12 @@ from infra.settings import Settings
 from projections import analytics_api
 from projections.freshness import Freshness
 from projections.postgres import read_models
-from projections.postgres.tracking import applied, next_offsets
+from projections.postgres.tracking import LAG_TOPICS, applied, lag_of, next_offsets
 from schemas.ids import is_subject_id
-from schemas.log import LogEnds
+from schemas.log import GroupPositions, LogEnds
+from schemas.log import lag as log_lag
 from schemas.reference import provinces
-from schemas.topics import TOPIC_DLQ, TOPIC_EVENTS
+from schemas.topics import ANALYTICS_GROUP, TOPIC_EVENTS
 
 NAMESPACE = "proj"
 
@@ -51,8 +52,9 @@ class Queries:
         self.populations = {code: p.population for code, p in provinces().items()}
         self.live = Coalescer()
         self.log_ends = LogEnds(settings.kafka_bootstrap_servers)
+        self.sink_positions = GroupPositions(settings.kafka_bootstrap_servers, ANALYTICS_GROUP)
         self.freshness = Freshness(
-            settings.kafka_bootstrap_servers, lambda: {p: o for (_, p), o in self.log_ends((TOPIC_EVENTS,)).items()}
+            lambda: {p: o for (_, p), o in self.log_ends((TOPIC_EVENTS,)).items()}, self.sink_positions
         )
         self._lag: asyncio.Future | None = None
 
@@ -73,13 +75,11 @@ class Queries:
         tracking.consumer_lag counts them, from long-lived Kafka clients rather than new ones per scrape."""
         with self.pool.connection() as conn:
             done = applied(conn, NAMESPACE)
-        ends = self.log_ends((TOPIC_EVENTS, TOPIC_DLQ))
-        events = {p: off for (t, p), off in ends.items() if t == TOPIC_EVENTS}
-        lag = {p: end - (done.get(p, -1) + 1) for p, end in events.items()}
-        dlq = sum(off for (t, _), off in ends.items() if t == TOPIC_DLQ)
-        sink = self.freshness.sink_positions()
-        sink_lag = {p: max(0, end - sink.get(p, 0)) for p, end in events.items()}
-        return lag, sum(done.get(p, -1) + 1 for p in events), dlq, sink_lag
+        sink = self.freshness.sink_positions()  # both before the ends: no lag comes out negative
+        ends = self.log_ends(LAG_TOPICS)
+        lag, applied_count, dlq = lag_of(ends, done)
+        sink_lag = log_lag({p: off for (t, p), off in ends.items() if t == TOPIC_EVENTS}, sink)
+        return lag, applied_count, dlq, sink_lag
 
     async def shared_lag(self) -> tuple[dict[int, int], int, int, dict[int, int]]:
         """lag() with one computation in flight: scrapes that arrive meanwhile share it, so
@@ -89,7 +89,7 @@ class Queries:
         return await asyncio.shield(self._lag)
 
     def close(self) -> None:
-        self.freshness.close()
+        self.sink_positions.close()
         self.log_ends.close()
         self.pool.close()
 

@@ -18,10 +18,6 @@ import threading
 import time
 from collections.abc import Callable
 
-from kafka import KafkaConsumer, TopicPartition
-
-from schemas.topics import ANALYTICS_GROUP, TOPIC_EVENTS
-
 HEADER_STORE = "NHDP-Store"  # projections (PostgreSQL, live) or analytics (ClickHouse)
 HEADER_POSITIONS = "NHDP-Positions"  # partition:next offset, the prefix of the log the answer reflects
 HEADER_LAG = "NHDP-Lag"  # messages of health.events past those positions (at most ENDS_TTL_S old)
@@ -43,16 +39,13 @@ def reached(positions: dict[int, int], target: dict[int, int]) -> bool:
 
 
 class Freshness:
-    """The log's end and the sink's committed positions, from two long-lived Kafka clients."""
+    """The log's end and the sink's committed positions (schemas.log's long-lived clients), cached."""
 
-    def __init__(self, bootstrap: str, log_end: Callable[[], dict[int, int]], group: str = ANALYTICS_GROUP):
-        self.bootstrap, self.group = bootstrap, group
-        self._log_end = log_end
+    def __init__(self, log_end: Callable[[], dict[int, int]], sink_positions: Callable[[], dict[int, int]]):
+        self._log_end, self._sink_positions = log_end, sink_positions
         self._ends: tuple[float, dict[int, int] | None] = (0.0, None)  # None: Kafka could not say
         self._refreshing = threading.Lock()
-        self._sink: KafkaConsumer | None = None
         self._sink_seen: tuple[float, dict[int, int]] = (0.0, {})
-        self._lock = threading.Lock()
 
     def ends(self, max_age_s: float = ENDS_TTL_S) -> dict[int, int]:
         """The log's end, at most max_age_s old. One caller asks Kafka at a time; the others take
@@ -73,22 +66,9 @@ class Freshness:
 
     def sink_positions(self) -> dict[int, int]:
         """The next offset the sink will write, per partition (its committed offsets)."""
-        with self._lock:
-            if self._sink is None:
-                self._sink = KafkaConsumer(
-                    bootstrap_servers=self.bootstrap,
-                    group_id=self.group,
-                    enable_auto_commit=False,
-                    request_timeout_ms=10_000,
-                )
-            try:
-                parts = sorted(self._sink.partitions_for_topic(TOPIC_EVENTS) or [])
-                positions = {p: self._sink.committed(TopicPartition(TOPIC_EVENTS, p)) or 0 for p in parts}
-                self._sink_seen = (time.monotonic(), positions)
-                return positions
-            except Exception:
-                self._close()
-                raise
+        positions = self._sink_positions()
+        self._sink_seen = (time.monotonic(), positions)
+        return positions
 
     def recent_sink_positions(self, max_age_s: float = ENDS_TTL_S) -> dict[int, int] | None:
         """sink_positions() at most max_age_s old (a lower bound of what the store holds), or None
@@ -121,12 +101,3 @@ class Freshness:
             if time.monotonic() >= deadline:
                 return None
             time.sleep(POLL_S)
-
-    def _close(self) -> None:
-        sink, self._sink = self._sink, None
-        if sink is not None:
-            sink.close(autocommit=False)
-
-    def close(self) -> None:
-        with self._lock:
-            self._close()

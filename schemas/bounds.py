@@ -79,25 +79,21 @@ def text_problem(value: str, limit: int) -> str | None:
     return None
 
 
-def occurred_at_problem(ms: int, now_ms: int | None = None) -> str | None:
-    """now_ms None: the router's clock-free check (up to LATEST_MS); else the edge's (now + 5 min)."""
+def _time_problem(ms: int, now_ms: int | None, ahead_s: int, too_far: str) -> str | None:
+    """now_ms None: the router's clock-free check (up to LATEST_MS); else the edge's (now + ahead_s)."""
     if ms < epoch_ms():
         return f"is before the platform epoch {epoch_text()}"
     if now_ms is None:
         return "is after 2100" if ms >= LATEST_MS else None
-    if ms > now_ms + FUTURE_SKEW_S * 1000:
-        return "is in the future (more than 5 minutes ahead of the server clock)"
-    return None
+    return too_far if ms > now_ms + ahead_s * 1000 else None
+
+
+def occurred_at_problem(ms: int, now_ms: int | None = None) -> str | None:
+    return _time_problem(ms, now_ms, FUTURE_SKEW_S, "is in the future (more than 5 minutes ahead of the server clock)")
 
 
 def slot_problem(ms: int, now_ms: int | None = None) -> str | None:
-    if ms < epoch_ms():
-        return f"is before the platform epoch {epoch_text()}"
-    if now_ms is None:
-        return "is after 2100" if ms >= LATEST_MS else None
-    if ms > now_ms + SLOT_AHEAD_S * 1000:
-        return "is more than two years ahead"
-    return None
+    return _time_problem(ms, now_ms, SLOT_AHEAD_S, "is more than two years ahead")
 
 
 def now_ms() -> int:

@@ -120,9 +120,11 @@ class SchemaCache:
         for schema_id, schema in (known or {}).items():
             self.put(schema_id, schema)
 
-    def put(self, schema_id: int, schema: dict[str, Any]) -> None:
+    def put(self, schema_id: int, schema: dict[str, Any], *, trusted: bool = True) -> None:
+        """trusted: given to the cache (known schemas), so no registry subject check is asked for."""
         self._by_id[schema_id] = schema
-        self._subjects.setdefault(schema_id, None)
+        if trusted:
+            self._subjects.setdefault(schema_id, None)
         self._by_canonical.setdefault(catalog.canonical(schema), schema_id)
 
     def get(self, schema_id: int) -> dict[str, Any]:
@@ -138,8 +140,7 @@ class SchemaCache:
             if e.not_found:
                 raise CodecError(f"unknown schema id {schema_id}: not in the registry", schema_id=schema_id) from e
             raise
-        self._by_id[schema_id] = schema
-        self._by_canonical.setdefault(catalog.canonical(schema), schema_id)
+        self.put(schema_id, schema, trusted=False)
         return schema
 
     def registered_under(self, schema_id: int, subject: str) -> bool:

@@ -1,7 +1,7 @@
 """Reading the log's positions: where it ends, where a group stands, and a fixed prefix of it.
 
 The one place that asks Kafka for offsets (kafka-python clients, closed
-after each question, except LogEnds's): the projections' lag, the sink's lag,
+after each question, except the long-lived ones of LogEnds and GroupPositions): the projections' lag, the sink's lag,
 `verify`, replay and the benchmarks all read positions through these.
 """
 
@@ -28,24 +28,25 @@ def end_offsets(bootstrap: str, topics: tuple[str, ...] = (TOPIC_EVENTS,)) -> di
         consumer.close()
 
 
-class LogEnds:
-    """end_offsets from one long-lived client, for a question asked again and again
-    (every /metrics scrape): a client per question costs a connection, a metadata
-    round trip and a socket left in TIME_WAIT each time. Callers take turns; after an
-    error the client is dropped and the next question opens a fresh one."""
+class _LongLived:
+    """One kafka-python client kept for a question asked again and again (every /metrics scrape,
+    every analytics answer): a client per question costs a connection, a metadata round trip
+    and a socket left in TIME_WAIT each time. Callers take turns; after an error the client is
+    dropped and the next question opens a fresh one."""
 
-    def __init__(self, bootstrap: str):
-        self.bootstrap = bootstrap
+    def __init__(self, bootstrap: str, **config):
+        self.bootstrap, self._config = bootstrap, config
         self._consumer: KafkaConsumer | None = None
         self._lock = threading.Lock()
 
-    def __call__(self, topics: tuple[str, ...] = (TOPIC_EVENTS,)) -> dict[tuple[str, int], int]:
+    def _ask(self, question):
         with self._lock:
             if self._consumer is None:
-                self._consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000)
+                self._consumer = KafkaConsumer(
+                    bootstrap_servers=self.bootstrap, request_timeout_ms=10_000, **self._config
+                )
             try:
-                parts = [tp for topic in topics for tp in _partitions(self._consumer, topic)]
-                return {(tp.topic, tp.partition): off for tp, off in self._consumer.end_offsets(parts).items()}
+                return question(self._consumer)
             except Exception:
                 self._close()
                 raise
@@ -53,11 +54,34 @@ class LogEnds:
     def _close(self) -> None:
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
-            consumer.close()
+            consumer.close(autocommit=False)
 
     def close(self) -> None:
         with self._lock:
             self._close()
+
+
+class LogEnds(_LongLived):
+    """end_offsets, from one long-lived client."""
+
+    def __call__(self, topics: tuple[str, ...] = (TOPIC_EVENTS,)) -> dict[tuple[str, int], int]:
+        def question(consumer: KafkaConsumer) -> dict[tuple[str, int], int]:
+            parts = [tp for topic in topics for tp in _partitions(consumer, topic)]
+            return {(tp.topic, tp.partition): off for tp, off in consumer.end_offsets(parts).items()}
+
+        return self._ask(question)
+
+
+class GroupPositions(_LongLived):
+    """group_positions, from one long-lived client (it never joins the group: committed() only asks)."""
+
+    def __init__(self, bootstrap: str, group: str):
+        super().__init__(bootstrap, group_id=group, enable_auto_commit=False)
+
+    def __call__(self, topic: str = TOPIC_EVENTS) -> dict[int, int]:
+        return self._ask(
+            lambda consumer: {tp.partition: consumer.committed(tp) or 0 for tp in _partitions(consumer, topic)}
+        )
 
 
 def log_end(bootstrap: str, topic: str = TOPIC_EVENTS) -> dict[int, int]:

@@ -13,6 +13,7 @@ from typing import Any
 from schemas.log import end_offsets
 from schemas.topics import PROJECTOR_GROUP, TOPIC_DLQ, TOPIC_EVENTS
 
+LAG_TOPICS = (TOPIC_EVENTS, TOPIC_DLQ)
 _APPLIED_SQL = 'SELECT partition, "offset" FROM {ns}.tracking WHERE consumer_group = %s AND topic = %s'
 
 
@@ -35,8 +36,12 @@ def consumer_lag(
     bootstrap: str, conn: Any, namespace: str = "proj", group: str = PROJECTOR_GROUP
 ) -> tuple[dict[int, int], int, int]:
     """(lag per partition, messages applied, DLQ size): Kafka's end offsets against the tracking record."""
-    done = applied(conn, namespace, group)
-    ends = end_offsets(bootstrap, (TOPIC_EVENTS, TOPIC_DLQ))
+    done = applied(conn, namespace, group)  # before the ends, so that no lag comes out negative
+    return lag_of(end_offsets(bootstrap, LAG_TOPICS), done)
+
+
+def lag_of(ends: dict[tuple[str, int], int], done: dict[int, int]) -> tuple[dict[int, int], int, int]:
+    """consumer_lag's answer from the end offsets of LAG_TOPICS and the tracking record."""
     events = {p: off for (t, p), off in ends.items() if t == TOPIC_EVENTS}
     lag = {p: end - (done.get(p, -1) + 1) for p, end in events.items()}
     dlq = sum(off for (t, _), off in ends.items() if t == TOPIC_DLQ)
