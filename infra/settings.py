@@ -11,9 +11,10 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from infra.secrets import Secrets
 from infra.tools import server_binary
 
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -79,6 +80,12 @@ class Settings(BaseSettings):
     analytics_max_rows_to_read: int = Field(default=2_000_000_000, ge=1)
 
     pseudonym_secret: str = LOCAL_DEV_SECRET
+
+    # Who this process is to Kafka and the schema registry (DESIGN §8): `admin` for the `nhdp`
+    # command, one least-privileged principal per service (the local stack sets it per process).
+    principal: str = Field(default="admin", pattern=r"^[a-z][a-z0-9_]{0,63}$")
+    # Its password. Unset on the local stack: generated into <data>/secrets/ (infra/secrets.py).
+    principal_password: SecretStr | None = None
 
     # Resolved Kafka jars; defaults to <data_dir>/cache. Tests share the checkout's cache.
     jar_cache: Path | None = None
@@ -149,11 +156,41 @@ class Settings(BaseSettings):
         """These settings as NHDP_* variables, for the child processes we start."""
         env = {}
         for name, value in self.model_dump(by_alias=False).items():
-            if value is None:
-                continue
+            if value is None or isinstance(getattr(self, name), SecretStr):
+                continue  # a child reads its secrets itself, never from its parent's environment
             key = "NHDP_REGISTRY_URL" if name == "registry_url_override" else f"NHDP_{name.upper()}"
             env[key] = str(value)
         return env
+
+    # -- secrets ------------------------------------------------------------------
+    @property
+    def secrets(self) -> Secrets:
+        """The local stack's generated secrets (0600 files in <data>/secrets)."""
+        return self.secrets_for(self.data_dir)
+
+    @staticmethod
+    def secrets_for(data_dir: Path) -> Secrets:
+        return Secrets(data_dir / "secrets")
+
+    def password_of(self, principal: str) -> str:
+        """A principal's password: NHDP_PRINCIPAL_PASSWORD for this process's own, else the local store's."""
+        if principal == self.principal and self.principal_password is not None:
+            return self.principal_password.get_secret_value()
+        if self.env != "local":
+            raise ConfigError(
+                f"NHDP_PRINCIPAL_PASSWORD must be set for principal {principal!r} when NHDP_ENV is {self.env!r}: "
+                "generated secrets exist only on the local stack"
+            )
+        return self.secrets.get(f"principal-{principal}")
+
+    @property
+    def password(self) -> str:
+        """This process's own password (Kafka SASL/SCRAM, the registry's basic auth)."""
+        return self.password_of(self.principal)
+
+    def as_principal(self, principal: str) -> Settings:
+        """The same settings for another principal (a service the local stack starts, a test client)."""
+        return self.model_copy(update={"principal": principal, "principal_password": None})
 
     # -- local folders ----------------------------------------------------------
     @property
