@@ -478,7 +478,7 @@ def measure_parts(settings, name: str, url: str, n: int, tmp: Path) -> dict:
     while len(records) < n:
         records += [r for rs in consumer.poll(timeout_ms=2000).values() for r in rs]
     consumer.close()
-    router = Router(Codec(RegistryClient(settings.registry_url)))
+    router = Router(Codec(RegistryClient.for_settings(settings)))
     t = time.perf_counter()
     decoded = []
     for i in range(0, len(records), 10_000):

@@ -124,7 +124,7 @@ def rebuild(
     events = 0
     try:
         sink = Sink(store)
-        router = Router(Codec(RegistryClient(settings.registry_url)))
+        router = Router(Codec(RegistryClient.for_settings(settings)))
         buffer: list = []
 
         def flush() -> None:

@@ -233,7 +233,7 @@ class Runner:
                 max_workers=self.settings.sink_decoders,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_start_decoder,
-                initargs=(self.settings.registry_url,),
+                initargs=(self.settings,),  # pickled through the pool's pipe, never the environment
             )
         return self._decoder
 

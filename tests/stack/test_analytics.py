@@ -496,7 +496,7 @@ def test_a_void_makes_its_doses_day_stale_until_recomputed(world):
     url = world.settings.analytics_url().rsplit("/", 1)[0] + "/nhdp_test_doses_void"
     _reset_database(url)
     records = _first_records(world.settings, 5_000)
-    good, _ = Router(Codec(RegistryClient(world.settings.registry_url))).split([r.value for r in records])
+    good, _ = Router(Codec(RegistryClient.for_settings(world.settings))).split([r.value for r in records])
     dose = next(ev for _, ev in good if ev["event_type"] == "DoseAdministered")
     store = open_store(url)
     try:
@@ -603,7 +603,7 @@ def test_chdb_same_batch_again_and_whole_log_again_count_once(world):
     store = world.chdb_store
     world.stop_chdb_sink()  # one writer at a time
     records = _first_records(world.settings, 12_000)
-    good, _ = Router(Codec(RegistryClient(world.settings.registry_url))).split([r.value for r in records])
+    good, _ = Router(Codec(RegistryClient.for_settings(world.settings))).split([r.value for r in records])
     batch = [(records[i].partition, records[i].offset, ev) for i, ev in good]
     store.execute("SYSTEM STOP MERGES events")
     try:
@@ -831,7 +831,7 @@ def test_planning_while_the_batch_before_is_written_gives_the_same_figures(world
     Over the whole log in small batches (so voids, their targets and people's later doses fall in
     consecutive batches), that gives exactly what planning after each write gives."""
     records = _first_records(world.settings, 10**9)
-    good, _ = Router(Codec(RegistryClient(world.settings.registry_url))).split([r.value for r in records])
+    good, _ = Router(Codec(RegistryClient.for_settings(world.settings))).split([r.value for r in records])
     messages = [(records[i].partition, records[i].offset, ev) for i, ev in good]
     batches = [messages[i : i + 300] for i in range(0, len(messages), 300)]
     figures = []
