@@ -160,7 +160,7 @@ def migrate_analytics(settings: Settings) -> None:
     """The analytics schema (versioned migrations) on the local server; chDB's owner, the sink, migrates itself."""
 
     clickhouse.ensure_database(settings)
-    ensure_schema(settings.analytics_url())
+    ensure_schema(settings.analytics_url(), settings.analytics_password())
 
 
 def api_service(settings: Settings) -> Managed:

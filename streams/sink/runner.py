@@ -277,7 +277,9 @@ class Runner:
 
     def _write(self, planned: Planned) -> BatchStats:
         if self._write_store is None:  # its own connection: the next batch's reads need not wait for it
-            self._write_store = open_store(self.sink.store.url, purpose="nhdp sink (writer thread)")
+            self._write_store = open_store(
+                self.sink.store.url, purpose="nhdp sink (writer thread)", password=self.settings.analytics_password()
+            )
         return self.sink.write(planned, self._write_store)
 
     def _finish(self, consumer) -> bool:
