@@ -85,6 +85,7 @@ class Engines:
     def __init__(self, names: list[str], tmp: Path, database: str = "bench"):
         self.tmp, self.database, self.service = tmp, database, None
         self.urls: dict[str, str] = {}
+        self.password: str | None = None  # the server's; chDB has none
         if "clickhouse" in names and server_binary():
             tcp, http = free_ports(2)
             settings = Settings(
@@ -98,6 +99,7 @@ class Engines:
             self.service.start(timeout_s=120)
             ensure_database(settings)
             self.urls["clickhouse"] = settings.analytics_url()
+            self.password = settings.analytics_password()
         if "chdb" in names:
             self.urls["chdb"] = f"chdb://{tmp / 'chdb'}?database={database}"
 
@@ -315,7 +317,7 @@ def bench_queries(args) -> None:
         try:
             for name, url in engines.urls.items():
                 print(f"{name}: generating {args.events:,} events in the engine")
-                store = open_store(url, purpose="bench")
+                store = open_store(url, purpose="bench", password=engines.password)
                 try:
                     migrate(store)
                     started = time.perf_counter()
@@ -413,7 +415,7 @@ def wait_for_merges(settings, timeout_s: float = 120) -> None:
     """Until the local server runs no merge (what an earlier run wrote is merged in the background)."""
     if not server_binary():
         return
-    store = open_store(settings.analytics_url(), purpose="bench sink")
+    store = open_store(settings.analytics_url(), password=settings.analytics_password(), purpose="bench sink")
     try:
         deadline = time.monotonic() + timeout_s
         while store.execute("SELECT count() FROM system.merges")[0][0] and time.monotonic() < deadline:
@@ -428,7 +430,7 @@ def run_sink(settings, name: str, url: str, n: int) -> dict:
     from streams.sink.audit import sink_lag
     from streams.sink.runner import Runner
 
-    store = open_store(url, purpose="bench sink")
+    store = open_store(url, purpose="bench sink", password=settings.analytics_password())
     try:
         runner = Runner(settings, Sink(store), group=f"bench-{name}")
         thread = threading.Thread(target=runner.run, daemon=True)
@@ -478,7 +480,7 @@ def measure_parts(settings, name: str, url: str, n: int, tmp: Path) -> dict:
     while len(records) < n:
         records += [r for rs in consumer.poll(timeout_ms=2000).values() for r in rs]
     consumer.close()
-    router = Router(Codec(RegistryClient(settings.registry_url)))
+    router = Router(Codec(RegistryClient.for_settings(settings)))
     t = time.perf_counter()
     decoded = []
     for i in range(0, len(records), 10_000):
@@ -491,9 +493,9 @@ def measure_parts(settings, name: str, url: str, n: int, tmp: Path) -> dict:
         if name == "chdb"
         else f"clickhouse://127.0.0.1:{settings.clickhouse_port}/bench_write"
     )
-    with open_store(url, purpose="bench sink") as store:
+    with open_store(url, purpose="bench sink", password=settings.analytics_password()) as store:
         store.execute("CREATE DATABASE IF NOT EXISTS bench_write")
-    wstore = open_store(wurl, purpose="bench sink")
+    wstore = open_store(wurl, purpose="bench sink", password=settings.analytics_password())
     try:
         sink = Sink(wstore)
         t = time.perf_counter()

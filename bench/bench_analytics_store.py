@@ -103,6 +103,7 @@ def main() -> None:
     datasets = {"datetime": make_rows(args.rows, False), "epoch int": make_rows(args.rows, True)}
     with tempfile.TemporaryDirectory(prefix="nhdp-bench-") as tmp:
         engines = [("chdb 26", f"chdb://{tmp}/chdb?database=bench")]
+        password = None
         service = None
         if server_binary():
             tcp, http = free_ports(2)
@@ -115,10 +116,11 @@ def main() -> None:
             print(f"clickhouse-server cold start: {time.perf_counter() - started:.2f} s")
             ensure_database(settings)
             engines.insert(0, ("clickhouse-server (native)", settings.analytics_url()))
+            password = settings.analytics_password()
         try:
             print(f"{args.rows:,} rows x {len(COLUMNS)} columns, batches of {args.batch:,}")
             for name, url in engines:
-                store = open_store(url, purpose="bench")
+                store = open_store(url, purpose="bench", password=password)
                 try:
                     for kind, rows in datasets.items():
                         rate = bench(store, rows, args.batch)

@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from infra.settings import get_settings
 from schemas import catalog
 from schemas.codec import Codec
 from schemas.models import VACCINES, to_avro_record, validate_event
@@ -135,7 +136,8 @@ def confluent_pair(url: str) -> tuple[Callable, Callable] | None:
         return None
     import json
 
-    client = SchemaRegistryClient({"url": url})
+    settings = get_settings()  # as NHDP_PRINCIPAL (admin on the local stack)
+    client = SchemaRegistryClient({"url": url, "basic.auth.user.info": f"{settings.principal}:{settings.password}"})
     ser = AvroSerializer(
         client,
         json.dumps(catalog.current_schema(EVENT_TYPE)),
@@ -179,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         records = realistic_records(args.events)
 
     if args.registry:
-        registry = RegistryClient(args.registry)
+        settings = get_settings()
+        registry = RegistryClient(args.registry, auth=(settings.principal, settings.password))
         codec = Codec(registry, logical_types=args.logical_types)
         source = f"registry {args.registry}"
     else:

@@ -112,7 +112,7 @@ def encode(settings: Settings, events: list[dict], progress: Progress | None = N
     from schemas.registry_client import RegistryClient
     from schemas.topics import partition_key
 
-    codec = Codec(RegistryClient(settings.registry_url))
+    codec = Codec(RegistryClient.for_settings(settings))
     codec.register_catalog()
     pseudonymiser = Pseudonymiser.from_settings(settings)
     task = progress.add_task("encode (validate, pseudonymise, Avro)", total=len(events)) if progress else None
@@ -324,7 +324,7 @@ def plain_consumer(settings: Settings, limit: int, progress: Progress, timeout_s
     from schemas.registry_client import RegistryClient
     from schemas.topics import TOPIC_EVENTS
 
-    codec = Codec(RegistryClient(settings.registry_url))
+    codec = Codec(RegistryClient.for_settings(settings))
     consumer = KafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap_servers,
         enable_auto_commit=False,

@@ -285,7 +285,7 @@ def bench(settings: Settings, args) -> int:
             validated, errors = validate_event(e)
             assert not errors, errors
             records.append(edge_record(validated, pseudonymiser))
-        codec = Codec(RegistryClient(settings.registry_url))
+        codec = Codec(RegistryClient.for_settings(settings))
         codec.register_catalog()
         values = codec.encode_many([(r["event_type"], r) for r in records])
         keys = [partition_key(r) for r in records]

@@ -9,11 +9,14 @@ always owned by the user that runs it (later releases refuse only a mismatch
 between the two). Its generated config keeps everything under
 `<data>/clickhouse/`, listens on 127.0.0.1 only, opens just the native and HTTP
 ports from the settings, and logs to stdout, which Managed puts in
-`<data>/logs/clickhouse.log`.
+`<data>/logs/clickhouse.log`. The `default` user has a generated password
+(settings.analytics_password()); users.xml holds only its sha256 and is 0600.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 from pathlib import Path
 from string import Template
@@ -56,13 +59,23 @@ def write_config(settings: Settings) -> Path:
         "data_path": escape(str(data)),
         "users_config": escape(str(users)),
         "max_memory_usage": str(MAX_MEMORY_USAGE),
+        "password_sha256_hex": hashlib.sha256((settings.analytics_password() or "").encode()).hexdigest(),
     }
     config = config_path(settings)
     for target, template in ((users, "clickhouse-users.xml.tmpl"), (config, "clickhouse-config.xml.tmpl")):
         text = Template((TEMPLATES / template).read_text()).substitute(values)
         if not target.exists() or target.read_text() != text:
-            target.write_text(text)
+            _write_private(target, text)
     return config
+
+
+def _write_private(path: Path, text: str) -> None:
+    """0600 from its first byte (users.xml holds the password's hash), replaced atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _client(host: str, port: int, database: str = "default", **kwargs):
@@ -78,7 +91,7 @@ def _is_our_server(settings: Settings) -> bool:
     port from being taken for ours; ours then fails with "address in use" and
     Managed reports its log.
     """
-    client = _client("127.0.0.1", settings.clickhouse_port)
+    client = _client("127.0.0.1", settings.clickhouse_port, password=settings.analytics_password() or "")
     try:
         rows = client.execute("SELECT data_path FROM system.databases WHERE name = 'system'")
     finally:
@@ -122,7 +135,7 @@ def ensure_database(settings: Settings) -> None:
         url.hostname or "127.0.0.1",
         url.port or 9000,
         user=url.username or "default",
-        password=url.password or "",
+        password=settings.analytics_password() or url.password or "",
         secure=url.scheme == "clickhouses",
     )
     try:

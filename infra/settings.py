@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import date
 from functools import lru_cache
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     clickhouse_port: int = 9500
     clickhouse_http_port: int = 8523
     clickhouse_db: str = "nhdp"
+    # The server's password for the URL's user (default `default`). Unset on the local stack: generated
+    # into <data>/secrets/clickhouse-default. Never put it in NHDP_CLICKHOUSE_URL: URLs get printed.
+    clickhouse_password: SecretStr | None = None
     # Processes the ClickHouse sink decodes Avro in, beside its own (streams/sink/).
     sink_decoders: int = Field(default=2, ge=1)
 
@@ -126,11 +129,27 @@ class Settings(BaseSettings):
     def postgres_url(self) -> str:
         if self.postgres_dsn:
             return self.postgres_dsn
-        return f"postgresql://nhdp@127.0.0.1:{self.postgres_port}/{self.postgres_db}"
+        return self._local_pg_url("nhdp", self.postgres_db)
 
     @property
     def postgres_admin_url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.postgres_port}/postgres"
+        return self.postgres_admin_url_of("postgres")
+
+    def postgres_admin_url_of(self, database: str) -> str:
+        """The local PostgreSQL's superuser, on `database`."""
+        return self._local_pg_url("postgres", database)
+
+    @property
+    def postgres_passfile(self) -> Path:
+        """libpq's password file for the local PostgreSQL (0600, written by `nhdp up`, infra/postgres.py)."""
+        return self.secrets.folder / "pgpass"
+
+    def _local_pg_url(self, user: str, database: str) -> str:
+        # The password stays in the passfile: the URL, which `nhdp status` prints, only names it.
+        return (
+            f"postgresql://{user}@127.0.0.1:{self.postgres_port}/{database}"
+            f"?passfile={quote(str(self.postgres_passfile.resolve()), safe='/')}"
+        )
 
     @property
     def registry_url(self) -> str:
@@ -147,6 +166,14 @@ class Settings(BaseSettings):
         if server_binary() is not None:
             return f"clickhouse://127.0.0.1:{self.clickhouse_port}/{self.clickhouse_db}"
         return f"chdb://{(self.data_dir / 'chdb').resolve()}"
+
+    def analytics_password(self) -> str | None:
+        """The ClickHouse server's password for this stack (None for chDB, which has no network endpoint)."""
+        if self.clickhouse_password is not None:
+            return self.clickhouse_password.get_secret_value()
+        if self.local_clickhouse_server:
+            return self.secrets.get("clickhouse-default")
+        return None
 
     @property
     def local_clickhouse_server(self) -> bool:

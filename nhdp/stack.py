@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import psycopg
 
 from infra import clickhouse, kafka, postgres
 from infra.process import Managed, ServiceError, dir_size, recorded_process
@@ -30,6 +31,7 @@ from infra.settings import CHECKOUT, Settings
 from infra.supervisor import read_state
 from projections.clickhouse.remote import sink_url_path
 from projections.clickhouse.schema import ensure_schema
+from schemas import principals
 from schemas.codec import Codec
 from schemas.reference import province_codes as codes
 from schemas.registry_client import RegistryClient
@@ -127,7 +129,7 @@ def registry_service(settings: Settings) -> Managed:
         settings.registry_host,
         "--port",
         str(settings.registry_port),
-        ready=lambda: _http_ok(f"{settings.registry_url}/subjects"),
+        ready=lambda: _http_ok(f"{settings.registry_url}/healthz"),  # the one path open without credentials
         port=settings.registry_port,
         url=settings.registry_url,
     )
@@ -158,7 +160,7 @@ def migrate_analytics(settings: Settings) -> None:
     """The analytics schema (versioned migrations) on the local server; chDB's owner, the sink, migrates itself."""
 
     clickhouse.ensure_database(settings)
-    ensure_schema(settings.analytics_url())
+    ensure_schema(settings.analytics_url(), settings.analytics_password())
 
 
 def api_service(settings: Settings) -> Managed:
@@ -190,16 +192,22 @@ def province_codes() -> list[str]:
     return codes()
 
 
+def ensure_principals(settings: Settings) -> None:
+    """Every service principal in access.principals with its password (the registry checks basic auth
+    against it); idempotent, and a second `up` only verifies (schemas/principals.py)."""
+    with psycopg.connect(settings.postgres_url, autocommit=True) as conn:
+        principals.ensure_services(conn, settings.password_of)
+
+
 def steps(settings: Settings) -> list[Step]:
     out: list[Step] = []
     if settings.local_postgres:
-        out.append(
-            Step(
-                postgres.service(settings),
-                lambda: postgres.prepare(settings),
-                lambda: postgres.ensure_database(settings),
-            )
-        )
+
+        def after_postgres() -> None:
+            postgres.ensure_database(settings)
+            ensure_principals(settings)
+
+        out.append(Step(postgres.service(settings), lambda: postgres.prepare(settings), after_postgres))
     out.append(
         Step(
             kafka.service(settings),
@@ -209,7 +217,9 @@ def steps(settings: Settings) -> list[Step]:
     )
     if settings.local_clickhouse_server:
         out.append(Step(clickhouse.server_service(settings), lambda: None, lambda: migrate_analytics(settings)))
-    out.append(Step(registry_service(settings), lambda: None, lambda: register_catalog(settings)))
+    # With an external PostgreSQL there is no PostgreSQL step: the principals are written here.
+    prepare_registry = (lambda: None) if settings.local_postgres else (lambda: ensure_principals(settings))
+    out.append(Step(registry_service(settings), prepare_registry, lambda: register_catalog(settings)))
     out.append(Step(worker_service(settings), retry=True))
     out.append(Step(sink_service(settings), retry=True))  # kafka-python's group join can stall too
     out.append(Step(api_service(settings)))
@@ -217,7 +227,7 @@ def steps(settings: Settings) -> list[Step]:
 
 
 def register_catalog(settings: Settings) -> None:
-    Codec(RegistryClient(settings.registry_url)).register_catalog()
+    Codec(RegistryClient.for_settings(settings)).register_catalog()  # `nhdp` runs as admin
 
 
 def up(

@@ -75,7 +75,7 @@ class EventProducer:
     ):
         self.topic = topic
         self.source = source
-        self.codec = codec or Codec(RegistryClient(settings.registry_url))
+        self.codec = codec or Codec(RegistryClient.for_settings(settings))
         self.codec.register_catalog()
         config = dict(
             bootstrap_servers=settings.kafka_bootstrap_servers,

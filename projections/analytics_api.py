@@ -59,7 +59,13 @@ def open_analytics(settings: Settings, cls: type[Analytics] = Analytics) -> Anal
     url = settings.analytics_url()
     if url.startswith("chdb:"):
         return analytics_for(settings)
-    pool = StorePool(url, size=settings.analytics_connections, purpose="nhdp api", wait_s=settings.analytics_wait_s)
+    pool = StorePool(
+        url,
+        size=settings.analytics_connections,
+        purpose="nhdp api",
+        wait_s=settings.analytics_wait_s,
+        password=settings.analytics_password(),
+    )
     return cls(pool, limits=query_limits(settings))
 
 

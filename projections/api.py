@@ -182,7 +182,7 @@ async def healthz(request: Request):
         metadata_ok(q(request).settings.kafka_bootstrap_servers)
 
     def registry():
-        httpx.get(f"{q(request).settings.registry_url}/subjects", timeout=2).raise_for_status()
+        httpx.get(f"{q(request).settings.registry_url}/healthz", timeout=2).raise_for_status()  # open: no credentials
 
     for name, fn in (("postgres", pg), ("kafka", kafka), ("registry", registry)):
         try:

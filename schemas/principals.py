@@ -88,6 +88,29 @@ def remove(conn: psycopg.Connection, name: str) -> bool:
     return conn.execute("DELETE FROM access.principals WHERE name = %s", (name,)).rowcount > 0
 
 
+_LOOKUP = "SELECT name, kind, password_hash FROM access.principals WHERE name = %s"
+
+
 def lookup(conn: psycopg.Connection, name: str) -> Principal | None:
-    row = conn.execute("SELECT name, kind, password_hash FROM access.principals WHERE name = %s", (name,)).fetchone()
+    row = conn.execute(_LOOKUP, (name,)).fetchone()
     return Principal(*row) if row else None
+
+
+async def lookup_async(conn: psycopg.AsyncConnection, name: str) -> Principal | None:
+    """`lookup` for the registry's async pool."""
+    row = await (await conn.execute(_LOOKUP, (name,))).fetchone()
+    return Principal(*row) if row else None
+
+
+def ensure_services(conn: psycopg.Connection, password_of) -> list[str]:
+    """Every SERVICES principal with `password_of(name)`; rehashes only a changed password or kind
+    (argon2 is ~50 ms a hash, so a second `nhdp up` costs a verify each). Returns the names written."""
+    ensure(conn)
+    written = []
+    for name, kind in SERVICES.items():
+        password = password_of(name)
+        known = lookup(conn, name)
+        if known is None or known.kind != kind or not known.verify(password):
+            put(conn, name, kind, password)
+            written.append(name)
+    return written

@@ -61,10 +61,13 @@ class RegistryClient:
         retries: int = 3,
         backoff_s: float = 0.2,
         client: httpx.Client | None = None,
+        auth: tuple[str, str] | None = None,
     ) -> None:
         """client: an httpx.Client to share (its headers are not changed; the
-        requests carry the registry content type themselves)."""
+        requests carry the registry content type and credentials themselves).
+        auth: (principal, password) for the registry's HTTP basic auth."""
         self.base_url = base_url.rstrip("/")
+        self._auth = httpx.BasicAuth(*auth) if auth else None
         self._retries = max(0, retries)
         self._backoff_s = backoff_s
         self._http = client or httpx.Client(timeout=timeout)
@@ -72,6 +75,11 @@ class RegistryClient:
         self._lock = threading.Lock()
         self._ids: dict[tuple[str, str], int] = {}  # (subject, canonical schema) -> id
         self._schemas: dict[int, dict[str, Any]] = {}
+
+    @classmethod
+    def for_settings(cls, settings, **kwargs: Any) -> RegistryClient:
+        """The registry of `settings`, as its principal (settings.principal / settings.password)."""
+        return cls(settings.registry_url, auth=(settings.principal, settings.password), **kwargs)
 
     # -- public API ----------------------------------------------------------
 
@@ -150,7 +158,13 @@ class RegistryClient:
             if attempt:
                 time.sleep(self._backoff_s * (2 ** (attempt - 1)))
             try:
-                resp = self._http.request(method, self.base_url + path, content=content, headers=headers)
+                resp = self._http.request(
+                    method,
+                    self.base_url + path,
+                    content=content,
+                    headers=headers,
+                    auth=self._auth or httpx.USE_CLIENT_DEFAULT,
+                )
             except httpx.TransportError as e:
                 last = RegistryError(f"registry {self.base_url} unreachable ({method} {path}): {e!r}")
                 continue

@@ -68,7 +68,7 @@ def rebuild(
     projector = Projector(pool, namespace=namespace)
     projector.drop_schema()  # a rebuild starts from nothing, always
     projector.ensure_schema()
-    router = Router(Codec(RegistryClient(settings.registry_url)))
+    router = Router(Codec(RegistryClient.for_settings(settings)))
     prefix = LogPrefix(settings.kafka_bootstrap_servers, upto, batch_size)
     total = prefix.total
     events = dlq = 0

@@ -110,7 +110,7 @@ def create_app(
             pool.open()
             state["projector"] = Projector(pool, namespace=namespace)
             state["projector"].ensure_schema()
-            state["router"] = Router(Codec(RegistryClient(settings.registry_url)))
+            state["router"] = Router(Codec(RegistryClient.for_settings(settings)))
         return state["projector"]
 
     @app.on_rebalance_complete.connect

@@ -6,7 +6,8 @@ tests/strategies.py), never from one another or from a conftest.
 - private stacks: stack_env, settings_for, private_data_dir, wait_caught_up;
 - the gateway's events and requests: citizen_id, subject_of, ts, millis,
   valid_event, post, CONFLICT;
-- a topic read back with a plain consumer: TopicLog.
+- a topic read back with a plain consumer: TopicLog;
+- the registry's credentials: registry_auth (httpx), registry_conf (a stock SchemaRegistryClient).
 """
 
 from __future__ import annotations
@@ -59,6 +60,16 @@ def private_data_dir(name: str) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def registry_auth(settings: Settings, principal: str = "admin") -> httpx.BasicAuth:
+    """HTTP basic auth for the stack's registry as `principal` (admin by default)."""
+    return httpx.BasicAuth(principal, settings.password_of(principal))
+
+
+def registry_conf(settings: Settings, principal: str = "admin") -> dict[str, str]:
+    """A stock confluent-kafka SchemaRegistryClient's configuration for the stack's registry."""
+    return {"url": settings.registry_url, "basic.auth.user.info": f"{principal}:{settings.password_of(principal)}"}
 
 
 def wait_caught_up(settings: Settings, timeout_s: float = 120.0) -> None:

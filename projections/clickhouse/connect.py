@@ -11,15 +11,16 @@ from projections.clickhouse.native import NativeStore
 from projections.clickhouse.store import AnalyticsStore, AnalyticsStoreError
 
 
-def open_store(url: str, *, purpose: str | None = None) -> AnalyticsStore:
+def open_store(url: str, *, purpose: str | None = None, password: str | None = None) -> AnalyticsStore:
     """`clickhouse://host:port/db` → NativeStore; `chdb:///abs/path[?database=db]` → ChdbStore.
 
     `purpose` is written into a chDB folder's owner lock so that a refused
     process is told who holds it (default: this program's command line).
+    `password`: the server's (settings.analytics_password()); chDB has none.
     """
     scheme = urlparse(url).scheme
     if scheme in ("clickhouse", "clickhouses"):
-        return NativeStore(url)
+        return NativeStore(url, password=password)
     if scheme == "chdb":
         return ChdbStore(url, purpose=purpose)
     raise AnalyticsStoreError(
@@ -38,8 +39,15 @@ class StorePool:
     A caller on a request's path sets it: a waiting thread is one a slow query holds
     without running it, and enough of them would exhaust the caller's threads."""
 
-    def __init__(self, url: str, size: int = 4, purpose: str | None = None, wait_s: float | None = None):
-        self.url, self.size, self.purpose, self.wait_s = url, size, purpose, wait_s
+    def __init__(
+        self,
+        url: str,
+        size: int = 4,
+        purpose: str | None = None,
+        wait_s: float | None = None,
+        password: str | None = None,
+    ):
+        self.url, self.size, self.purpose, self.wait_s, self.password = url, size, purpose, wait_s, password
         self._idle: list[AnalyticsStore] = []
         self._all: list[AnalyticsStore] = []
         self._cond = threading.Condition()
@@ -58,7 +66,7 @@ class StorePool:
                 return self._idle.pop()
             self._all.append(None)  # reserve a slot while connecting
         try:
-            store = open_store(self.url, purpose=self.purpose)
+            store = open_store(self.url, purpose=self.purpose, password=self.password)
         except BaseException:
             with self._cond:
                 self._all.remove(None)

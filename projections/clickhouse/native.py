@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 from projections.clickhouse.driver_internals import insert_block, native, server_timezone, takes_blocks
 from projections.clickhouse.store import (
@@ -43,14 +43,16 @@ class NativeStore:
 
     engine = "clickhouse"
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, password: str | None = None):
+        """password: for the URL's user, kept out of the URL (which error messages and `nhdp status` show)."""
         from clickhouse_driver import Client
 
         self.url = url
+        self.password = password
         self.database = urlparse(url).path.strip("/") or "default"
         self._lock = threading.Lock()
         try:
-            self._client = Client.from_url(url)
+            self._client = Client.from_url(_with_password(url, password))
         except Exception as exc:  # e.g. compression asked for without clickhouse-cityhash
             raise AnalyticsStoreError(f"cannot use analytics URL {url}: {exc}", engine=self.engine) from exc
         self.execute("SELECT 1")  # fail here, with the reason, rather than at first use
@@ -153,3 +155,14 @@ def encode_block(
         why = native().explain(list(columns_with_types), rows)
         raise AnalyticsStoreError(f"{what} do not fit: {why}", engine=engine) from None
     return Block(columns, data, len(rows))
+
+
+def _with_password(url: str, password: str | None) -> str:
+    """The URL the driver parses (it unquotes the password); only it ever sees this one."""
+    if password is None:
+        return url
+    parsed = urlparse(url)
+    user = parsed.username or "default"
+    return parsed._replace(
+        netloc=f"{quote(user, safe='')}:{quote(password, safe='')}@{parsed.hostname}:{parsed.port or 9000}"
+    ).geturl()

@@ -1,7 +1,13 @@
-"""Analytics across processes: in chDB mode the sink owns the folder and answers the calls of every other process over loopback HTTP."""
+"""Analytics across processes: in chDB mode the sink owns the folder and answers the calls of every other process over loopback HTTP.
+
+Loopback is reachable by every local user, so each call carries a shared secret
+(`Authorization: Bearer`, the secret store's `sink-queries`, 0600): only
+processes of the user that runs the stack can read it, and so ask.
+"""
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import threading
@@ -27,9 +33,10 @@ class RemoteAnalytics:
 
     METHODS = ("national_summary", "province_summary", "all_provinces", "doses", "coverage", "status")
 
-    def __init__(self, url_source, timeout_s: float = 60.0):
+    def __init__(self, url_source, secret: str, timeout_s: float = 60.0):
         # url_source: the base URL, or a callable returning it (read when called: the owner may restart)
         self._url_source = url_source
+        self._headers = {"Authorization": f"Bearer {secret}"}
         self.timeout_s = timeout_s
 
     def _url(self) -> str:
@@ -44,10 +51,14 @@ class RemoteAnalytics:
         if method not in self.METHODS:
             raise AttributeError(method)
         try:
-            reply = httpx.post(f"{self._url()}/call/{method}", json=kwargs, timeout=self.timeout_s)
+            reply = httpx.post(
+                f"{self._url()}/call/{method}", json=kwargs, headers=self._headers, timeout=self.timeout_s
+            )
         except httpx.HTTPError as exc:
             raise AnalyticsUnavailable(f"the ClickHouse sink does not answer ({type(exc).__name__}: {exc})") from exc
         body = reply.json()
+        if reply.status_code == 401:
+            raise AnalyticsUnavailable(f"the ClickHouse sink refused this process's secret: {body.get('error')}")
         if reply.status_code == 400:
             raise ParameterError(body.get("param", "request"), body["error"].split(": ", 1)[-1])
         if reply.status_code != 200:
@@ -69,6 +80,14 @@ def _positional(method: str, args: tuple) -> dict[str, Any]:
     return dict(zip(names, args))
 
 
+SECRET_NAME = "sink-queries"
+
+
+def sink_secret(settings) -> str:
+    """The secret every call to the sink's query endpoint carries (chDB mode)."""
+    return settings.secrets.get(SECRET_NAME)
+
+
 def sink_url_path(settings) -> Path:
     """Where the sink process writes the URL of its query endpoint (chDB mode)."""
     return settings.run_dir / "sink.url"
@@ -86,16 +105,19 @@ def analytics_for(settings, *, pool_size: int = 4) -> Analytics | RemoteAnalytic
             except FileNotFoundError:
                 return None
 
-        return RemoteAnalytics(read_url)
-    return Analytics(StorePool(url, size=pool_size, purpose="nhdp api"))
+        return RemoteAnalytics(read_url, sink_secret(settings))
+    return Analytics(StorePool(url, size=pool_size, purpose="nhdp api", password=settings.analytics_password()))
 
 
-def serve_queries(analytics: Analytics, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
-    """POST /call/<method> with JSON kwargs → the Analytics answer as JSON; GET /healthz.
+def serve_queries(analytics: Analytics, secret: str, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+    """POST /call/<method> with JSON kwargs and `Authorization: Bearer <secret>` → the Analytics answer
+    as JSON (401 without the secret); GET /healthz, open.
 
     Started by the sink when it owns a chDB folder: no other process may open
     the folder, so the API (and `nhdp verify-analytics`) ask here instead.
     """
+
+    expected = f"Bearer {secret}".encode()
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):  # quiet: the API logs requests
@@ -116,6 +138,12 @@ def serve_queries(analytics: Analytics, host: str = "127.0.0.1", port: int = 0) 
                 self._send(404, {"error": f"no such path: GET {self.path}"})
 
         def do_POST(self):
+            given = self.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                self._send(
+                    401, {"error": "this endpoint needs Authorization: Bearer <the stack's sink-queries secret>"}
+                )
+                return
             name = self.path.removeprefix("/call/")
             if not self.path.startswith("/call/") or name not in RemoteAnalytics.METHODS:
                 self._send(404, {"error": f"no such call: {self.path}"})

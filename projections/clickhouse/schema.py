@@ -244,9 +244,9 @@ def migrate(store: AnalyticsStore, migrations: Sequence[Migration] = MIGRATIONS)
     return now
 
 
-def ensure_schema(url: str) -> list[int]:
+def ensure_schema(url: str, password: str | None = None) -> list[int]:
     """Open the store at url, create its database if needed, migrate, close (used by `nhdp up`)."""
-    store = open_store(url, purpose="nhdp migrate")
+    store = open_store(url, purpose="nhdp migrate", password=password)
     try:
         return migrate(store)
     finally:

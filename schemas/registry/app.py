@@ -21,7 +21,9 @@ from psycopg_pool import PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from infra.settings import get_settings
+from schemas import principals
 from schemas.registry import compat
+from schemas.registry.auth import Authenticator, BasicAuth, VerifiedCache
 from schemas.registry.store import RegistryError, Store, check_candidate
 
 log = logging.getLogger("nhdp.registry")
@@ -126,9 +128,14 @@ def _version_json(v) -> dict:
     return {"subject": v.subject, "version": v.version, "id": v.id, "schema": v.schema}
 
 
-def create_app(dsn: str, *, max_body_bytes: int | None = None) -> FastAPI:
-    """`max_body_bytes`: default NHDP_REGISTRY_MAX_BODY_BYTES (1 MiB: a schema is a few KiB)."""
+def create_app(dsn: str, *, max_body_bytes: int | None = None, auth_ttl_s: float = 60.0) -> FastAPI:
+    """`max_body_bytes`: default NHDP_REGISTRY_MAX_BODY_BYTES (1 MiB: a schema is a few KiB).
+    `auth_ttl_s`: how long a verified credential is trusted without a new argon2 verify."""
     store = Store(dsn)
+
+    async def lookup(name: str) -> principals.Principal | None:
+        async with store.pool.connection() as conn:
+            return await principals.lookup_async(conn, name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -149,6 +156,8 @@ def create_app(dsn: str, *, max_body_bytes: int | None = None) -> FastAPI:
     )
     app.state.store = store
     app.add_middleware(FastPath, store=store)
+    # Outside FastPath, so a cache hit is answered only to an authenticated principal.
+    app.add_middleware(BasicAuth, authenticator=Authenticator(lookup, VerifiedCache(auth_ttl_s)))
     # Added last, so outermost: it bounds FastPath's reads as well as the routes'.
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes or get_settings().registry_max_body_bytes)
 

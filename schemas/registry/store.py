@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from schemas import principals
 from schemas.registry import compat
 
 log = logging.getLogger("nhdp.registry")
@@ -131,6 +132,7 @@ class Store:
                     # Concurrent CREATE ... IF NOT EXISTS can still collide; serialise start-ups.
                     await conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (LOCK_NS,))
                     await conn.execute(DDL)
+                    await conn.execute(principals.DDL)  # basic auth is checked against it (auth.py)
                 break
             except Exception as exc:
                 if time.monotonic() >= deadline:

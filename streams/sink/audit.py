@@ -89,14 +89,14 @@ def replay_url(settings: Settings, name: str) -> str:
     return urlunparse(parsed._replace(path=f"/{database}"))
 
 
-def _reset_database(url: str) -> None:
+def _reset_database(url: str, password: str | None) -> None:
     """A rebuild starts from nothing: drop and re-create the replay database (or its chDB folder)."""
     parsed = urlparse(url)
     if parsed.scheme == "chdb":
         shutil.rmtree(parsed.path, ignore_errors=True)
         return
     database = parsed.path.strip("/")
-    admin = open_store(urlunparse(parsed._replace(path="/default")))
+    admin = open_store(urlunparse(parsed._replace(path="/default")), password=password)
     try:
         admin.execute(f"DROP DATABASE IF EXISTS `{database}`")
         admin.execute(f"CREATE DATABASE `{database}`")
@@ -118,13 +118,13 @@ def rebuild(
     end now) into replay_<name>, with the same Router and Sink as the live sink, then every rollup."""
 
     url = replay_url(settings, name)
-    _reset_database(url)
+    _reset_database(url, settings.analytics_password())
     started = time.perf_counter()
-    store = open_store(url, purpose=f"nhdp replay {name}")
+    store = open_store(url, purpose=f"nhdp replay {name}", password=settings.analytics_password())
     events = 0
     try:
         sink = Sink(store)
-        router = Router(Codec(RegistryClient(settings.registry_url)))
+        router = Router(Codec(RegistryClient.for_settings(settings)))
         buffer: list = []
 
         def flush() -> None:
@@ -152,7 +152,9 @@ def rebuild(
 def diff_replay(settings: Settings, name: str, namespace: str = "proj") -> list[str]:
     """The rebuilt analytics (replay_<name>) against the live PostgreSQL projections."""
 
-    store = open_store(replay_url(settings, name), purpose=f"nhdp replay {name} --verify")
+    store = open_store(
+        replay_url(settings, name), purpose=f"nhdp replay {name} --verify", password=settings.analytics_password()
+    )
     try:
         with psycopg.connect(settings.postgres_url, autocommit=True) as conn:
             return [f"replay: {line}" for line in diff_with_postgres(Analytics(store), conn, namespace)]

@@ -24,11 +24,11 @@ log = logging.getLogger("nhdp.sink")
 _decoder_router = None
 
 
-def _start_decoder(registry_url: str) -> None:
+def _start_decoder(settings) -> None:
     global _decoder_router
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the sink stops it, on its own schedule
-    _decoder_router = Router(Codec(RegistryClient(registry_url)))
+    _decoder_router = Router(Codec(RegistryClient.for_settings(settings)))
     # A batch's objects are acyclic and die with the call, so the collector would only rescan
     # them while they live (7% of the decoding). It runs between batches instead, when nothing
     # is left to scan: the modules loaded by now are frozen out of it.

@@ -11,7 +11,7 @@ import time
 from infra.settings import get_settings
 from projections.clickhouse.connect import open_store
 from projections.clickhouse.queries import Analytics
-from projections.clickhouse.remote import serve_queries, sink_url_path
+from projections.clickhouse.remote import serve_queries, sink_secret, sink_url_path
 from projections.clickhouse.store import AnalyticsStoreError
 from projections.clickhouse.writer import Sink
 from schemas.topics import ANALYTICS_GROUP
@@ -34,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     delay = 0.5
     while store is None:  # ClickHouse not up yet: wait, do not die
         try:
-            store = open_store(url, purpose="nhdp sink (owns the folder; answers analytics over HTTP)")
+            store = open_store(
+                url,
+                purpose="nhdp sink (owns the folder; answers analytics over HTTP)",
+                password=settings.analytics_password(),
+            )
             sink = Sink(store)
         except AnalyticsStoreError as exc:
             if store is not None:
@@ -51,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     url_file = sink_url_path(settings)
     if url.startswith("chdb:"):
         query_store = open_store(url)  # a second session on the folder this process owns
-        server = serve_queries(Analytics(query_store))
+        server = serve_queries(Analytics(query_store), sink_secret(settings))
         tmp = url_file.with_suffix(".tmp")
         tmp.write_text(f"http://127.0.0.1:{server.server_address[1]}\n")
         tmp.replace(url_file)

@@ -233,7 +233,7 @@ class Runner:
                 max_workers=self.settings.sink_decoders,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_start_decoder,
-                initargs=(self.settings.registry_url,),
+                initargs=(self.settings,),  # pickled through the pool's pipe, never the environment
             )
         return self._decoder
 
@@ -277,7 +277,9 @@ class Runner:
 
     def _write(self, planned: Planned) -> BatchStats:
         if self._write_store is None:  # its own connection: the next batch's reads need not wait for it
-            self._write_store = open_store(self.sink.store.url, purpose="nhdp sink (writer thread)")
+            self._write_store = open_store(
+                self.sink.store.url, purpose="nhdp sink (writer thread)", password=self.settings.analytics_password()
+            )
         return self.sink.write(planned, self._write_store)
 
     def _finish(self, consumer) -> bool:

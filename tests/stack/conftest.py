@@ -74,4 +74,4 @@ def log(stack_settings):
 
 @pytest.fixture(scope="module")
 def codec(stack_settings):
-    return Codec(RegistryClient(stack_settings.registry_url))
+    return Codec(RegistryClient.for_settings(stack_settings))

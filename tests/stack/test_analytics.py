@@ -55,7 +55,7 @@ from producers.sdk import EventProducer
 from producers.simulator import simulate
 from projections.clickhouse.connect import open_store
 from projections.clickhouse.queries import _GROUP_COLUMN, Analytics, ParameterError
-from projections.clickhouse.remote import RemoteAnalytics, serve_queries
+from projections.clickhouse.remote import RemoteAnalytics, serve_queries, sink_secret
 from projections.clickhouse.rollups import dirty_dose_days, dirty_hours
 from projections.clickhouse.schema import HCM, MIGRATIONS, applied_versions, migrate
 from projections.clickhouse.shaping import shape
@@ -241,8 +241,8 @@ def world():
         world.chdb_store = open_store(f"chdb://{data / 'chdb'}?database=nhdp_test", purpose="tests/test_analytics.py")
         world.chdb = Analytics(world.chdb_store)
         world.start_chdb_sink()
-        server = serve_queries(Analytics(world.chdb_store))
-        world.chdb_remote = RemoteAnalytics(f"http://127.0.0.1:{server.server_address[1]}")
+        server = serve_queries(Analytics(world.chdb_store), sink_secret(settings))
+        world.chdb_remote = RemoteAnalytics(f"http://127.0.0.1:{server.server_address[1]}", sink_secret(settings))
 
         events = list(SIM.events())
         publish(settings, [e for e in events if datetime.fromisoformat(e["occurred_at"]) < T_SNAP])
@@ -459,7 +459,11 @@ def _doses_daily_current(store, timeout_s: float = 120.0) -> None:
 def test_doses_by_day_from_doses_daily_equal_events_and_postgres(world, engine_name):
     """Grouped by day, clean days come from doses_daily and stale ones from `events`: every mix
     of the two gives the same rows as `events` alone, and as PostgreSQL."""
-    store = open_store(world.settings.analytics_url()) if engine_name == "clickhouse" else world.chdb_store
+    store = (
+        open_store(world.settings.analytics_url(), password=world.settings.analytics_password())
+        if engine_name == "clickhouse"
+        else world.chdb_store
+    )
     try:
         _doses_daily_current(store)
         days = [d for (d,) in store.execute("SELECT DISTINCT day FROM doses_daily WHERE doses > 0 ORDER BY day")]
@@ -494,11 +498,11 @@ def test_a_void_makes_its_doses_day_stale_until_recomputed(world):
     from streams.sink.audit import _reset_database
 
     url = world.settings.analytics_url().rsplit("/", 1)[0] + "/nhdp_test_doses_void"
-    _reset_database(url)
+    _reset_database(url, world.settings.analytics_password())
     records = _first_records(world.settings, 5_000)
-    good, _ = Router(Codec(RegistryClient(world.settings.registry_url))).split([r.value for r in records])
+    good, _ = Router(Codec(RegistryClient.for_settings(world.settings))).split([r.value for r in records])
     dose = next(ev for _, ev in good if ev["event_type"] == "DoseAdministered")
-    store = open_store(url)
+    store = open_store(url, password=world.settings.analytics_password())
     try:
         sink = Sink(store)
         sink.process([(0, 0, dose)])
@@ -524,7 +528,7 @@ def test_a_void_makes_its_doses_day_stale_until_recomputed(world):
         assert left == 0
     finally:
         store.close()
-        _reset_database(url)
+        _reset_database(url, world.settings.analytics_password())
 
 
 def test_coverage_by_province_and_region_ranked_against_the_nation(engine, world):
@@ -603,7 +607,7 @@ def test_chdb_same_batch_again_and_whole_log_again_count_once(world):
     store = world.chdb_store
     world.stop_chdb_sink()  # one writer at a time
     records = _first_records(world.settings, 12_000)
-    good, _ = Router(Codec(RegistryClient(world.settings.registry_url))).split([r.value for r in records])
+    good, _ = Router(Codec(RegistryClient.for_settings(world.settings))).split([r.value for r in records])
     batch = [(records[i].partition, records[i].offset, ev) for i, ev in good]
     store.execute("SYSTEM STOP MERGES events")
     try:
@@ -653,7 +657,7 @@ def test_server_whole_log_reprocessed_from_offset_0_counts_once(world):
     """The sink's group offsets reset to 0 (a forced re-delivery of every batch): nothing moves."""
     api = ApiEngine(world.settings)
     before = _figures(api)
-    store = open_store(world.settings.analytics_url())
+    store = open_store(world.settings.analytics_url(), password=world.settings.analytics_password())
     sink = stack.sink_service(world.settings)
     try:
         sink.stop()
@@ -743,7 +747,7 @@ def test_replay_rebuilds_clickhouse_into_its_own_database(world):
 
     url = replay_url(world.settings, "t6")
     assert url.endswith("/replay_t6")
-    rebuilt = open_store(url)
+    rebuilt = open_store(url, password=world.settings.analytics_password())
     try:
         assert dirty_hours(rebuilt) == []  # every rollup recomputed
         again = Analytics(rebuilt)
@@ -758,7 +762,10 @@ def test_replay_rebuilds_clickhouse_into_its_own_database(world):
 
 
 def test_migrations_are_recorded_once_and_rerun_harmlessly(world):
-    for store in (open_store(world.settings.analytics_url()), world.chdb_store):
+    for store in (
+        open_store(world.settings.analytics_url(), password=world.settings.analytics_password()),
+        world.chdb_store,
+    ):
         try:
             assert migrate(store) == []  # `nhdp up` and the sink applied them already
             assert applied_versions(store) == {m.version for m in MIGRATIONS}
@@ -789,7 +796,7 @@ def test_migrations_are_recorded_once_and_rerun_harmlessly(world):
 
 def test_verify_analytics_lists_a_difference_and_fails(world):
     """A row no sink wrote (its hour marked dirty as a writer would): verify names the figure and exits 1."""
-    store = open_store(world.settings.analytics_url())
+    store = open_store(world.settings.analytics_url(), password=world.settings.analytics_password())
     try:
         t = int(datetime(2021, 8, 2, 3, 0, 5, tzinfo=UTC).timestamp())
         store.insert("hour_marks", ["hour", "mark", "version"], [(t - t % 3600, 0, 1 << 62)])
@@ -831,7 +838,7 @@ def test_planning_while_the_batch_before_is_written_gives_the_same_figures(world
     Over the whole log in small batches (so voids, their targets and people's later doses fall in
     consecutive batches), that gives exactly what planning after each write gives."""
     records = _first_records(world.settings, 10**9)
-    good, _ = Router(Codec(RegistryClient(world.settings.registry_url))).split([r.value for r in records])
+    good, _ = Router(Codec(RegistryClient.for_settings(world.settings))).split([r.value for r in records])
     messages = [(records[i].partition, records[i].offset, ev) for i, ev in good]
     batches = [messages[i : i + 300] for i in range(0, len(messages), 300)]
     figures = []

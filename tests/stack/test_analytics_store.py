@@ -60,7 +60,7 @@ def chdb_url() -> Iterator[str]:
 def native_store(request):
     _require_server()
     settings = request.getfixturevalue("stack_settings")
-    store = open_store(settings.analytics_url())
+    store = open_store(settings.analytics_url(), password=settings.analytics_password())
     yield store
     store.close()
 
@@ -486,7 +486,7 @@ def test_server_starts_and_stops_leaving_no_process(tmp_path, record_property):
         assert {(a.ip, a.port) for a in listening} == {("127.0.0.1", tcp), ("127.0.0.1", http)}
 
         ensure_database(settings)
-        store = open_store(settings.analytics_url())
+        store = open_store(settings.analytics_url(), password=settings.analytics_password())
         try:
             ((database, tz),) = store.execute("SELECT currentDatabase(), timezone()")
             assert database == settings.clickhouse_db and tz in ("UTC", "Etc/UTC")
@@ -503,5 +503,5 @@ def test_server_starts_and_stops_leaving_no_process(tmp_path, record_property):
     ]
     assert leftovers == []
     with pytest.raises(AnalyticsStoreError) as down:
-        open_store(settings.analytics_url())
+        open_store(settings.analytics_url(), password=settings.analytics_password())
     assert down.value.retryable

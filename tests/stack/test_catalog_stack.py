@@ -41,6 +41,7 @@ from schemas.catalog import EVENT_TYPES, current_schema, released_schemas
 from schemas.codec import Codec, CodecError, SchemaCache, _strip_logical
 from schemas.models import to_avro_record, to_epoch_millis, validate_event
 from schemas.registry_client import RegistryClient, RegistryError
+from tests.helpers import registry_auth, registry_conf
 from tests.strategies import events
 
 pytestmark = pytest.mark.stack
@@ -145,7 +146,7 @@ def pipes(stack_settings) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def registry(stack_settings) -> Iterator[RegistryClient]:
-    with RegistryClient(stack_settings.registry_url) as client:
+    with RegistryClient.for_settings(stack_settings) as client:
         yield client
 
 
@@ -332,7 +333,7 @@ def samples(pseudonymiser: Pseudonymiser) -> list[tuple[str, dict[str, Any]]]:
 # -- 1. the stock Confluent client against our registry ------------------------------------------
 
 
-def stock_serdes(url: str) -> tuple[dict[str, Any], Any, Any]:
+def stock_serdes(registry: dict[str, str]) -> tuple[dict[str, Any], Any, Any]:
     """Per type an AvroSerializer writing the catalog's current schema under the id our
     catalog registered (TopicRecordNameStrategy, lookup only: auto-register off, no
     latest-version override); one AvroDeserializer; the health.events value context."""
@@ -340,23 +341,26 @@ def stock_serdes(url: str) -> tuple[dict[str, Any], Any, Any]:
     from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
     from confluent_kafka.serialization import MessageField, SerializationContext
 
-    client = SchemaRegistryClient({"url": url})
+    client = SchemaRegistryClient(registry)
     conf = {
         "auto.register.schemas": False,
         "use.latest.version": False,
         "subject.name.strategy": topic_record_subject_name_strategy,
     }
     serializers = {t: AvroSerializer(client, json.dumps(current_schema(t)), conf=conf) for t in EVENT_TYPES}
-    deserializer = AvroDeserializer(SchemaRegistryClient({"url": url}))
+    deserializer = AvroDeserializer(SchemaRegistryClient(registry))
     # The subject comes from this context: health.events-vn.nhdp.events.<Type>, i.e. the
     # catalog's subjects, whichever Kafka topic the bytes then travel on.
     return serializers, deserializer, SerializationContext(catalog.TOPIC, MessageField.VALUE)
 
 
 def test_stock_confluent_serdes_round_trip_every_type_through_kafka(stack_settings, pipes, samples, catalog_ids):
-    serializers, deserializer, ctx = stock_serdes(stack_settings.registry_url)
+    serializers, deserializer, ctx = stock_serdes(registry_conf(stack_settings))
     versions_before = {
-        t: httpx.get(f"{stack_settings.registry_url}/subjects/{catalog.subject_for(t)}/versions").json()
+        t: httpx.get(
+            f"{stack_settings.registry_url}/subjects/{catalog.subject_for(t)}/versions",
+            auth=registry_auth(stack_settings),
+        ).json()
         for t in EVENT_TYPES
     }
 
@@ -375,13 +379,13 @@ def test_stock_confluent_serdes_round_trip_every_type_through_kafka(stack_settin
     # The serializers only looked ids up: the catalog's subjects are as the stack left them.
     for t in EVENT_TYPES:
         url = f"{stack_settings.registry_url}/subjects/{catalog.subject_for(t)}/versions"
-        assert httpx.get(url).json() == versions_before[t]
+        assert httpx.get(url, auth=registry_auth(stack_settings)).json() == versions_before[t]
 
 
 def test_our_codec_and_the_stock_serdes_read_each_other(stack_settings, pipes, samples, catalog_ids):
-    serializers, deserializer, ctx = stock_serdes(stack_settings.registry_url)
-    ours = Codec(RegistryClient(stack_settings.registry_url))
-    ours_logical = Codec(RegistryClient(stack_settings.registry_url), logical_types=True)
+    serializers, deserializer, ctx = stock_serdes(registry_conf(stack_settings))
+    ours = Codec(RegistryClient.for_settings(stack_settings))
+    ours_logical = Codec(RegistryClient.for_settings(stack_settings), logical_types=True)
 
     our_bytes = ours.encode_many(samples)
     stock_bytes = [serializers[t](record, ctx) for t, record in samples]
@@ -392,7 +396,7 @@ def test_our_codec_and_the_stock_serdes_read_each_other(stack_settings, pipes, s
     keys = [kafka_key(r) for _, r in samples]
     back = pipe.round_trip(list(zip(keys, our_bytes)) + list(zip(keys, stock_bytes)))
     from_ours, from_stock = back[: len(samples)], back[len(samples) :]
-    fresh = Codec(RegistryClient(stack_settings.registry_url))  # writer schemas fetched by id
+    fresh = Codec(RegistryClient.for_settings(stack_settings))  # writer schemas fetched by id
     for (t, record), ours_msg, stock_msg in zip(samples, from_ours, from_stock):
         # Our bytes through the stock deserializer.
         assert deserializer(ours_msg.value(), ctx) == logical(current_schema(t), record), t
@@ -408,8 +412,8 @@ def test_our_codec_and_the_stock_serdes_read_each_other(stack_settings, pipes, s
 @pytest.fixture(scope="module")
 def property_rig(stack_settings, pipes) -> tuple[Pipe, Codec, Codec]:
     pipe = pipes("property")
-    writer = Codec(RegistryClient(stack_settings.registry_url))
-    reader = Codec(RegistryClient(stack_settings.registry_url))
+    writer = Codec(RegistryClient.for_settings(stack_settings))
+    reader = Codec(RegistryClient.for_settings(stack_settings))
     return pipe, writer, reader
 
 
@@ -473,13 +477,15 @@ def test_v1_and_v2_readers_read_each_others_data_via_registry_and_kafka(
     # schemas registered there (schemas/codec.py), whatever topic the bytes travel on.
     assert registry.register(catalog.subject_for("DoseAdministered"), V1_DOSE) == v1_id
     assert v2_id == catalog_ids["DoseAdministered"] != v1_id  # ids are global: same schema, same id
-    assert httpx.get(f"{url}/subjects/{subject}/versions").json() == [1, 2]
+    assert httpx.get(f"{url}/subjects/{subject}/versions", auth=registry_auth(stack_settings)).json() == [1, 2]
 
     v2_record, v1_record = dose_records(pseudonymiser)
-    writer_v2 = Codec(RegistryClient(url))
+    writer_v2 = Codec(RegistryClient.for_settings(stack_settings))
     # A producer still on v1: its schema under the id the registry gave it.
     writer_v1 = Codec(
-        RegistryClient(url), schemas={"DoseAdministered": V1_DOSE}, cache=SchemaCache(None, {v1_id: V1_DOSE})
+        RegistryClient.for_settings(stack_settings),
+        schemas={"DoseAdministered": V1_DOSE},
+        cache=SchemaCache(None, {v1_id: V1_DOSE}),
     )
     v2_bytes = writer_v2.encode("DoseAdministered", v2_record)
     v1_bytes = writer_v1.encode("DoseAdministered", v1_record)
@@ -489,8 +495,8 @@ def test_v1_and_v2_readers_read_each_others_data_via_registry_and_kafka(
     from_v2, from_v1 = (m.value() for m in pipe.round_trip([(key, v2_bytes), (key, v1_bytes)]))
 
     # Fresh clients: each writer schema is fetched by id from the registry.
-    reader_v1 = Codec(RegistryClient(url), schemas={"DoseAdministered": V1_DOSE})
-    reader_v2 = Codec(RegistryClient(url))
+    reader_v1 = Codec(RegistryClient.for_settings(stack_settings), schemas={"DoseAdministered": V1_DOSE})
+    reader_v2 = Codec(RegistryClient.for_settings(stack_settings))
     assert reader_v1.decode(from_v2) == v1_record  # v1 reader, v2 data: vaccinator_id dropped
     assert reader_v1.decode(from_v1) == v1_record
     assert reader_v2.decode(from_v1) == {**v1_record, "payload": {**v1_record["payload"], "vaccinator_id": None}}
@@ -499,8 +505,8 @@ def test_v1_and_v2_readers_read_each_others_data_via_registry_and_kafka(
 
     # The stock deserializer resolves the same way when given a reader schema.
     ctx = SerializationContext(pipe.topic, MessageField.VALUE)
-    stock_v1 = AvroDeserializer(SchemaRegistryClient({"url": url}), json.dumps(V1_DOSE))
-    stock_v2 = AvroDeserializer(SchemaRegistryClient({"url": url}), json.dumps(V2_DOSE))
+    stock_v1 = AvroDeserializer(SchemaRegistryClient(registry_conf(stack_settings)), json.dumps(V1_DOSE))
+    stock_v2 = AvroDeserializer(SchemaRegistryClient(registry_conf(stack_settings)), json.dumps(V2_DOSE))
     assert stock_v1(from_v2, ctx) == logical(V1_DOSE, v1_record)
     assert stock_v2(from_v1, ctx)["payload"]["vaccinator_id"] is None
 
@@ -527,7 +533,9 @@ def _post_schema(client: httpx.Client, subject: str, schema: dict[str, Any]) -> 
 @pytest.mark.parametrize("level", ["FORWARD", "FULL"])
 def test_registry_refuses_removing_a_required_field_under_forward_and_full(stack_settings, level):
     subject = f"test.catalog.{level.lower()}-{uuid.uuid4().hex[:10]}-{catalog.record_name('DoseAdministered')}"
-    with httpx.Client(base_url=stack_settings.registry_url, headers=CT, timeout=30.0) as reg:
+    with httpx.Client(
+        base_url=stack_settings.registry_url, headers=CT, timeout=30.0, auth=registry_auth(stack_settings)
+    ) as reg:
         assert reg.put(f"/config/{subject}", json={"compatibility": level}).json() == {"compatibility": level}
         assert _post_schema(reg, subject, V2_DOSE).status_code == 200
 
@@ -551,7 +559,9 @@ def test_registry_refuses_a_changed_type_under_the_default_backward_transitive(s
     registry.register(subject, V1_DOSE)
     registry.register(subject, V2_DOSE)
     # No subject level set: the global default applies, and it is the contract's.
-    level = httpx.get(f"{url}/config/{subject}", params={"defaultToGlobal": "true"}).json()["compatibilityLevel"]
+    level = httpx.get(
+        f"{url}/config/{subject}", params={"defaultToGlobal": "true"}, auth=registry_auth(stack_settings)
+    ).json()["compatibilityLevel"]
     assert level == "BACKWARD_TRANSITIVE"
 
     retyped = _retyped(V2_DOSE, "dose_number", "string")
@@ -564,14 +574,21 @@ def test_registry_refuses_a_changed_type_under_the_default_backward_transitive(s
 
     # The stock client sees the same refusal.
     with pytest.raises(SchemaRegistryError) as stock:
-        SchemaRegistryClient({"url": url}).register_schema(subject, Schema(json.dumps(retyped), "AVRO"))
+        SchemaRegistryClient(registry_conf(stack_settings)).register_schema(
+            subject, Schema(json.dumps(retyped), "AVRO")
+        )
     assert stock.value.http_status_code == 409 and "dose_number" in stock.value.error_message
 
     # A type the old data can be promoted to is not a break (int -> long).
     widened = _retyped(V2_DOSE, "dose_number", "long")
-    r = httpx.post(f"{url}/compatibility/subjects/{subject}/versions", json={"schema": json.dumps(widened)}, headers=CT)
+    r = httpx.post(
+        f"{url}/compatibility/subjects/{subject}/versions",
+        json={"schema": json.dumps(widened)},
+        headers=CT,
+        auth=registry_auth(stack_settings),
+    )
     assert r.json() == {"is_compatible": True}
-    assert httpx.get(f"{url}/subjects/{subject}/versions").json() == [1, 2]
+    assert httpx.get(f"{url}/subjects/{subject}/versions", auth=registry_auth(stack_settings)).json() == [1, 2]
 
 
 # -- 4. decoder fuzz behind a real registered id ----------------------------------------------
@@ -579,7 +596,7 @@ def test_registry_refuses_a_changed_type_under_the_default_backward_transitive(s
 
 @pytest.fixture(scope="module")
 def fuzz_codec(stack_settings) -> Codec:
-    return Codec(RegistryClient(stack_settings.registry_url))
+    return Codec(RegistryClient.for_settings(stack_settings))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -600,9 +617,11 @@ def test_random_body_behind_a_real_registered_id_is_a_codec_error(fuzz_codec, ca
 
 def test_an_id_the_registry_never_gave_is_a_codec_error(stack_settings, fuzz_codec, samples, catalog_ids):
     some_id = catalog_ids[samples[0][0]]
-    max_id = httpx.get(f"{stack_settings.registry_url}/schemas/ids/{some_id}", params={"fetchMaxId": "true"}).json()[
-        "maxId"
-    ]
+    max_id = httpx.get(
+        f"{stack_settings.registry_url}/schemas/ids/{some_id}",
+        params={"fetchMaxId": "true"},
+        auth=registry_auth(stack_settings),
+    ).json()["maxId"]
     good = fuzz_codec.encode(*samples[0])
     bad = b"\x00" + (max_id + 1_000_000).to_bytes(4, "big") + good[5:]
     with pytest.raises(CodecError, match="not in the registry"):

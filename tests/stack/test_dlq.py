@@ -72,7 +72,7 @@ def test_bad_messages_reach_the_dlq_with_reason_and_origin_and_the_worker_keeps_
     worker = worker_service(settings)
     pid = worker.pid()
     assert pid is not None
-    codec = Codec(RegistryClient(settings.registry_url))
+    codec = Codec(RegistryClient.for_settings(settings))
     codec.register_catalog()
     good = codec.encode("DoseAdministered", dose_record())
 

@@ -27,7 +27,7 @@ from kafka import KafkaProducer
 
 from schemas.topics import TOPIC_EVENTS
 from streams.routing import Router
-from tests.helpers import post, valid_event
+from tests.helpers import post, registry_auth, valid_event
 from tests.stack.test_dlq import read_dlq
 from tests.strategies import avro_records, broken_events, json_values
 
@@ -139,7 +139,7 @@ def test_the_registry_answers_every_generated_schema_body(stack_settings):
     )
     bodies = st.builds(lambda s: orjson.dumps({"schema": s}), schemas) | st.binary(max_size=200)
 
-    with httpx.Client(timeout=30) as client:
+    with httpx.Client(timeout=30, auth=registry_auth(stack_settings)) as client:
 
         @fuzz(1500)
         @given(bodies, st.sampled_from(["versions", "", "compat"]))

@@ -31,7 +31,7 @@ from producers.client import GatewayClient, Tally
 from schemas import catalog
 from schemas.codec import Codec
 from schemas.topics import TOPIC_EVENTS
-from tests.helpers import CONFLICT, millis, post, subject_of, ts, valid_event, wait_caught_up
+from tests.helpers import CONFLICT, millis, post, registry_conf, subject_of, ts, valid_event, wait_caught_up
 
 pytestmark = pytest.mark.stack
 
@@ -184,7 +184,7 @@ def test_mixed_batch_answers_every_event_and_publishes_exactly_the_valid_ones(st
     from confluent_kafka.schema_registry.avro import AvroDeserializer
     from confluent_kafka.serialization import MessageField, SerializationContext
 
-    stock = AvroDeserializer(SchemaRegistryClient({"url": stack_settings.registry_url}))
+    stock = AvroDeserializer(SchemaRegistryClient(registry_conf(stack_settings)))
     ctx = SerializationContext(TOPIC_EVENTS, MessageField.VALUE)
     assert sorted(str(stock(m.value, ctx)["event_id"]) for m in messages) == sorted(e["event_id"] for e in valid)
 

@@ -92,7 +92,7 @@ def test_hostile_messages_on_the_log_are_dead_lettered_and_a_valid_event_still_l
     poc["fields"].append({"name": "extra", "type": {"type": "fixed", "name": poc_name, "size": 1}, "default": "\u0000"})
     poc_id = register_raw(settings, subject, poc)
     bomb = {"type": "record", "name": "Bomb", "fields": [{"name": "items", "type": {"type": "array", "items": "null"}}]}
-    with RegistryClient(settings.registry_url) as registry:
+    with RegistryClient.for_settings(settings) as registry:
         bomb_id = registry.register("bomb-value", bomb)
     blocks = b"".join(bytes([0xC0, 0xA9, 0x07]) for _ in range(100)) + b"\x00"  # 100 blocks of 60,000 nulls
 

@@ -12,6 +12,7 @@ without taking the CPU a 2-core machine needs for the measurement.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import select
@@ -32,7 +33,7 @@ import pytest
 
 from infra.settings import CHECKOUT, Settings
 from nhdp.stack import free_ports
-from tests.helpers import citizen_id, post, valid_event
+from tests.helpers import citizen_id, post, registry_auth, valid_event
 
 pytestmark = pytest.mark.stack
 
@@ -280,6 +281,7 @@ def test_the_registry_refuses_a_large_body(stack_settings):
         content=schema,
         headers={"content-type": "application/vnd.schemaregistry.v1+json"},
         timeout=30,
+        auth=registry_auth(stack_settings),
     )
     assert resp.status_code == 413
     assert resp.headers["content-type"] == "application/vnd.schemaregistry.v1+json"
@@ -288,11 +290,13 @@ def test_the_registry_refuses_a_large_body(stack_settings):
         "message": f"Request body too large: body is {len(schema):,} bytes; the limit is 1,048,576",
     }
 
+    # Authenticated: a request without credentials is refused (401) before its body is read.
+    basic = b"Authorization: Basic " + base64.b64encode(f"admin:{stack_settings.password}".encode()) + b"\r\n"
     status, headers, body, sent = stream_body(
         host,
         port,
         b"POST /subjects/limits-test-value/versions HTTP/1.1\r\nHost: registry\r\n"
-        b"Content-Type: application/vnd.schemaregistry.v1+json\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"Content-Type: application/vnd.schemaregistry.v1+json\r\nTransfer-Encoding: chunked\r\n" + basic + b"\r\n",
         256 * MIB,
     )
     assert status == 413 and sent < 64 * MIB
@@ -304,14 +308,14 @@ def test_the_registry_refuses_a_large_body(stack_settings):
         host,
         port,
         b"PUT /config/limits-test-value HTTP/1.1\r\nHost: registry\r\n"
-        b"Content-Type: application/vnd.schemaregistry.v1+json\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"Content-Type: application/vnd.schemaregistry.v1+json\r\nTransfer-Encoding: chunked\r\n" + basic + b"\r\n",
         256 * MIB,
     )
     assert status == 413 and sent < 64 * MIB
     assert orjson.loads(body)["error_code"] == 413
 
     # Nothing registered, and the registry still answers.
-    subjects = httpx.get(f"{stack_settings.registry_url}/subjects", timeout=30)
+    subjects = httpx.get(f"{stack_settings.registry_url}/subjects", timeout=30, auth=registry_auth(stack_settings))
     assert subjects.status_code == 200 and "limits-test-value" not in subjects.json()
 
 

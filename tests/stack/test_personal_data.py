@@ -187,8 +187,7 @@ def test_no_national_id_reaches_kafka_postgres_or_clickhouse(stack_settings, tmp
 
         with psycopg.connect(stack_settings.postgres_admin_url, autocommit=True) as conn:
             names = [r[0] for r in conn.execute("SELECT datname FROM pg_database WHERE NOT datistemplate")]
-        base = stack_settings.postgres_admin_url.rsplit("/", 1)[0]
-        urls = {name: f"{base}/{name}" for name in names}
+        urls = {name: stack_settings.postgres_admin_url_of(name) for name in names}
     else:
         urls = {stack_settings.postgres_db: stack_settings.postgres_url}
     assert stack_settings.postgres_db in urls
@@ -206,7 +205,9 @@ def test_no_national_id_reaches_kafka_postgres_or_clickhouse(stack_settings, tmp
     # 3. ClickHouse: every row of every table outside the system databases, then its files.
     from projections.clickhouse.connect import open_store
 
-    store = open_store(stack_settings.analytics_url(), purpose="personal-data test")
+    store = open_store(
+        stack_settings.analytics_url(), password=stack_settings.analytics_password(), purpose="personal-data test"
+    )
     try:
         tables = store.execute(
             "SELECT database, name FROM system.tables "

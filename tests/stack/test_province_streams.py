@@ -20,7 +20,7 @@ from producers.pseudonym import Pseudonymiser
 from producers.sdk import EventProducer
 from producers.simulator import simulate
 from schemas.topics import province_topic
-from tests.helpers import wait_caught_up
+from tests.helpers import registry_conf, wait_caught_up
 
 pytestmark = pytest.mark.stack
 
@@ -34,7 +34,7 @@ def read_topic(settings, topic: str, timeout_s: float = 120) -> list:
             "bootstrap.servers": settings.kafka_bootstrap_servers,
             "group.id": f"test-province-{uuid.uuid4()}",
             "enable.auto.commit": False,
-            "value.deserializer": AvroDeserializer(SchemaRegistryClient({"url": settings.registry_url})),
+            "value.deserializer": AvroDeserializer(SchemaRegistryClient(registry_conf(settings))),
         }
     )
     try:

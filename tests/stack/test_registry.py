@@ -20,7 +20,7 @@ import pytest
 
 from infra.process import Managed
 from infra.settings import CHECKOUT
-from tests.helpers import private_data_dir
+from tests.helpers import private_data_dir, registry_auth, registry_conf
 
 pytestmark = pytest.mark.stack
 
@@ -47,7 +47,9 @@ DOSE_V1 = [
 
 @pytest.fixture(scope="module")
 def reg(stack_settings):
-    with httpx.Client(base_url=stack_settings.registry_url, headers=CT, timeout=30.0) as client:
+    with httpx.Client(
+        base_url=stack_settings.registry_url, headers=CT, timeout=30.0, auth=registry_auth(stack_settings)
+    ) as client:
         yield client
 
 
@@ -109,7 +111,7 @@ def _second_registry(stack_settings, home: Path):
             str(home),
         ],
         marker=f"--nhdp-data {home}",
-        ready=lambda: httpx.get(f"{url}/subjects", timeout=2.0).status_code == 200,
+        ready=lambda: httpx.get(f"{url}/healthz", timeout=2.0).status_code == 200,
         port=port,
         url=url,
         env={"NHDP_POSTGRES_DSN": stack_settings.postgres_url},
@@ -117,7 +119,7 @@ def _second_registry(stack_settings, home: Path):
     )
     service.start(60)
     try:
-        with httpx.Client(base_url=url, headers=CT, timeout=30.0) as client:
+        with httpx.Client(base_url=url, headers=CT, timeout=30.0, auth=registry_auth(stack_settings)) as client:
             yield client
     finally:
         service.stop()
@@ -453,7 +455,7 @@ def test_two_instances_register_concurrently_without_duplicates(reg, second_regi
 
     def run(who: str, part: int):
         mine = jobs[who][part::4]
-        with httpx.Client(base_url=str(clients[who].base_url), headers=CT, timeout=60.0) as c:
+        with httpx.Client(base_url=str(clients[who].base_url), headers=CT, timeout=60.0, auth=clients[who].auth) as c:
             barrier.wait()
             for subject, text in mine:
                 r = post(c, f"/subjects/{subject}/versions", text)
@@ -498,7 +500,7 @@ def test_two_instances_register_concurrently_without_duplicates(reg, second_regi
 def test_confluent_schema_registry_client(stack_settings):
     from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 
-    client = SchemaRegistryClient({"url": stack_settings.registry_url})
+    client = SchemaRegistryClient(registry_conf(stack_settings))
     subject = fresh("confluent")
     v1 = Schema(record("Dose", BASE), "AVRO")
     sid = client.register_schema(subject, v1)
@@ -533,7 +535,9 @@ def test_confluent_schema_registry_client(stack_settings):
 
 
 def reg_level(stack_settings) -> str:
-    return httpx.get(f"{stack_settings.registry_url}/config").json()["compatibilityLevel"]
+    return httpx.get(f"{stack_settings.registry_url}/config", auth=registry_auth(stack_settings)).json()[
+        "compatibilityLevel"
+    ]
 
 
 def test_avro_serializer_round_trip(stack_settings):
@@ -541,7 +545,7 @@ def test_avro_serializer_round_trip(stack_settings):
     from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
     from confluent_kafka.serialization import MessageField, SerializationContext
 
-    client = SchemaRegistryClient({"url": stack_settings.registry_url})
+    client = SchemaRegistryClient(registry_conf(stack_settings))
     topic = f"test.registry.{uuid.uuid4().hex[:10]}"
     schema = record("DoseAdministered", DOSE_V1 + [{"name": "lot_number", "type": ["null", "string"], "default": None}])
     serializer = AvroSerializer(client, schema)
@@ -558,8 +562,11 @@ def test_avro_serializer_round_trip(stack_settings):
     data = serializer(event, ctx)
     magic, schema_id = struct.unpack(">bI", data[:5])
     assert magic == 0
-    assert schema_id == httpx.get(f"{stack_settings.registry_url}/subjects/{topic}-value/versions/latest").json()["id"]
+    latest = httpx.get(
+        f"{stack_settings.registry_url}/subjects/{topic}-value/versions/latest", auth=registry_auth(stack_settings)
+    )
+    assert schema_id == latest.json()["id"]
 
     # A fresh client, so the writer schema really comes from GET /schemas/ids/{id}.
-    deserializer = AvroDeserializer(SchemaRegistryClient({"url": stack_settings.registry_url}))
+    deserializer = AvroDeserializer(SchemaRegistryClient(registry_conf(stack_settings)))
     assert deserializer(data, ctx) == event
