@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     # Its password. Unset on the local stack: generated into <data>/secrets/ (infra/secrets.py).
     principal_password: SecretStr | None = None
 
+    # What the API's bearer tokens are signed with (schemas/tokens.py). Unset on the local stack: generated.
+    api_token_secret: SecretStr | None = None
+
     # Resolved Kafka jars; defaults to <data_dir>/cache. Tests share the checkout's cache.
     jar_cache: Path | None = None
 
@@ -214,6 +217,17 @@ class Settings(BaseSettings):
     def password(self) -> str:
         """This process's own password (Kafka SASL/SCRAM, the registry's basic auth)."""
         return self.password_of(self.principal)
+
+    def token_secret(self) -> str:
+        """The secret the API's token signing key is derived from."""
+        if self.api_token_secret is not None:
+            return self.api_token_secret.get_secret_value()
+        if self.env != "local":
+            raise ConfigError(
+                f"NHDP_API_TOKEN_SECRET must be set when NHDP_ENV is {self.env!r}: "
+                "generated secrets exist only on the local stack"
+            )
+        return self.secrets.get("api-token-secret")
 
     def as_principal(self, principal: str) -> Settings:
         """The same settings for another principal (a service the local stack starts, a test client)."""

@@ -25,6 +25,9 @@ from producers.gateway import router as gateway_router
 from projections import analytics_api
 from projections.api import Queries
 from projections.api import router as query_router
+from schemas import access_log, api_auth
+from schemas.access_log import AccessLog, AccessLogMiddleware
+from schemas.api_auth import AccessDenied, Gatekeeper
 
 RETRY_AFTER_S = 1
 
@@ -92,6 +95,9 @@ def create_app(settings: Settings, *, with_gateway: bool = True, analytics: Any 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        app.state.settings = settings
+        app.state.gatekeeper = Gatekeeper(settings)
+        app.state.access_log = AccessLog(settings.postgres_url)
         app.state.queries = Queries(settings)
         if with_gateway:
             app.state.gateway = Gateway(settings)
@@ -106,6 +112,8 @@ def create_app(settings: Settings, *, with_gateway: bool = True, analytics: Any 
             app.state.queries.close()
             if with_gateway:
                 app.state.gateway.close()
+            app.state.gatekeeper.close()
+            app.state.access_log.close()
 
     app = FastAPI(
         title="NHDP API",
@@ -123,9 +131,16 @@ def create_app(settings: Settings, *, with_gateway: bool = True, analytics: Any 
             "general": settings.api_general_concurrency,
         },
     )
+    app.add_middleware(AccessLogMiddleware)  # added last, so outermost: a request refused for its lane is logged too
     if with_gateway:
         app.include_router(gateway_router)
     app.include_router(analytics_api.router)
+    app.include_router(api_auth.router)
+    app.include_router(access_log.router)
+
+    @app.exception_handler(AccessDenied)
+    async def denied(request: Request, exc: AccessDenied):
+        return ORJSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):

@@ -19,6 +19,7 @@ from infra.process import ServiceError
 from infra.settings import ConfigError, get_settings
 from nhdp.console import console, err, progress_bar
 from nhdp.publish import cmd_simulate
+from nhdp.tokens_cli import add_parsers as add_token_parsers
 from schemas.log import log_end
 
 
@@ -123,11 +124,12 @@ def cmd_import(args) -> int:
     from pathlib import Path
 
     from producers.client import GatewayClient, Tally
+    from schemas.api_auth import SourceTokens
 
     settings = get_settings()
     src = Path(args.file)
     rejects_path = Path(args.rejects or f"{src}.rejects.jsonl")
-    client, tally = GatewayClient(settings.api_url), Tally()
+    client, tally = GatewayClient(settings.api_url, SourceTokens(settings)), Tally()
     local_rejects: list[dict] = []
     lines = blank = 0
     with open(src, "rb") as f, progress_bar() as progress:
@@ -316,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     api = sub.add_parser("api", help="run the gateway and query API in the foreground")
     api.add_argument("--nhdp-data", help=argparse.SUPPRESS)  # the process manager's marker
     api.set_defaults(fn=cmd_api)
+    add_token_parsers(sub)
     return p
 
 

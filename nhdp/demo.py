@@ -22,6 +22,7 @@ from infra.settings import Settings
 from nhdp import stack
 from nhdp.publish import cmd_simulate
 from projections.postgres.tracking import consumer_lag
+from schemas.api_auth import issue_token
 from schemas.figures import FIGURES
 
 # the figures that fit a row: the keyed ones and full coverage are left out
@@ -98,7 +99,8 @@ def run(settings: Settings, console: Console, args: Namespace) -> int:
     console.print(f"projections caught up {took:.1f}s after the last event was acknowledged")
 
     expected = orjson.loads((out / "expected.json").read_bytes())
-    api = httpx.Client(base_url=settings.api_url, timeout=30)
+    token = issue_token(settings, "demo", "national", ttl="1h").token
+    api = httpx.Client(base_url=settings.api_url, timeout=30, headers={"authorization": f"Bearer {token}"})
     national = api.get("/v1/national/summary").json()
     provinces = sorted(api.get("/v1/provinces").json(), key=lambda p: -p["doses_administered"])[:3]
     rows = [("national", national, expected["national"])]

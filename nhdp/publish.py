@@ -14,6 +14,7 @@ from producers.client import GatewayClient, Tally
 from producers.pseudonym import Pseudonymiser
 from producers.sdk import EventProducer
 from producers.simulator import simulate
+from schemas.api_auth import SourceTokens
 
 
 def cmd_simulate(args) -> int:
@@ -25,7 +26,7 @@ def cmd_simulate(args) -> int:
     total = sim.total_events
     published, started = 0, time.perf_counter()
     if args.via == "gateway":
-        client, tally = GatewayClient(settings.api_url), Tally()
+        client, tally = GatewayClient(settings.api_url, SourceTokens(settings)), Tally()
         send = lambda batch: tally.add(client.post(batch, tally))  # noqa: E731
     else:
         producer = EventProducer(settings, source="simulator")

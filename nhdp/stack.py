@@ -169,7 +169,8 @@ def api_service(settings: Settings) -> Managed:
         "api",
         "nhdp.cli",
         "api",
-        ready=lambda: _http_ok(f"{settings.api_url}/v1/national/summary"),
+        # open, and answers only once the app's start-up (PostgreSQL, Kafka, the token key) is done
+        ready=lambda: _http_ok(f"{settings.api_url}/healthz"),
         port=settings.api_port,
         url=settings.api_url,
     )

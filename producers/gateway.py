@@ -20,12 +20,11 @@ import hashlib
 import logging
 import threading
 import time
-from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
 import psycopg
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import ORJSONResponse
 from kafka.errors import MessageSizeTooLargeError
 from prometheus_client import Counter, Histogram
@@ -35,6 +34,8 @@ from starlette.concurrency import run_in_threadpool
 from infra.settings import Settings
 from producers.pseudonym import Pseudonymiser, edge_record
 from producers.sdk import EventProducer, PublishError
+from schemas.access import VOID_EVENT, Caller, Right, may_void
+from schemas.api_auth import require
 from schemas.bounds import TRACE_ID, TRACE_ID_MAX
 from schemas.models import validate_event
 
@@ -62,6 +63,8 @@ CREATE TABLE IF NOT EXISTS gateway.seen_events (
     accepted_at  timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS seen_events_accepted_at ON gateway.seen_events (accepted_at);
+-- who wrote it: a void is checked against it (schemas/access.py)
+ALTER TABLE gateway.seen_events ADD COLUMN IF NOT EXISTS source text;
 """
 
 
@@ -105,16 +108,22 @@ class Gateway:
             conn.execute(f"DELETE FROM gateway.seen_events WHERE accepted_at < now() - interval '{SEEN_RETENTION}'")
 
     # -- the request -------------------------------------------------------------
-    def ingest(self, events: list[Any], trace_id: str | None) -> tuple[int, dict[str, Any]]:
+    def ingest(self, events: list[Any], trace_id: str | None, caller: Caller) -> tuple[int, dict[str, Any]]:
+        """caller: who posts them; every event must be theirs to publish (Caller.event_problem)."""
         rejected: list[dict[str, Any]] = []
         candidates: list[tuple[int, str, bytes, dict]] = []  # index, event_id, hash, avro record
         first_by_id: dict[str, bytes] = {}
+        voids: dict[int, str] = {}  # index -> target
         duplicates = 0
         for i, raw in enumerate(events):
             validated, errors = validate_event(raw)
             event_id = raw.get("event_id") if isinstance(raw, dict) and isinstance(raw.get("event_id"), str) else None
             if errors:
                 rejected.append({"index": i, "event_id": event_id, "errors": errors})
+                continue
+            problem = caller.event_problem(validated.event_type, validated.source, validated.province_code)
+            if problem:
+                rejected.append({"index": i, "event_id": event_id, "errors": [problem]})
                 continue
             event_id = str(validated.event_id)
             record = edge_record(validated, self.pseudonymiser)
@@ -139,8 +148,21 @@ class Gateway:
             if trace_id and not record.get("trace_id"):
                 record["trace_id"] = trace_id
             candidates.append((i, event_id, h, record))
+            if validated.event_type == VOID_EVENT:
+                voids[i] = str(validated.payload["voided_event_id"])
 
         accepted = 0
+        if voids and not caller.has(Right.VOID_ANY):  # an auditor's or admin's void may void anything
+            try:
+                refused = self._refused_voids(voids, caller.source or "")
+            except psycopg.OperationalError as exc:
+                return 503, {
+                    "error": f"PostgreSQL is unavailable ({exc.__class__.__name__}); "
+                    f"nothing from this request was published. Retry after {RETRY_AFTER_S} s."
+                }
+            rejected.extend({"index": i, "event_id": e, "errors": [why]} for i, e, why in refused)
+            refused_at = {r[0] for r in refused}
+            candidates = [c for c in candidates if c[0] not in refused_at]
         if candidates:
             if not self.producer.reachable():
                 # Nothing reserved, nothing published: the whole request can be retried as is.
@@ -149,7 +171,7 @@ class Gateway:
                     f"Retry after {RETRY_AFTER_S} s."
                 }
             try:
-                accepted, dup, conflicts, failure = self._publish_once(candidates, trace_id)
+                accepted, dup, conflicts, failure = self._publish_once(candidates, trace_id, caller)
             except psycopg.OperationalError as exc:
                 return 503, {
                     "error": f"PostgreSQL is unavailable ({exc.__class__.__name__}); "
@@ -171,7 +193,32 @@ class Gateway:
         EVENTS.labels("rejected").inc(len(rejected))
         return 200, {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}
 
-    def _publish_once(self, candidates, trace_id):
+    def _refused_voids(self, voids: dict[int, str], source: str) -> list[tuple[int, str, str]]:
+        """The voids (index, target) whose target another source wrote, with the reason. A target
+        not seen here (older than the re-send record, or not arrived yet) is left to the
+        projections, which apply the same rule when it arrives."""
+        with self.pool.connection() as conn:
+            writers = dict(
+                conn.execute(
+                    "SELECT event_id::text, source FROM gateway.seen_events WHERE event_id = ANY(%s::uuid[])",
+                    (sorted(set(voids.values())),),
+                ).fetchall()
+            )
+        refused = []
+        for i, target in voids.items():
+            writer = writers.get(target)
+            if writer is not None and not may_void(source, writer):
+                refused.append(
+                    (
+                        i,
+                        target,
+                        f"payload.voided_event_id: event {target} was written by source {writer!r}; only that "
+                        "source, an auditor or an admin may void it",
+                    )
+                )
+        return refused
+
+    def _publish_once(self, candidates, trace_id, caller: Caller):
         """Reserve ids, publish the new ones, keep the reservations Kafka acknowledged."""
         ids = [c[1] for c in candidates]
         hashes = [c[2] for c in candidates]
@@ -182,10 +229,12 @@ class Gateway:
             new = {
                 r[0]
                 for r in conn.execute(
-                    "INSERT INTO gateway.seen_events (event_id, content_hash) "
-                    "SELECT i, decode(h, 'hex') FROM unnest(%s::text::uuid[], %s::text::text[]) AS t(i, h) "
+                    "INSERT INTO gateway.seen_events (event_id, content_hash, source) "
+                    "SELECT i, decode(h, 'hex'), %s FROM unnest(%s::text::uuid[], %s::text::text[]) AS t(i, h) "
                     "ON CONFLICT (event_id) DO NOTHING RETURNING event_id::text",
                     (
+                        # one source per request: event_problem made every event carry the caller's
+                        caller.audit_source if caller.has(Right.VOID_ANY) else caller.source,
                         "{" + ",".join([ids[k] for k in order]) + "}",
                         "{" + ",".join([hashes[k].hex() for k in order]) + "}",
                     ),
@@ -283,7 +332,9 @@ def trace_id_problem(value: str | None) -> str | None:
         "503 + Retry-After: Kafka or PostgreSQL unavailable."
     ),
 )
-async def post_events(request: Request):
+async def post_events(
+    request: Request, caller: Annotated[Caller, Depends(require(Right.WRITE_EVENTS, Right.VOID_ANY))]
+):
     started = time.perf_counter()
     gateway: Gateway = request.app.state.gateway
     trace_id = request.headers.get("x-trace-id")
@@ -308,22 +359,8 @@ async def post_events(request: Request):
     if len(events) > MAX_EVENTS:
         return _error(413, f"{len(events):,} events in one request; the limit is {MAX_EVENTS:,}")
 
-    status, answer = await run_in_threadpool(gateway.ingest, events, trace_id)
+    status, answer = await run_in_threadpool(gateway.ingest, events, trace_id, caller)
     REQUEST_SECONDS.observe(time.perf_counter() - started)
     if status == 503:
         return _error(503, answer.pop("error"), **answer)
     return ORJSONResponse(answer, status_code=status)
-
-
-def create_app(settings: Settings) -> FastAPI:
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        app.state.gateway = Gateway(settings)
-        try:
-            yield
-        finally:
-            app.state.gateway.close()
-
-    app = FastAPI(title="NHDP gateway", lifespan=lifespan, default_response_class=ORJSONResponse)
-    app.include_router(router)
-    return app

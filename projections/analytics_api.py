@@ -23,6 +23,7 @@ chDB mode the sink process runs the queries and only the HTTP call's timeout app
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from anyio import CapacityLimiter, to_thread
@@ -34,6 +35,8 @@ from projections.clickhouse.connect import PoolBusy, StorePool
 from projections.clickhouse.queries import Analytics, ParameterError
 from projections.clickhouse.remote import AnalyticsUnavailable, RemoteAnalytics, analytics_for
 from projections.clickhouse.store import AnalyticsStoreError
+from schemas.access import Right
+from schemas.api_auth import Authenticated, forbidden
 
 router = APIRouter(tags=["analytics"])
 _lock = threading.Lock()
@@ -97,7 +100,14 @@ def _threads(request: Request) -> CapacityLimiter:
     return found
 
 
-async def call(request: Request, method: str, *, wait: float | None = None, **kwargs: Any):
+async def call(
+    request: Request,
+    method: str,
+    *,
+    wait: float | None = None,
+    shape: Callable[[Any], Any] | None = None,
+    **kwargs: Any,
+):
     """Run one Analytics call off the event loop; errors become 400, 422, 503 or 504 with the reason.
 
     The answer carries its freshness (projections.freshness): the sink's positions, read
@@ -121,6 +131,8 @@ async def call(request: Request, method: str, *, wait: float | None = None, **kw
             if positions is None:  # read before the query: the answer reflects at least these
                 positions = freshness.recent_sink_positions()
             result = fn(**kwargs)
+            if shape is not None:
+                result = shape(result)
             return result, freshness.headers("analytics", positions) if positions is not None else {}
 
         result, headers = await to_thread.run_sync(answer, limiter=_threads(request))
@@ -150,20 +162,39 @@ async def call(request: Request, method: str, *, wait: float | None = None, **kw
 @router.get("/v1/analytics/doses", summary="Valid doses and distinct people, grouped (ClickHouse)")
 async def doses(
     request: Request,
+    who: Authenticated,
     group_by: str | None = Query(None, description="comma-separated subset of province, day, vaccine, dose_number"),
     from_: str | None = Query(None, alias="from", description="first local day (Asia/Ho_Chi_Minh), YYYY-MM-DD"),
     to: str | None = Query(None, description="last local day, inclusive, YYYY-MM-DD"),
     province: str | None = Query(None, description="comma-separated province codes"),
     wait: float | None = WAIT,
 ):
+    if not who.has(Right.READ_ALL):
+        if not who.has(Right.READ_PROVINCE):
+            raise forbidden(who, Right.READ_ALL, "analytics")
+        if province not in (None, who.province):
+            raise forbidden(who, Right.READ_ALL, f"analytics of provinces other than {who.province}")
+        province = who.province  # filtered to its own
     return await call(request, "doses", wait=wait, group_by=group_by, from_=from_, to=to, province=province)
 
 
 @router.get("/v1/analytics/coverage", summary="Coverage against 2019 population, ranked against the nation")
 async def coverage(
     request: Request,
+    who: Authenticated,
     by: str = Query("province", description="province or region"),
     as_of: str | None = Query(None, description="RFC 3339; events before it"),
     wait: float | None = WAIT,
 ):
-    return await call(request, "coverage", wait=wait, by=by, as_of=as_of)
+    shape = None
+    if not who.has(Right.READ_ALL):
+        if not who.has(Right.READ_PROVINCE):
+            raise forbidden(who, Right.READ_ALL, "analytics")
+        if by != "province":
+            raise forbidden(who, Right.READ_ALL, f"coverage by {by}")
+
+        def shape(answer: dict[str, Any], code: str = who.province or "") -> dict[str, Any]:
+            # its own row, ranked against the nation as before; the national aggregate stays
+            return answer | {"rows": [r for r in answer["rows"] if r.get("province_code") == code]}
+
+    return await call(request, "coverage", wait=wait, shape=shape, by=by, as_of=as_of)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import ORJSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Gauge, generate_latest
 from psycopg_pool import ConnectionPool
@@ -24,6 +24,8 @@ from projections import analytics_api
 from projections.freshness import Freshness
 from projections.postgres import read_models
 from projections.postgres.tracking import LAG_TOPICS, applied, lag_of, next_offsets
+from schemas.access import Right
+from schemas.api_auth import Authenticated, forbidden, require
 from schemas.ids import is_subject_id
 from schemas.log import GroupPositions, LogEnds
 from schemas.log import lag as log_lag
@@ -122,6 +124,7 @@ def _dumped(result: Any, headers: dict[str, str]) -> tuple[bytes, dict[str, str]
 
 
 router = APIRouter(tags=["queries"])
+ReadAll = Annotated[Any, Depends(require(Right.READ_ALL))]
 
 
 def q(request: Request) -> Queries:
@@ -129,7 +132,7 @@ def q(request: Request) -> Queries:
 
 
 @router.get("/v1/national/summary", summary="Every figure of DESIGN §4 for the nation", response_model=dict[str, Any])
-async def national(request: Request, as_of: str | None = None, wait: float | None = analytics_api.WAIT):
+async def national(request: Request, _: ReadAll, as_of: str | None = None, wait: float | None = analytics_api.WAIT):
     if as_of is not None:
         return await analytics_api.call(request, "national_summary", wait=wait, as_of=as_of)
     queries = q(request)
@@ -139,7 +142,9 @@ async def national(request: Request, as_of: str | None = None, wait: float | Non
 
 
 @router.get("/v1/provinces", summary="The summaries of all 63 provinces", response_model=list[dict[str, Any]])
-async def all_provinces(request: Request, as_of: str | None = None, wait: float | None = analytics_api.WAIT):
+async def all_provinces(
+    request: Request, _: ReadAll, as_of: str | None = None, wait: float | None = analytics_api.WAIT
+):
     if as_of is not None:
         return await analytics_api.call(request, "all_provinces", wait=wait, as_of=as_of)
     queries = q(request)
@@ -149,7 +154,11 @@ async def all_provinces(request: Request, as_of: str | None = None, wait: float 
 
 
 @router.get("/v1/provinces/{code}/summary", summary="Every figure of DESIGN §4 for one province")
-async def province(code: str, request: Request, as_of: str | None = None, wait: float | None = analytics_api.WAIT):
+async def province(
+    code: str, request: Request, who: Authenticated, as_of: str | None = None, wait: float | None = analytics_api.WAIT
+):
+    if not who.may_read_province(code):
+        raise forbidden(who, Right.READ_ALL, f"province {code}'s summary")
     if code not in provinces():
         return _error(404, f"unknown province code {code!r}; codes are the 63 two-digit 2008 codes, e.g. 01, 79")
     if as_of is not None:
@@ -161,10 +170,17 @@ async def province(code: str, request: Request, as_of: str | None = None, wait: 
 
 
 @router.get("/v1/citizens/{subject_id}/record", summary="One subject's valid doses, for check-in at a site")
-async def citizen(subject_id: str, request: Request):
+async def citizen(subject_id: str, request: Request, who: Authenticated):
+    if not who.has(Right.READ_ALL) and not who.has(Right.READ_PROVINCE):
+        raise forbidden(who, Right.READ_ALL, "a citizen's record")
     if not is_subject_id(subject_id):
         return _error(400, "subject_id: must be the 64-hex-digit pseudonymous id, never a national id")
     record = await run_in_threadpool(q(request).run, read_models.citizen_record, subject_id)
+    if not who.has(Right.READ_ALL) and not any(
+        d["province_code"] == who.province for d in (record or {}).get("doses", ())
+    ):
+        # the same answer whether the subject has no record or one elsewhere: nothing leaks
+        raise forbidden(who, Right.READ_ALL, f"the record of a subject with no dose in province {who.province}")
     if record is None:
         return _error(404, f"no doses recorded for subject {subject_id}")
     return record
@@ -195,7 +211,7 @@ async def healthz(request: Request):
 
 
 @router.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
-async def metrics(request: Request):
+async def metrics(request: Request, _: Annotated[Any, Depends(require(Right.METRICS))]):
     try:
         lag, done, dlq, sink_lag = await q(request).shared_lag()
         for partition, value in lag.items():

@@ -6,6 +6,7 @@ tests/strategies.py), never from one another or from a conftest.
 - private stacks: stack_env, settings_for, private_data_dir, wait_caught_up;
 - the gateway's events and requests: citizen_id, subject_of, ts, millis,
   valid_event, post, CONFLICT;
+- the API's tokens: token, bearer, api (an httpx client with a role's token);
 - a topic read back with a plain consumer: TopicLog;
 - the registry's credentials: registry_auth (httpx), registry_conf (a stock SchemaRegistryClient).
 """
@@ -31,7 +32,10 @@ from kafka import KafkaConsumer, TopicPartition
 
 from infra.settings import Settings
 from nhdp.stack import private_settings
+from schemas.api_auth import issue_token
 from schemas.topics import TOPIC_EVENTS
+
+SOURCE = "site-79-760"  # valid_event's
 
 # -- private stacks ---------------------------------------------------------------------------------
 
@@ -172,20 +176,53 @@ def valid_event(event_type: str = "DoseAdministered", cid: str | None = None, **
         "event_type": event_type,
         "occurred_at": ts(at),
         "province_code": "79",
-        "source": "site-79-760",
+        "source": SOURCE,
         "payload": {**base[event_type], **payload},
     }
 
 
-def post(settings, body: Any, *, raw: bytes | None = None, headers: dict[str, str] | None = None) -> httpx.Response:
-    """POST /v1/events to the stack's API."""
+def post(
+    settings, body: Any, *, raw: bytes | None = None, headers: dict[str, str] | None = None, source: str | None = None
+) -> httpx.Response:
+    """POST /v1/events to the stack's API, as the producer of `source` (default: the body's first
+    event's source, else valid_event's), allowed every province."""
     content = raw if raw is not None else orjson.dumps(body)
+    if source is None:
+        first = body[0] if isinstance(body, list) and body and isinstance(body[0], dict) else {}
+        source = first.get("source") if isinstance(first.get("source"), str) and first.get("source") else SOURCE
     return httpx.post(
         f"{settings.api_url}/v1/events",
         content=content,
         timeout=120,
-        headers={"content-type": "application/json", **(headers or {})},
+        headers={"content-type": "application/json", **bearer(settings, "producer", source=source), **(headers or {})},
     )
+
+
+# -- the API's tokens -------------------------------------------------------------------------------
+
+_TOKENS: dict[tuple, str] = {}
+
+
+def token(settings, role: str = "national", **scope: Any) -> str:
+    """A token of this role and scope for the stack (one per stack, role and scope; 12 h).
+    A producer's provinces default to all."""
+    if role == "producer":
+        scope.setdefault("provinces", ["*"])
+    key = (str(settings.data_dir), role, orjson.dumps(scope, option=orjson.OPT_SORT_KEYS))
+    found = _TOKENS.get(key)
+    if found is None:
+        name = f"test-{role}-{scope.get('province') or scope.get('source') or 'all'}"[:64]
+        found = _TOKENS[key] = issue_token(settings, name, role, ttl="12h", **scope).token
+    return found
+
+
+def bearer(settings, role: str = "national", **scope: Any) -> dict[str, str]:
+    return {"authorization": f"Bearer {token(settings, role, **scope)}"}
+
+
+def api(settings, role: str = "national", *, timeout: float = 60, **scope: Any) -> httpx.Client:
+    """An httpx client of the stack's API with a token of this role (national: every read)."""
+    return httpx.Client(base_url=settings.api_url, timeout=timeout, headers=bearer(settings, role, **scope))
 
 
 # -- a topic read back ----------------------------------------------------------------------------------

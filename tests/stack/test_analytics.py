@@ -40,7 +40,6 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psycopg
 import pytest
 from kafka import KafkaConsumer, TopicPartition
@@ -68,7 +67,7 @@ from schemas.topics import TOPIC_EVENTS
 from streams.routing import Router
 from streams.sink.audit import wait_caught_up
 from streams.sink.runner import Runner
-from tests.helpers import settings_for, stack_env
+from tests.helpers import api, settings_for, stack_env
 from tests.helpers import wait_caught_up as wait_postgres
 
 pytestmark = pytest.mark.stack
@@ -247,9 +246,9 @@ def world():
         events = list(SIM.events())
         publish(settings, [e for e in events if datetime.fromisoformat(e["occurred_at"]) < T_SNAP])
         caught_up(settings)
-        with httpx.Client(base_url=settings.api_url, timeout=60) as api:
-            world.snapshot_national = api.get("/v1/national/summary").json()
-            world.snapshot_provinces = api.get("/v1/provinces").json()
+        with api(settings, timeout=60) as client:
+            world.snapshot_national = client.get("/v1/national/summary").json()
+            world.snapshot_provinces = client.get("/v1/provinces").json()
         publish(settings, [e for e in events if datetime.fromisoformat(e["occurred_at"]) >= T_SNAP])
 
         custom = custom_events()
@@ -274,7 +273,7 @@ class ApiEngine:
     """The clickhouse-server engine, through the HTTP API (the stack's own sink process writes it)."""
 
     def __init__(self, settings: Settings):
-        self.client = httpx.Client(base_url=settings.api_url, timeout=60)
+        self.client = api(settings, timeout=60)
 
     def _get(self, path: str, **params):
         reply = self.client.get(path, params={k: v for k, v in params.items() if v is not None})
@@ -562,7 +561,7 @@ def test_coverage_by_province_and_region_ranked_against_the_nation(engine, world
     ],
 )
 def test_bad_parameters_are_400_naming_the_parameter(world, path, param):
-    reply = httpx.get(world.settings.api_url + path, timeout=30)
+    reply = api(world.settings).get(path, timeout=30)
     assert reply.status_code == 400, reply.text
     message = reply.json()["error"]
     assert message.startswith(f"{param}:")
@@ -571,9 +570,9 @@ def test_bad_parameters_are_400_naming_the_parameter(world, path, param):
 
 
 def test_unknown_province_as_of_is_404_and_as_of_with_plus_offset_is_read(world):
-    assert httpx.get(f"{world.settings.api_url}/v1/provinces/99/summary?as_of=2021-08-01T00:00:00Z").status_code == 404
+    assert api(world.settings).get("/v1/provinces/99/summary?as_of=2021-08-01T00:00:00Z").status_code == 404
     # '+07:00' unescaped in a query string arrives as ' 07:00'; it is still read as +07:00
-    raw = httpx.get(f"{world.settings.api_url}/v1/national/summary?as_of=2021-08-02T06:17:29+07:00", timeout=30)
+    raw = api(world.settings).get("/v1/national/summary?as_of=2021-08-02T06:17:29+07:00", timeout=30)
     assert raw.status_code == 200
     assert raw.json() == ApiEngine(world.settings).national_summary(as_of="2021-08-01T23:17:29Z")
 

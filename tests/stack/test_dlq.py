@@ -14,7 +14,6 @@ import struct
 import time
 import uuid
 
-import httpx
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
@@ -24,7 +23,7 @@ from producers.sdk import EventProducer
 from schemas.codec import Codec
 from schemas.registry_client import RegistryClient
 from schemas.topics import TOPIC_DLQ, TOPIC_EVENTS
-from tests.helpers import wait_caught_up
+from tests.helpers import api, wait_caught_up
 
 pytestmark = pytest.mark.stack
 
@@ -157,6 +156,6 @@ def test_bad_messages_reach_the_dlq_with_reason_and_origin_and_the_worker_keeps_
     assert len({dlq[o].offset for o in origins.values()}) == len(cases)
 
     assert worker.pid() == pid, "the worker restarted or died"
-    record = httpx.get(f"{settings.api_url}/v1/citizens/{pseudonymiser.subject_id(citizen)}/record", timeout=10)
+    record = api(settings).get(f"/v1/citizens/{pseudonymiser.subject_id(citizen)}/record", timeout=10)
     assert record.status_code == 200, record.text
     assert [d["event_id"] for d in record.json()["doses"]] == [later["event_id"]]

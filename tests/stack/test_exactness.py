@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 import psycopg
 import pytest
@@ -49,7 +48,7 @@ from schemas.models import validate_event
 from schemas.topics import PROJECTOR_GROUP as GROUP
 from schemas.topics import TOPIC_EVENTS, partition_key
 from streams.worker import ready_path
-from tests.helpers import settings_for, stack_env, wait_caught_up
+from tests.helpers import api, settings_for, stack_env, wait_caught_up
 
 pytestmark = pytest.mark.stack
 
@@ -186,10 +185,10 @@ def _same(want: Any, got: Any) -> bool:
 def figure_mismatches(settings: Settings, expected: dict) -> list[str]:
     """Every figure of every province and the nation that differs from `expected`."""
     out: list[str] = []
-    with httpx.Client(base_url=settings.api_url, timeout=30) as api:
-        national = api.get("/v1/national/summary").json()
-        listed = {p["province_code"]: p for p in api.get("/v1/provinces").json()}
-        one_by_one = {code: api.get(f"/v1/provinces/{code}/summary").json() for code in expected["provinces"]}
+    with api(settings, timeout=30) as client:
+        national = client.get("/v1/national/summary").json()
+        listed = {p["province_code"]: p for p in client.get("/v1/provinces").json()}
+        one_by_one = {code: client.get(f"/v1/provinces/{code}/summary").json() for code in expected["provinces"]}
     assert len(expected["provinces"]) == 63 and set(listed) == set(expected["provinces"])
     for figure, want in expected["national"].items():
         if not _same(want, national.get(figure)):

@@ -27,7 +27,7 @@ from kafka import KafkaProducer
 
 from schemas.topics import TOPIC_EVENTS
 from streams.routing import Router
-from tests.helpers import post, registry_auth, valid_event
+from tests.helpers import api, post, registry_auth, valid_event
 from tests.stack.test_dlq import read_dlq
 from tests.strategies import avro_records, broken_events, json_values
 
@@ -172,7 +172,7 @@ def test_every_query_parameter_gets_an_answer_or_a_named_error(stack_settings):
         ]
     )
 
-    with httpx.Client(base_url=stack_settings.api_url, timeout=60) as client:
+    with api(stack_settings, timeout=60) as client:
 
         @fuzz(1500)
         @given(paths, st.data())
@@ -197,17 +197,17 @@ def a_valid_event_lands_after(settings_, timeout_s: float = 60) -> None:
     """A valid event posted now is in the live summary and the analytics within timeout_s."""
     event = valid_event("DoseAdministered")
     event["occurred_at"] = "2020-01-02T10:00:00+07:00"  # a day no other test writes
-    before = httpx.get(f"{settings_.api_url}/v1/national/summary", timeout=10).json()["doses_administered"]
+    before = api(settings_).get("/v1/national/summary", timeout=10).json()["doses_administered"]
     day = {"from": "2020-01-02", "to": "2020-01-02"}
     analytics_before = sum(
-        r["doses"] for r in httpx.get(f"{settings_.api_url}/v1/analytics/doses", params=day, timeout=10).json()["rows"]
+        r["doses"] for r in api(settings_).get("/v1/analytics/doses", params=day, timeout=10).json()["rows"]
     )
     answer = post(settings_, [event])
     assert answer.status_code == 200 and answer.json()["accepted"] == 1, answer.text
     deadline = time.monotonic() + timeout_s
     while True:
-        live = httpx.get(f"{settings_.api_url}/v1/national/summary", timeout=10).json()["doses_administered"]
-        rows = httpx.get(f"{settings_.api_url}/v1/analytics/doses", params=day, timeout=10).json()["rows"]
+        live = api(settings_).get("/v1/national/summary", timeout=10).json()["doses_administered"]
+        rows = api(settings_).get("/v1/analytics/doses", params=day, timeout=10).json()["rows"]
         if live >= before + 1 and sum(r["doses"] for r in rows) >= analytics_before + 1:
             return
         assert time.monotonic() < deadline, "a valid event after the fuzzed ones did not land"

@@ -31,7 +31,7 @@ from producers.client import GatewayClient, Tally
 from schemas import catalog
 from schemas.codec import Codec
 from schemas.topics import TOPIC_EVENTS
-from tests.helpers import CONFLICT, millis, post, registry_conf, subject_of, ts, valid_event, wait_caught_up
+from tests.helpers import CONFLICT, millis, post, registry_conf, subject_of, token, ts, valid_event, wait_caught_up
 
 pytestmark = pytest.mark.stack
 
@@ -461,7 +461,8 @@ def test_gateway_client_rides_out_a_kafka_restart(stack_settings, kafka_service,
 
     thread = threading.Thread(target=restart_later, daemon=True)
     thread.start()
-    client, tally = GatewayClient(stack_settings.api_url, max_wait_s=300), Tally()
+    tokens = lambda source: token(stack_settings, "producer", source=source)  # noqa: E731
+    client, tally = GatewayClient(stack_settings.api_url, tokens, max_wait_s=300), Tally()
     try:
         answer = client.post(events, tally)
     finally:

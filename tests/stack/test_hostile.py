@@ -16,7 +16,6 @@ import os
 import random
 import time
 
-import httpx
 import psycopg
 import pytest
 from kafka import KafkaProducer
@@ -24,7 +23,7 @@ from kafka import KafkaProducer
 from schemas import catalog
 from schemas.registry_client import RegistryClient
 from schemas.topics import TOPIC_EVENTS
-from tests.helpers import post, valid_event
+from tests.helpers import api, post, valid_event
 from tests.stack.test_dlq import dose_record, read_dlq
 
 pytestmark = pytest.mark.stack
@@ -70,14 +69,14 @@ def register_raw(settings, subject: str, schema: dict) -> int:
 
 
 def summary(settings) -> dict:
-    answer = httpx.get(f"{settings.api_url}/v1/national/summary", timeout=10)
+    answer = api(settings).get("/v1/national/summary", timeout=10)
     assert answer.status_code == 200, answer.text
     return answer.json()
 
 
 def doses_on(settings, day: str, wait: float = 0) -> int:
     params = {"from": day, "to": day, "province": "79", "wait": wait}
-    answer = httpx.get(f"{settings.api_url}/v1/analytics/doses", params=params, timeout=30)
+    answer = api(settings).get("/v1/analytics/doses", params=params, timeout=30)
     assert answer.status_code == 200, answer.text
     return sum(r["doses"] for r in answer.json()["rows"])
 

@@ -33,7 +33,7 @@ import pytest
 
 from infra.settings import CHECKOUT, Settings
 from nhdp.stack import free_ports
-from tests.helpers import citizen_id, post, registry_auth, valid_event
+from tests.helpers import SOURCE, api, bearer, citizen_id, post, registry_auth, token, valid_event
 
 pytestmark = pytest.mark.stack
 
@@ -67,8 +67,8 @@ uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_level="warn
 LOAD = r"""
 import asyncio, json, random, sys, time
 
-HOST, PORT, CLIENTS = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-REQUEST = b"GET /v1/analytics/doses?group_by=province HTTP/1.1\r\nHost: api\r\n\r\n"
+HOST, PORT, CLIENTS, TOKEN = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.stdin.readline().strip()
+REQUEST = f"GET /v1/analytics/doses?group_by=province HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
 stats = {"200": 0, "503": 0, "other": 0, "max_in_flight": 0}
 in_flight = 0
 
@@ -145,7 +145,7 @@ def private_api(settings: Settings, tmp: Path, **overrides) -> Iterator[str]:
         while True:
             assert proc.poll() is None, f"the private API exited: {log_path.read_text()[-3000:]}"
             try:
-                if httpx.get(f"{url}/v1/national/summary", timeout=5).status_code == 200:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -346,7 +346,12 @@ def test_an_event_too_large_for_kafka_is_rejected_by_index_never_503(stack_setti
     big = valid_event("AdverseEventReported", symptoms=[f"{i:02d}" + "s" * 126 for i in range(32)])
     before = log.ends()
     for attempt in range(2):  # the same answer again: a permanent rejection, not a reservation left behind
-        resp = httpx.post(f"{tight_api}/v1/events", content=orjson.dumps([big, small]), timeout=60)
+        resp = httpx.post(
+            f"{tight_api}/v1/events",
+            content=orjson.dumps([big, small]),
+            headers=bearer(stack_settings, "producer", source=SOURCE),
+            timeout=60,
+        )
         assert resp.status_code == 200, resp.text
         answer = resp.json()
         assert (answer["accepted"], answer["duplicates"]) == ((1, 0) if attempt == 0 else (0, 1))
@@ -363,8 +368,8 @@ def test_an_event_too_large_for_kafka_is_rejected_by_index_never_503(stack_setti
 
 def test_queries_over_their_limits_are_clear_errors_not_500(stack_settings, tight_api):
     # Rows in ClickHouse first: an empty table is under any limit.
-    with httpx.Client(base_url=stack_settings.api_url, timeout=60) as api:
-        doses = lambda: sum(r["doses"] for r in api.get("/v1/analytics/doses").json()["rows"])  # noqa: E731
+    with api(stack_settings, timeout=60) as client:
+        doses = lambda: sum(r["doses"] for r in client.get("/v1/analytics/doses").json()["rows"])  # noqa: E731
         base = doses()
         assert post(stack_settings, [valid_event(cid=citizen_id()) for _ in range(3)]).json()["accepted"] == 3
         deadline = time.monotonic() + 120
@@ -374,12 +379,12 @@ def test_queries_over_their_limits_are_clear_errors_not_500(stack_settings, tigh
 
     rows_error = "the analytics query would read more than 1 rows (NHDP_ANALYTICS_MAX_ROWS_TO_READ); narrow it (from, to, province)"
     for path in ("/v1/analytics/coverage", "/v1/national/summary?as_of=2030-01-01T00:00:00Z"):
-        resp = httpx.get(f"{tight_api}{path}", timeout=60)
+        resp = httpx.get(f"{tight_api}{path}", headers=bearer(stack_settings), timeout=60)
         assert (resp.status_code, resp.json()) == (422, {"error": rows_error}), path
 
     # Doses sleep 2.5 s in ClickHouse first, over the 1 s limit: stopped there by ClickHouse.
     started = time.perf_counter()
-    resp = httpx.get(f"{tight_api}/v1/analytics/doses", timeout=60)
+    resp = httpx.get(f"{tight_api}/v1/analytics/doses", headers=bearer(stack_settings), timeout=60)
     assert time.perf_counter() - started < SLEEP_S + 2
     assert resp.status_code == 504
     assert resp.json() == {
@@ -395,15 +400,21 @@ def test_a_full_analytics_lane_answers_503_with_retry_after_and_ingest_goes_on(s
     """16 analytics requests in progress (the default), 4 of them on ClickHouse connections;
     40 at once: 24 refused by the lane at once, 12 after waiting 2 s for a connection."""
     answers: list[httpx.Response] = []
+    national = bearer(stack_settings)
 
     def one():
-        answers.append(httpx.get(f"{slow_api}/v1/analytics/doses", timeout=60))
+        answers.append(httpx.get(f"{slow_api}/v1/analytics/doses", headers=national, timeout=60))
 
     threads = [threading.Thread(target=one) for _ in range(40)]
     for t in threads:
         t.start()
     time.sleep(0.5)
-    resp = httpx.post(f"{slow_api}/v1/events", content=orjson.dumps([valid_event()]), timeout=30)
+    resp = httpx.post(
+        f"{slow_api}/v1/events",
+        content=orjson.dumps([valid_event()]),
+        headers=bearer(stack_settings, "producer", source=SOURCE),
+        timeout=30,
+    )
     assert resp.status_code == 200 and resp.json()["accepted"] == 1
     for t in threads:
         t.join(60)
@@ -419,9 +430,9 @@ def _p99(samples: list[float]) -> float:
     return statistics.quantiles(samples, n=100)[98]
 
 
-def _ingest_latencies(url: str, n: int) -> list[float]:
+def _ingest_latencies(url: str, n: int, auth: dict[str, str]) -> list[float]:
     out = []
-    with httpx.Client(base_url=url, timeout=30, headers={"content-type": "application/json"}) as client:
+    with httpx.Client(base_url=url, timeout=30, headers={"content-type": "application/json", **auth}) as client:
         for _ in range(n):
             body = orjson.dumps([valid_event()])
             started = time.perf_counter()
@@ -431,14 +442,15 @@ def _ingest_latencies(url: str, n: int) -> list[float]:
     return out
 
 
-def test_200_slow_analytics_calls_leave_ingest_p99_within_twice_idle(slow_api):
+def test_200_slow_analytics_calls_leave_ingest_p99_within_twice_idle(stack_settings, slow_api):
     """THE acceptance test of bounded resources: analytics cannot starve ingest.
 
     Idle is measured before the load and again once it has drained, and the worse of
     the two is the baseline: the machine's own noise (2 cores, other work) is not the
     load's. With the analytics on the gateway's threads, the loaded posts time out."""
-    _ingest_latencies(slow_api, 20)  # warm: connections, pools, the codec's schema ids
-    idle_before = _ingest_latencies(slow_api, 200)
+    producer = bearer(stack_settings, "producer", source=SOURCE)
+    _ingest_latencies(slow_api, 20, producer)  # warm: connections, pools, the codec's schema ids
+    idle_before = _ingest_latencies(slow_api, 200, producer)
 
     host, port = slow_api.removeprefix("http://").split(":")
     load = subprocess.Popen(
@@ -448,15 +460,17 @@ def test_200_slow_analytics_calls_leave_ingest_p99_within_twice_idle(slow_api):
         text=True,
     )
     try:
+        load.stdin.write(token(stack_settings) + "\n")  # the token on stdin, never in a command line
+        load.stdin.flush()
         assert load.stdout.readline().strip() == "ready"
         time.sleep(1.0)  # every client has its first call in the API
-        loaded = _ingest_latencies(slow_api, 200)
+        loaded = _ingest_latencies(slow_api, 200, producer)
     finally:
         load.stdin.close()  # the clients stop and the load prints what it got
         load.wait(60)
     stats = json.loads(load.stdout.read().strip().splitlines()[-1])
     time.sleep(SLEEP_S + 1)  # the calls the API had admitted end
-    idle_after = _ingest_latencies(slow_api, 200)
+    idle_after = _ingest_latencies(slow_api, 200, producer)
 
     p99_idle = max(_p99(idle_before), _p99(idle_after))
     p99_loaded = _p99(loaded)
@@ -491,10 +505,10 @@ def _time_wait_to(port: int) -> int:
 
 def test_metrics_reuses_one_kafka_client(stack_settings):
     url = f"{stack_settings.api_url}/metrics"
-    first = httpx.get(url, timeout=30)
+    first = httpx.get(url, headers=bearer(stack_settings), timeout=30)
     assert first.status_code == 200 and "nhdp_consumer_lag{" in first.text
     before = _time_wait_to(stack_settings.kafka_port)
-    with httpx.Client(timeout=30) as client:
+    with httpx.Client(timeout=30, headers=bearer(stack_settings)) as client:
         for _ in range(20):
             resp = client.get(url)
             assert resp.status_code == 200 and "nhdp_consumer_lag{" in resp.text
