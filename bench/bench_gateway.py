@@ -25,6 +25,7 @@ any producer's.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -39,6 +40,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from infra.settings import Settings
+from schemas.api_auth import issue_token
 
 LOAD = Path(__file__).resolve().parent / "load_gateway.py"
 TARGET = 10_000
@@ -72,7 +74,7 @@ def cpu_seconds(proc) -> float:
     return t.user + t.system
 
 
-def run_load(url: str, label: str, *args: str, seconds: float, warmup: float) -> dict:
+def run_load(url: str, label: str, *args: str, seconds: float, warmup: float, token: str) -> dict:
     """Run one load process, showing its progress; returns its result object, with
     `server_cpu_us_per_event`: the API process's CPU time per accepted event over the
     measured window (None if the API is not a local process)."""
@@ -88,7 +90,9 @@ def run_load(url: str, label: str, *args: str, seconds: float, warmup: float) ->
     result = None
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(label, total=warmup + seconds, info="starting the load process")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ | {"NHDP_API_TOKEN": token}
+        )
         try:
             for line in proc.stdout:
                 msg = orjson.loads(line)
@@ -130,6 +134,10 @@ def check(result: dict, label: str) -> None:
 
 def bench(settings: Settings, args) -> int:
     url = args.api_url or settings.api_url
+    # A producer for every province (NHDP_API_TOKEN if set, else one issued with this machine's key).
+    token = os.environ.get("NHDP_API_TOKEN") or (
+        issue_token(settings, "bench-gateway", "producer", ttl="2h", source="bench-load", provinces=["*"]).token
+    )
     console.print(f"[bold]NHDP gateway benchmark[/]: {url}, load from a separate process")
     console.print(f"machine: {machine()}")
 
@@ -144,6 +152,7 @@ def bench(settings: Settings, args) -> int:
         str(args.connections),
         seconds=args.seconds,
         warmup=args.warmup,
+        token=token,
     )
     check(mx, "max")
     max_rate = mx["accepted"] / mx["seconds"]
@@ -175,6 +184,7 @@ def bench(settings: Settings, args) -> int:
         str(args.latency_connections),
         seconds=args.latency_seconds,
         warmup=args.warmup,
+        token=token,
     )
     check(pc, "paced")
     achieved = pc["accepted"] / pc["seconds"]

@@ -46,6 +46,7 @@ from rich.table import Table
 from infra.settings import Settings
 from projections.postgres import tracking
 from schemas import log as kafka_log
+from schemas.api_auth import issue_token
 
 console = Console()
 TARGET_RATE = 20_000
@@ -369,14 +370,17 @@ def freshness(settings: Settings, rate: int, seconds: float, poll_ms: int, batch
         return sum(summary[f] for f in COUNTED.values())
 
     events = simulated(int(rate * seconds) + batch, seed=SEED + 99, drop_voids=True)
+    events = [e | {"source": "bench-pipeline"} for e in events]  # one producer, one token (DESIGN §8)
     requests = [events[i : i + batch] for i in range(0, len(events), batch)]
-    api = httpx.Client(base_url=settings.api_url, timeout=30)
+    producer = issue_token(settings, "bench-pipeline", "producer", source="bench-pipeline", provinces=["*"]).token
+    national = {"authorization": f"Bearer {issue_token(settings, 'bench-pipeline', 'national').token}"}
+    api = httpx.Client(base_url=settings.api_url, timeout=30, headers=national)
     base = counted(api.get("/v1/national/summary").json())
     samples: list[tuple[float, int]] = []
     stop = threading.Event()
 
     def poll() -> None:
-        with httpx.Client(base_url=settings.api_url, timeout=30) as client:
+        with httpx.Client(base_url=settings.api_url, timeout=30, headers=national) as client:
             while not stop.is_set():
                 value = counted(client.get("/v1/national/summary").json())
                 samples.append((time.perf_counter(), value))  # when the answer arrived: an upper bound
@@ -392,7 +396,7 @@ def freshness(settings: Settings, rate: int, seconds: float, poll_ms: int, batch
     for body in requests:
         if time.perf_counter() - t0 > seconds:
             break
-        response = api.post("/v1/events", json=body)
+        response = api.post("/v1/events", json=body, headers={"authorization": f"Bearer {producer}"})
         response.raise_for_status()
         answer = response.json()
         if answer.get("rejected") or answer.get("duplicates"):

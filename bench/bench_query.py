@@ -40,12 +40,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from schemas.api_auth import issue_token
+
 console = Console()
 TARGET_P99_MS = 50.0
 PATH = "/v1/national/summary"
 
 
-def load_generator(url: str, clients: int, requests: int, warmup: int, counter, results) -> None:
+def load_generator(url: str, token: str, clients: int, requests: int, warmup: int, counter, results) -> None:
     """Child process: `clients` concurrent closed loops; puts (latencies, seconds, errors, cpu).
 
     Each client is one keep-alive HTTP/1.1 connection on asyncio streams, parsing
@@ -58,7 +60,10 @@ def load_generator(url: str, clients: int, requests: int, warmup: int, counter, 
     import orjson
 
     where = urlsplit(url)
-    request = f"GET {PATH} HTTP/1.1\r\nHost: {where.netloc}\r\nAccept: application/json\r\n\r\n".encode()
+    request = (
+        f"GET {PATH} HTTP/1.1\r\nHost: {where.netloc}\r\nAccept: application/json\r\n"
+        f"Authorization: Bearer {token}\r\n\r\n"
+    ).encode()
     content_length = re.compile(rb"(?i)\r\ncontent-length:\s*(\d+)")
 
     async def run() -> tuple[list[float], float, int]:
@@ -122,12 +127,16 @@ def main(argv: list[str] | None = None) -> int:
                 wait_caught_up(settings, progress, timeout_s=900)
             import httpx
 
-            summary = httpx.get(settings.api_url + PATH, timeout=30).json()
+            # the national technology center's dashboard: a national token
+            token = issue_token(settings, "bench-query", "national", ttl="2h").token
+            summary = httpx.get(
+                settings.api_url + PATH, headers={"authorization": f"Bearer {token}"}, timeout=30
+            ).json()
             ctx = mp.get_context("spawn")
             counter, results = ctx.Value("l", 0), ctx.Queue()
             child = ctx.Process(
                 target=load_generator,
-                args=(settings.api_url, args.clients, args.requests, args.warmup, counter, results),
+                args=(settings.api_url, token, args.clients, args.requests, args.warmup, counter, results),
             )
             task = progress.add_task(f"{args.clients} clients → GET {PATH}", total=args.requests)
             child.start()

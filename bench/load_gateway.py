@@ -41,13 +41,13 @@ import orjson
 class Bodies:
     """Fresh request bodies from a pool of pre-serialised events with their event_id cut out."""
 
-    def __init__(self, pool_events: int, seed: int):
+    def __init__(self, pool_events: int, seed: int, source: str):
         from producers.simulator import simulate
 
         sim = simulate("national", seed=seed, days=1, daily_doses=max(1000, pool_events // 5 + 500))
         self.parts: list[tuple[bytes, bytes]] = []
         for event in itertools.islice(sim.events(), pool_events):
-            raw = orjson.dumps(event)
+            raw = orjson.dumps(event | {"source": source})  # one producer, one token (DESIGN §8)
             old = event["event_id"].encode()
             before, after = raw.split(b'"event_id":"' + old + b'"', 1)
             self.parts.append((before + b'"event_id":"', b'"' + after))
@@ -95,8 +95,12 @@ class Stats:
             self.errors[what] = self.errors.get(what, 0) + 1
 
 
+# A producer token for --source, from the environment: never in a command line others can read.
+HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {os.environ.get('NHDP_API_TOKEN', '')}"}
+
+
 def post(conn: http.client.HTTPConnection, body: bytes) -> tuple[int, bytes]:
-    conn.request("POST", "/v1/events", body=body, headers={"Content-Type": "application/json"})
+    conn.request("POST", "/v1/events", body=body, headers=HEADERS)
     resp = conn.getresponse()
     return resp.status, resp.read()
 
@@ -143,11 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=0.0, help="paced: events/s for all connections together")
     ap.add_argument("--pool", type=int, default=20_000, help="distinct event bodies to cycle through")
     ap.add_argument("--seed", type=int, default=int.from_bytes(os.urandom(4), "big"))
+    ap.add_argument("--source", default="bench-load", help="the source of every event: NHDP_API_TOKEN's")
     args = ap.parse_args(argv)
     if args.mode == "paced" and args.rate <= 0:
         ap.error("--mode paced needs --rate")
 
-    bodies = Bodies(args.pool, args.seed)
+    bodies = Bodies(args.pool, args.seed, args.source)
     start = time.perf_counter()
     deadline = start + args.warmup + args.seconds
     stats = Stats(start + args.warmup, deadline)

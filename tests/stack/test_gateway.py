@@ -314,9 +314,10 @@ def test_too_many_events_or_too_many_bytes_get_413(stack_settings, log):
     assert resp.status_code == 200 and len(resp.json()["rejected"]) == MAX_EVENTS
 
     # Declared too large: refused from the headers, before the body is read.
+    auth = f"Authorization: Bearer {token(stack_settings, 'producer', source='site-79-760')}\r\n"
     status, headers, body = raw_http(
         stack_settings,
-        f"POST /v1/events HTTP/1.1\r\nHost: nhdp\r\nContent-Type: application/json\r\n"
+        f"POST /v1/events HTTP/1.1\r\nHost: nhdp\r\nContent-Type: application/json\r\n{auth}"
         f"Content-Length: {MAX_BODY_BYTES + 1}\r\n\r\n",
     )
     assert (status, headers["content-type"]) == (413, "application/json")
@@ -329,7 +330,7 @@ def test_too_many_events_or_too_many_bytes_get_413(stack_settings, log):
     chunks += [b"%x\r\n" % len(mib) + mib + b"\r\n0\r\n\r\n"]  # crosses the limit, then ends the body
     status, headers, body = raw_http(
         stack_settings,
-        "POST /v1/events HTTP/1.1\r\nHost: nhdp\r\nContent-Type: application/json\r\n"
+        f"POST /v1/events HTTP/1.1\r\nHost: nhdp\r\nContent-Type: application/json\r\n{auth}"
         "Transfer-Encoding: chunked\r\n\r\n",
         chunks,
     )

@@ -236,13 +236,14 @@ def test_a_body_over_the_limit_is_refused_without_being_read(stack_settings, log
     host, port = stack_settings.api_host, stack_settings.api_port
     before = log.ends()
 
+    auth = b"Authorization: Bearer %s\r\n" % token(stack_settings, "producer", source=SOURCE).encode()
     # Declared: refused from the headers, and not one byte of the body is waited for.
     started = time.perf_counter()
     status, headers, body, _ = stream_body(
         host,
         port,
-        b"POST /v1/events HTTP/1.1\r\nHost: nhdp\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-        % (100 * MIB),
+        b"POST /v1/events HTTP/1.1\r\nHost: nhdp\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n"
+        % (auth, 100 * MIB),
         0,
     )
     assert (status, headers["connection"]) == (413, "close")
@@ -255,7 +256,7 @@ def test_a_body_over_the_limit_is_refused_without_being_read(stack_settings, log
         host,
         port,
         b"POST /v1/events HTTP/1.1\r\nHost: nhdp\r\nContent-Type: application/json\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n",
+        b"%sTransfer-Encoding: chunked\r\n\r\n" % auth,
         256 * MIB,
     )
     assert (status, headers["connection"]) == (413, "close")
