@@ -87,6 +87,8 @@ def _java_cmd(settings: Settings, main: str, *args: str, heap: str | None = None
 # listener's user; both passwords come from the local secret store.
 ADMIN = "admin"
 CONTROLLER_SECRET = "kafka-controller"
+# Written after a format with --add-scram: storage formatted before SASL has no admin credential.
+SECURED_MARKER = "nhdp-scram-formatted"
 
 
 def write_config(settings: Settings) -> Path:
@@ -115,7 +117,14 @@ def write_config(settings: Settings) -> Path:
 
 def format_storage(settings: Settings, config: Path) -> None:
     """Format once; the broker refuses unformatted storage."""
+    secured = kafka_dir(settings) / SECURED_MARKER  # beside the log dir: the broker keeps that one to itself
     if (kafka_dir(settings) / "data" / "meta.properties").exists():
+        if not secured.exists():
+            raise ServiceError(
+                f"kafka: {kafka_dir(settings) / 'data'} was formatted before Kafka required SASL sign-in, so it "
+                "has no admin credential and the broker could never start. `nhdp reset` wipes the local data "
+                "(the next `nhdp up` formats it anew)"
+            )
         return
     uuid = subprocess.run(_java_cmd(settings, "kafka.tools.StorageTool", "random-uuid"), capture_output=True, text=True)
     cluster_id = uuid.stdout.strip().splitlines()[-1] if uuid.returncode == 0 and uuid.stdout.strip() else ""
@@ -131,6 +140,7 @@ def format_storage(settings: Settings, config: Path) -> None:
             f"kafka: formatting storage failed.\n  command: {' '.join(cmd)} --add-scram <admin credential>\n"
             f"  output:\n{(proc.stdout + proc.stderr).replace(settings.password_of(ADMIN), '***')[-3000:]}"
         )
+    secured.write_text("formatted with the admin's SCRAM credential\n")
 
 
 def as_admin(settings: Settings) -> Settings:

@@ -266,6 +266,17 @@ def cmd_verify_analytics(args) -> int:
     return 0
 
 
+def _province(code: str) -> str | None:
+    """province_CODE, or None after saying why the code is not one."""
+    from schemas.principals import province_principal
+
+    try:
+        return province_principal(code)
+    except ValueError as exc:
+        err.print("[red]error:[/]", escape(str(exc)), highlight=False)
+        return None
+
+
 def cmd_province_grant(args) -> int:
     """Create or rotate province_CODE: a fresh password, READ on its own prefix only; prints its client configuration."""
     import secrets
@@ -278,7 +289,9 @@ def cmd_province_grant(args) -> int:
     from schemas.topics import province_topic
 
     settings = get_settings()
-    name = principals.province_principal(args.code)
+    name = _province(args.code)
+    if name is None:
+        return 2
     password = secrets.token_urlsafe(32)
     with AccessAdmin(settings) as access:
         access.set_passwords({name: password})
@@ -316,7 +329,9 @@ def cmd_province_revoke(args) -> int:
     from schemas import principals
 
     settings = get_settings()
-    name = principals.province_principal(args.code)
+    name = _province(args.code)
+    if name is None:
+        return 2
     with AccessAdmin(settings) as access:
         had_credential = access.remove_password(name)
         acls = access.remove_grants(name)

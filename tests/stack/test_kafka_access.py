@@ -27,7 +27,7 @@ from producers.pseudonym import Pseudonymiser
 from producers.sdk import EventProducer
 from producers.simulator import simulate
 from schemas.topics import TOPIC_DLQ, TOPIC_EVENTS, province_topic
-from tests.helpers import wait_caught_up
+from tests.helpers import valid_event, wait_caught_up
 
 pytestmark = pytest.mark.stack
 
@@ -202,6 +202,19 @@ def test_services_but_the_worker_cannot_write_province_topics(stack_settings, pr
 def test_only_the_gateway_and_producers_write_the_log(stack_settings, principal):
     error = produce_error(stack_settings.as_principal(principal).librdkafka_config(), TOPIC_EVENTS)
     assert error is not None and error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, error
+
+
+def test_the_producer_principal_publishes_through_the_idempotent_sdk(stack_settings, log):
+    start, source = log.ends(), f"test-kafka-access-{uuid.uuid4().hex[:8]}"
+    with EventProducer(stack_settings.as_principal("producer"), source=source) as producer:
+        producer.publish_json([valid_event()], Pseudonymiser.from_settings(stack_settings))
+    mine = [m for m in log.read(start) if dict(m.headers).get("source") == source.encode()]
+    assert len(mine) == 1
+
+
+def test_a_malformed_province_code_is_refused_with_the_reason(stack_settings):
+    proc = nhdp("province", "grant", "7a")
+    assert proc.returncode == 2 and "must be two digits" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("principal", ["gateway", "producer"])
