@@ -399,7 +399,7 @@ def warm_up_group_coordinator(settings) -> None:
     assigned: list = []
     consumer = Consumer(
         {
-            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            **settings.librdkafka_config(),
             "group.id": "bench-warm-up",
             "enable.auto.commit": False,
         }
@@ -467,7 +467,7 @@ def measure_parts(settings, name: str, url: str, n: int, tmp: Path) -> dict:
     from streams.routing import Router
 
     consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
+        **settings.kafka_python_config(),
         enable_auto_commit=False,
         max_poll_records=20_000,
         fetch_max_bytes=64 << 20,

@@ -136,7 +136,7 @@ def preload(settings: Settings, messages: list[tuple[bytes, bytes]], progress: P
     failed: list[str] = []
     producer = Producer(
         {
-            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            **settings.librdkafka_config(),
             "acks": "all",
             "enable.idempotence": True,
             "compression.type": "lz4",
@@ -176,7 +176,7 @@ def preload(settings: Settings, messages: list[tuple[bytes, bytes]], progress: P
 
 def log_end(settings: Settings) -> int:
     """Messages in health.events now, over all partitions."""
-    return sum(kafka_log.log_end(settings.kafka_bootstrap_servers).values())
+    return sum(kafka_log.log_end(settings).values())
 
 
 def applied(conn) -> int:
@@ -327,7 +327,7 @@ def plain_consumer(settings: Settings, limit: int, progress: Progress, timeout_s
 
     codec = Codec(RegistryClient.for_settings(settings))
     consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
+        **settings.kafka_python_config(),
         enable_auto_commit=False,
         max_poll_records=10_000,
         fetch_max_bytes=64 * 1024 * 1024,

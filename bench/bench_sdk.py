@@ -94,11 +94,11 @@ def national_events(n: int, seed: int) -> list[dict[str, Any]]:
 
 
 class Topics:
-    def __init__(self, bootstrap: str, partitions: int, keep: bool):
+    def __init__(self, settings: Settings, partitions: int, keep: bool):
         from kafka import KafkaAdminClient
 
-        self.bootstrap, self.partitions, self.keep = bootstrap, partitions, keep
-        self.admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="nhdp-bench-sdk")
+        self.settings, self.partitions, self.keep = settings, partitions, keep
+        self.admin = KafkaAdminClient(**settings.kafka_python_config(), client_id="nhdp-bench-sdk")
         self.created: list[str] = []
 
     def fresh(self, label: str) -> str:
@@ -117,7 +117,7 @@ class Topics:
     def total(self, topic: str) -> int | None:
         from kafka import KafkaConsumer, TopicPartition
 
-        c = KafkaConsumer(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000)
+        c = KafkaConsumer(**self.settings.kafka_python_config(), request_timeout_ms=10_000)
         try:
             parts = c.partitions_for_topic(topic)
             if not parts:
@@ -141,12 +141,12 @@ def batches(seq: Sequence, size: int) -> Iterator[Sequence]:
         yield seq[i : i + size]
 
 
-def confluent_producer(bootstrap: str):
+def confluent_producer(settings: Settings):
     from confluent_kafka import Producer
 
     return Producer(
         {
-            "bootstrap.servers": bootstrap,
+            **settings.librdkafka_config(),
             "client.id": "nhdp-bench-confluent",
             "partitioner": "murmur2_random",  # the Java client's (and the SDK's) choice of partition per key
             "enable.idempotence": True,
@@ -188,7 +188,7 @@ class AioBatches:
     """aiokafka's producer on its own event-loop thread; publish() sends one call's events as
     per-partition record batches (aiokafka's compiled builder) and waits for every ack."""
 
-    def __init__(self, bootstrap: str):
+    def __init__(self, settings: Settings):
         import asyncio
         import threading
 
@@ -200,7 +200,7 @@ class AioBatches:
 
         async def start():
             producer = AIOKafkaProducer(
-                bootstrap_servers=bootstrap,
+                **settings.kafka_python_config(),
                 acks="all",
                 enable_idempotence=True,
                 compression_type="lz4",
@@ -296,7 +296,7 @@ def bench(settings: Settings, args) -> int:
     size = sum(map(len, values)) / len(values)
     console.print(f"{len(events):,} events, {size:.0f} B/event Avro before lz4")
 
-    topics = Topics(settings.kafka_bootstrap_servers, settings.kafka_partitions, args.keep)
+    topics = Topics(settings, settings.kafka_partitions, args.keep)
     rows: list[tuple[str, str, float]] = []
     n, b = args.events, args.batch
     columns = (TextColumn("{task.description:<58}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -381,7 +381,7 @@ def bench(settings: Settings, args) -> int:
             ck = None
             if "d" in args.rows or "e" in args.rows:
                 try:
-                    ck = confluent_producer(settings.kafka_bootstrap_servers)
+                    ck = confluent_producer(settings)
                 except ImportError:
                     console.print(
                         "[yellow]confluent-kafka is not installed (pip install -e '.[test]'): rows d, e skipped"
@@ -413,7 +413,7 @@ def bench(settings: Settings, args) -> int:
                 checked("(e) validate + pseudonymise + encode, confluent-kafka", "(a) on librdkafka", topic, full, 200)
             if "f" in args.rows:
                 topic = topics.fresh("f")
-                with AioBatches(settings.kafka_bootstrap_servers) as aio:
+                with AioBatches(settings) as aio:
                     aio.publish(topic, keys[:200], values[:200], headers[:200], partition_of[:200])
                     checked(
                         "(f) aiokafka send_batch of the same bytes",

@@ -165,7 +165,7 @@ class Load:
 def positions_reached(settings: Settings, target: dict[int, int]) -> bool:
     with psycopg.connect(settings.postgres_url, autocommit=True, connect_timeout=5) as conn:
         live = next_offsets(conn)
-    sink = group_positions(settings.kafka_bootstrap_servers, ANALYTICS_GROUP)
+    sink = group_positions(settings, ANALYTICS_GROUP)
     return all(live.get(p, 0) >= end and sink.get(p, 0) >= end for p, end in target.items())
 
 
@@ -176,7 +176,7 @@ def recover(settings: Settings, since: float | None = None, timeout_s: float = 3
     target = None
     while True:
         try:
-            target = target or log_end(settings.kafka_bootstrap_servers)
+            target = target or log_end(settings)
             if positions_reached(settings, target):
                 return time.monotonic() - started
         except Exception:  # a store still coming back: keep asking

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -82,6 +83,14 @@ def _java_cmd(settings: Settings, main: str, *args: str, heap: str | None = None
     return cmd
 
 
+# The broker's super user (it also talks between its own listeners) and the controller
+# listener's user; both passwords come from the local secret store.
+ADMIN = "admin"
+CONTROLLER_SECRET = "kafka-controller"
+# Written after a format with --add-scram: storage formatted before SASL has no admin credential.
+SECURED_MARKER = "nhdp-scram-formatted"
+
+
 def write_config(settings: Settings) -> Path:
     base = kafka_dir(settings)
     base.mkdir(parents=True, exist_ok=True)
@@ -89,37 +98,60 @@ def write_config(settings: Settings) -> Path:
         host=settings.kafka_host,
         port=settings.kafka_port,
         controller_port=settings.kafka_controller_port,
-        client_protocol="PLAINTEXT",
-        client_security="PLAINTEXT",
-        security_extra="",
+        admin_user=ADMIN,
+        admin_password=settings.password_of(ADMIN),
+        controller_password=settings.secrets.get(CONTROLLER_SECRET),
         log_dirs=base / "data",
         partitions=settings.kafka_partitions,
     )
     path = base / "server.properties"
-    path.write_text(text)
+    # It holds passwords: 0600 from its first byte, replaced atomically.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
     return path
 
 
 def format_storage(settings: Settings, config: Path) -> None:
     """Format once; the broker refuses unformatted storage."""
+    secured = kafka_dir(settings) / SECURED_MARKER  # beside the log dir: the broker keeps that one to itself
     if (kafka_dir(settings) / "data" / "meta.properties").exists():
+        if not secured.exists():
+            raise ServiceError(
+                f"kafka: {kafka_dir(settings) / 'data'} was formatted before Kafka required SASL sign-in, so it "
+                "has no admin credential and the broker could never start. `nhdp reset` wipes the local data "
+                "(the next `nhdp up` formats it anew)"
+            )
         return
     uuid = subprocess.run(_java_cmd(settings, "kafka.tools.StorageTool", "random-uuid"), capture_output=True, text=True)
     cluster_id = uuid.stdout.strip().splitlines()[-1] if uuid.returncode == 0 and uuid.stdout.strip() else ""
     if not cluster_id:
         raise ServiceError(f"kafka: StorageTool random-uuid failed:\n{uuid.stderr[-2000:]}")
     cmd = _java_cmd(settings, "kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id, "-c", str(config))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # The admin's SCRAM credential must exist before the first start: the broker signs in
+    # between its own listeners with it. Its password is kept out of the error message.
+    scram = f"SCRAM-SHA-512=[name={ADMIN},password={settings.password_of(ADMIN)}]"
+    proc = subprocess.run([*cmd, "--add-scram", scram], capture_output=True, text=True)
     if proc.returncode != 0:
         raise ServiceError(
-            f"kafka: formatting storage failed.\n  command: {' '.join(cmd)}\n  output:\n{(proc.stdout + proc.stderr)[-3000:]}"
+            f"kafka: formatting storage failed.\n  command: {' '.join(cmd)} --add-scram <admin credential>\n"
+            f"  output:\n{(proc.stdout + proc.stderr).replace(settings.password_of(ADMIN), '***')[-3000:]}"
         )
+    secured.write_text("formatted with the admin's SCRAM credential\n")
 
 
-def metadata_ok(bootstrap: str, timeout_ms: int = 2000) -> bool:
-    """Ready means a metadata request succeeds, not just an open port."""
+def as_admin(settings: Settings) -> Settings:
+    """These settings signed in as the broker's admin (its own password kept if it already is)."""
+    return settings if settings.principal == ADMIN else settings.as_principal(ADMIN)
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms, client_id="nhdp-ready")
+
+def metadata_ok(settings: Settings, timeout_ms: int = 2000) -> bool:
+    """Ready means a metadata request succeeds, signed in as settings' principal, not just an open port."""
+
+    admin = KafkaAdminClient(**settings.kafka_python_config(), request_timeout_ms=timeout_ms, client_id="nhdp-ready")
     try:
         admin.list_topics()
         return True
@@ -137,7 +169,7 @@ def service(settings: Settings) -> Managed:
         if shutil.which("java")
         else ["java", "kafka.Kafka", str(config)],
         marker=str(config),
-        ready=lambda: metadata_ok(settings.kafka_bootstrap_servers),
+        ready=lambda: metadata_ok(as_admin(settings)),
         port=settings.kafka_port,
         url=f"kafka://{settings.kafka_bootstrap_servers}",
         data_path=kafka_dir(settings),
@@ -152,7 +184,7 @@ def prepare(settings: Settings) -> None:
 def ensure_topics(settings: Settings, topics: Sequence[tuple[str, int, dict[str, str]]]) -> None:
     """Create these topics (name, partitions, configs) if missing (idempotent)."""
 
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers, client_id="nhdp-setup")
+    admin = KafkaAdminClient(**as_admin(settings).kafka_python_config(), client_id="nhdp-setup")
     try:
         existing = set(admin.list_topics())
         wanted = [NewTopic(name, parts, 1, topic_configs=dict(configs)) for name, parts, configs in topics]

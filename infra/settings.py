@@ -22,6 +22,7 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 # Known to everyone who reads this file, so refused outside the local stack.
 LOCAL_DEV_SECRET = "nhdp-local-development-secret-not-for-production"
 MIN_SECRET_CHARS = 32
+KAFKA_SASL_MECHANISM = "SCRAM-SHA-512"
 
 
 class ConfigError(RuntimeError):
@@ -39,6 +40,8 @@ class Settings(BaseSettings):
     kafka_controller_port: int = 9093
     kafka_heap: str = "512m"
     kafka_partitions: int = 6
+    # Clients authenticate with SASL/SCRAM (the local broker's listener); production may use SASL_SSL.
+    kafka_security_protocol: str = Field(default="SASL_PLAINTEXT", pattern=r"^SASL_(PLAINTEXT|SSL)$")
 
     # No event may have happened before this day (UTC): older timestamps are typing errors or
     # attacks, and ClickHouse's DateTime cannot hold every one of them (schemas/bounds.py).
@@ -232,6 +235,37 @@ class Settings(BaseSettings):
     def as_principal(self, principal: str) -> Settings:
         """The same settings for another principal (a service the local stack starts, a test client)."""
         return self.model_copy(update={"principal": principal, "principal_password": None})
+
+    def as_service(self, principal: str) -> Settings:
+        """A job of `nhdp` (replay, simulate) signs in as its service principal on the local stack,
+        where every password is in the store; elsewhere NHDP_PRINCIPAL says who this process is."""
+        if self.env == "local" and self.principal == "admin" and self.principal_password is None:
+            return self.as_principal(principal)
+        return self
+
+    # -- Kafka clients: every client in the repository is configured from these --------
+    def kafka_python_auth(self) -> dict[str, str]:
+        """kwargs that sign a kafka-python client in as this process's principal."""
+        return {
+            "security_protocol": self.kafka_security_protocol,
+            "sasl_mechanism": KAFKA_SASL_MECHANISM,
+            "sasl_plain_username": self.principal,
+            "sasl_plain_password": self.password,
+        }
+
+    def kafka_python_config(self) -> dict[str, str]:
+        """bootstrap_servers plus kafka_python_auth: a kafka-python client's connection."""
+        return {"bootstrap_servers": self.kafka_bootstrap_servers, **self.kafka_python_auth()}
+
+    def librdkafka_config(self) -> dict[str, str]:
+        """A librdkafka (confluent-kafka) client's connection, signed in as this process's principal."""
+        return {
+            "bootstrap.servers": self.kafka_bootstrap_servers,
+            "security.protocol": self.kafka_security_protocol,
+            "sasl.mechanism": KAFKA_SASL_MECHANISM,
+            "sasl.username": self.principal,
+            "sasl.password": self.password,
+        }
 
     # -- local folders ----------------------------------------------------------
     @property

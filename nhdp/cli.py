@@ -12,6 +12,7 @@ import sys
 import time
 
 import orjson
+from pydantic import SecretStr
 from rich.markup import escape
 from rich.table import Table
 
@@ -207,7 +208,7 @@ def cmd_replay(args) -> int:
     from streams import replay
     from streams.sink import audit as analytics_sink
 
-    settings = get_settings()
+    settings = get_settings().as_service("replay")  # reads the log; may write nothing to Kafka
     if args.verify:
         diffs = replay.verify(settings, args.into, console)
         # ClickHouse rebuilt up to the same positions, against the live PostgreSQL projections.
@@ -224,7 +225,7 @@ def cmd_replay(args) -> int:
             return 1
         console.print("[green]replay equals the live projections: 0 differences[/] (PostgreSQL and ClickHouse)")
         return 0
-    ends = log_end(settings.kafka_bootstrap_servers)
+    ends = log_end(settings)
     upto = {p: end - 1 for p, end in ends.items()}  # one prefix of the log for both stores
     result = replay.rebuild(settings, args.into, upto=upto, console=console)
     console.print(
@@ -264,6 +265,85 @@ def cmd_verify_analytics(args) -> int:
         f"[green]ClickHouse equals the PostgreSQL projections: 0 differences[/] "
         f"(every figure, 63 provinces and national, at {sum(positions.values()):,} messages)"
     )
+    return 0
+
+
+def _province(code: str) -> str | None:
+    """province_CODE, or None after saying why the code is not one."""
+    from schemas.principals import province_principal
+
+    try:
+        return province_principal(code)
+    except ValueError as exc:
+        err.print("[red]error:[/]", escape(str(exc)), highlight=False)
+        return None
+
+
+def cmd_province_grant(args) -> int:
+    """Create or rotate province_CODE: a fresh password, READ on its own prefix only; prints its client configuration."""
+    import secrets
+
+    import psycopg
+
+    from infra.kafka_access import AccessAdmin
+    from schemas import principals
+    from schemas.kafka_acls import province_grants, province_prefix
+    from schemas.topics import province_topic
+
+    settings = get_settings()
+    name = _province(args.code)
+    if name is None:
+        return 2
+    password = secrets.token_urlsafe(32)
+    with AccessAdmin(settings) as access:
+        access.set_passwords({name: password})
+        access.set_grants(name, province_grants(args.code))
+    # The same credential signs in to the schema registry (basic auth, argon2 hash only).
+    with psycopg.connect(settings.postgres_url) as conn:
+        principals.ensure(conn)
+        principals.put(conn, name, principals.READER, password)
+    client = settings.as_principal(name).model_copy(update={"principal_password": SecretStr(password)})
+    config = {
+        "kafka": client.librdkafka_config(),
+        "registry": {"url": settings.registry_url, "basic.auth.user.info": f"{name}:{password}"},
+        "topic": province_topic(args.code),
+        "group_prefix": province_prefix(args.code),
+    }
+    # Printing the credential is the point of this command: it is shown once, stored nowhere in clear.
+    if args.json:
+        sys.stdout.write(orjson.dumps(config, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    console.print(f"[green]✓[/] {name} may read {config['topic']} (and groups named {config['group_prefix']}*)")
+    console.print("\nKafka (librdkafka / confluent-kafka properties):", highlight=False)
+    for key, value in config["kafka"].items():
+        console.print(f"  {key}={value}", highlight=False, markup=False)
+    console.print("Schema registry:", highlight=False)
+    for key, value in config["registry"].items():
+        console.print(f"  {key}={value}", highlight=False, markup=False)
+    console.print("\nThe password is shown only now; `nhdp province grant` again rotates it.", highlight=False)
+    return 0
+
+
+def cmd_province_revoke(args) -> int:
+    import psycopg
+
+    from infra.kafka_access import AccessAdmin
+    from schemas import principals
+
+    settings = get_settings()
+    name = _province(args.code)
+    if name is None:
+        return 2
+    with AccessAdmin(settings) as access:
+        had_credential = access.remove_password(name)
+        acls = access.remove_grants(name)
+    with psycopg.connect(settings.postgres_url) as conn:
+        principals.ensure(conn)
+        had_row = principals.remove(conn, name)
+    if not (had_credential or acls or had_row):
+        console.print(f"{name} had no access: nothing to revoke")
+        return 0
+    console.print(f"[green]✓[/] revoked {name}: its Kafka credential, {acls} ACL(s) and its registry login")
     return 0
 
 
@@ -312,6 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=60.0, help="seconds to wait for both to reach the same log position"
     )
     va.set_defaults(fn=cmd_verify_analytics)
+    prov = sub.add_parser("province", help="a province's credential to read its own stream").add_subparsers(
+        dest="action", required=True
+    )
+    pg = prov.add_parser("grant", help="create or rotate province_CODE and print its client configuration")
+    pg.add_argument("code", help="two-digit province code, as in the reference data (e.g. 79)")
+    pg.add_argument("--json", action="store_true", help="print the configuration as JSON (confluent-kafka ready)")
+    pg.set_defaults(fn=cmd_province_grant)
+    pr = prov.add_parser("revoke", help="delete province_CODE's credential, ACLs and registry login")
+    pr.add_argument("code", help="two-digit province code")
+    pr.set_defaults(fn=cmd_province_revoke)
     w = sub.add_parser("worker", help="run a stream worker (Faust) in the foreground")
     w.add_argument("rest", nargs=argparse.REMAINDER)
     w.set_defaults(fn=cmd_worker)

@@ -33,7 +33,7 @@ def wait_caught_up(settings: Settings, console: Console, timeout_s: float = 1800
     started = time.monotonic()
     with psycopg.connect(settings.postgres_url) as conn, console.status("projections catching up…") as status:
         while True:
-            lag, applied, dlq = consumer_lag(settings.kafka_bootstrap_servers, conn)
+            lag, applied, dlq = consumer_lag(settings, conn)
             total = sum(lag.values())
             status.update(f"projections catching up: {applied:,} applied, lag {total:,}, DLQ {dlq:,}")
             if total == 0:
@@ -89,7 +89,7 @@ def run(settings: Settings, console: Console, args: Namespace) -> int:
     if not mixed and previous is None:
         with psycopg.connect(settings.postgres_url) as conn:
             try:
-                mixed = consumer_lag(settings.kafka_bootstrap_servers, conn)[1] > 0
+                mixed = consumer_lag(settings, conn)[1] > 0
             except psycopg.errors.UndefinedTable:
                 mixed = False
     marker.write_bytes(orjson.dumps(previous if mixed else this_run))

@@ -29,7 +29,7 @@ def cmd_simulate(args) -> int:
         client, tally = GatewayClient(settings.api_url, SourceTokens(settings)), Tally()
         send = lambda batch: tally.add(client.post(batch, tally))  # noqa: E731
     else:
-        producer = EventProducer(settings, source="simulator")
+        producer = EventProducer(settings.as_service("producer"), source="simulator")
         pseudonymiser = Pseudonymiser.from_settings(settings)
         send = lambda batch: producer.publish_json(batch, pseudonymiser)  # noqa: E731
     with progress_bar() as progress:

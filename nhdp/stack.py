@@ -25,7 +25,7 @@ import httpx
 import psutil
 import psycopg
 
-from infra import clickhouse, kafka, postgres
+from infra import clickhouse, kafka, kafka_access, postgres
 from infra.process import Managed, ServiceError, dir_size, recorded_process
 from infra.settings import CHECKOUT, Settings
 from infra.supervisor import read_state
@@ -33,6 +33,7 @@ from projections.clickhouse.remote import sink_url_path
 from projections.clickhouse.schema import ensure_schema
 from schemas import principals
 from schemas.codec import Codec
+from schemas.kafka_acls import SERVICE_GRANTS
 from schemas.reference import province_codes as codes
 from schemas.registry_client import RegistryClient
 from schemas.topics import contract_topics
@@ -101,8 +102,15 @@ def private(label: str = "private", *, keep_data: bool = False, **overrides) -> 
             shutil.rmtree(data, ignore_errors=True)
 
 
-def python_service(settings: Settings, name: str, module: str, *args: str, ready, port=None, url=None) -> Managed:
-    """A service of ours, run with this interpreter; the data folder in argv is its marker."""
+def python_service(
+    settings: Settings, name: str, module: str, *args: str, ready, port=None, url=None, principal: str | None = None
+) -> Managed:
+    """A service of ours, run with this interpreter; the data folder in argv is its marker.
+
+    `principal`: who it is to Kafka (schemas.principals.SERVICES); it reads its own
+    password from the local secret store, never from this process's environment."""
+    if principal is not None:
+        settings = settings.as_principal(principal)
     return Managed(
         name=name,
         run_dir=settings.run_dir,
@@ -136,7 +144,7 @@ def registry_service(settings: Settings) -> Managed:
 
 
 def worker_service(settings: Settings, name: str = "worker") -> Managed:
-    svc = python_service(settings, name, "streams.worker", ready=lambda: False)
+    svc = python_service(settings, name, "streams.worker", ready=lambda: False, principal="worker")
     svc.ready = lambda: (pid := svc.pid()) is not None and settings.ready_path("worker", pid).exists()
     return svc
 
@@ -144,7 +152,9 @@ def worker_service(settings: Settings, name: str = "worker") -> Managed:
 def sink_service(settings: Settings) -> Managed:
     """The ClickHouse sink (streams/sink/); in chDB mode it also owns the folder and answers queries."""
 
-    svc = python_service(settings, "sink", "streams.sink", ready=lambda: False, url=settings.analytics_url())
+    svc = python_service(
+        settings, "sink", "streams.sink", ready=lambda: False, url=settings.analytics_url(), principal="sink"
+    )
 
     def ready() -> bool:
         pid = svc.pid()
@@ -173,6 +183,7 @@ def api_service(settings: Settings) -> Managed:
         ready=lambda: _http_ok(f"{settings.api_url}/healthz"),
         port=settings.api_port,
         url=settings.api_url,
+        principal="gateway",
     )
 
 
@@ -213,7 +224,7 @@ def steps(settings: Settings) -> list[Step]:
         Step(
             kafka.service(settings),
             lambda: kafka.prepare(settings),
-            lambda: kafka.ensure_topics(settings, contract_topics(settings.kafka_partitions, province_codes())),
+            lambda: kafka_ready(settings),
         )
     )
     if settings.local_clickhouse_server:
@@ -225,6 +236,12 @@ def steps(settings: Settings) -> list[Step]:
     out.append(Step(sink_service(settings), retry=True))  # kafka-python's group join can stall too
     out.append(Step(api_service(settings)))
     return out
+
+
+def kafka_ready(settings: Settings) -> None:
+    """The contract's topics, then every service's credential and least-privilege ACLs (schemas/kafka_acls.py)."""
+    kafka.ensure_topics(settings, contract_topics(settings.kafka_partitions, province_codes()))
+    kafka_access.ensure_access(settings, SERVICE_GRANTS)
 
 
 def register_catalog(settings: Settings) -> None:

@@ -78,7 +78,7 @@ class EventProducer:
         self.codec = codec or Codec(RegistryClient.for_settings(settings))
         self.codec.register_catalog()
         config = dict(
-            bootstrap_servers=settings.kafka_bootstrap_servers,
+            **settings.kafka_python_config(),
             client_id=f"nhdp-{source}",
             acks="all",
             enable_idempotence=True,

@@ -53,8 +53,8 @@ class Queries:
         )
         self.populations = {code: p.population for code, p in provinces().items()}
         self.live = Coalescer()
-        self.log_ends = LogEnds(settings.kafka_bootstrap_servers)
-        self.sink_positions = GroupPositions(settings.kafka_bootstrap_servers, ANALYTICS_GROUP)
+        self.log_ends = LogEnds(settings)
+        self.sink_positions = GroupPositions(settings, ANALYTICS_GROUP)
         self.freshness = Freshness(
             lambda: {p: o for (_, p), o in self.log_ends((TOPIC_EVENTS,)).items()}, self.sink_positions
         )
@@ -195,7 +195,7 @@ async def healthz(request: Request):
             conn.execute("SELECT 1")
 
     def kafka():
-        metadata_ok(q(request).settings.kafka_bootstrap_servers)
+        metadata_ok(q(request).settings)
 
     def registry():
         httpx.get(f"{q(request).settings.registry_url}/healthz", timeout=2).raise_for_status()  # open: no credentials

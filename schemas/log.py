@@ -1,6 +1,7 @@
 """Reading the log's positions: where it ends, where a group stands, and a fixed prefix of it.
 
-The one place that asks Kafka for offsets (kafka-python clients, closed
+The one place that asks Kafka for offsets (kafka-python clients signed in as the
+caller's principal (Settings.kafka_python_config), closed
 after each question, except the long-lived ones of LogEnds and GroupPositions): the projections' lag, the sink's lag,
 `verify`, replay and the benchmarks all read positions through these.
 """
@@ -11,6 +12,7 @@ import threading
 
 from kafka import KafkaConsumer, TopicPartition
 
+from infra.settings import Settings
 from schemas.topics import TOPIC_EVENTS
 
 
@@ -18,9 +20,9 @@ def _partitions(consumer: KafkaConsumer, topic: str) -> list[TopicPartition]:
     return [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
 
 
-def end_offsets(bootstrap: str, topics: tuple[str, ...] = (TOPIC_EVENTS,)) -> dict[tuple[str, int], int]:
+def end_offsets(settings: Settings, topics: tuple[str, ...] = (TOPIC_EVENTS,)) -> dict[tuple[str, int], int]:
     """The next offset of every partition of these topics, from one client."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    consumer = KafkaConsumer(**settings.kafka_python_config(), request_timeout_ms=10_000)
     try:
         parts = [tp for topic in topics for tp in _partitions(consumer, topic)]
         return {(tp.topic, tp.partition): off for tp, off in consumer.end_offsets(parts).items()}
@@ -34,8 +36,8 @@ class _LongLived:
     and a socket left in TIME_WAIT each time. Callers take turns; after an error the client is
     dropped and the next question opens a fresh one."""
 
-    def __init__(self, bootstrap: str, **config):
-        self.bootstrap, self._config = bootstrap, config
+    def __init__(self, settings: Settings, **config):
+        self.settings, self._config = settings, config
         self._consumer: KafkaConsumer | None = None
         self._lock = threading.Lock()
 
@@ -43,7 +45,7 @@ class _LongLived:
         with self._lock:
             if self._consumer is None:
                 self._consumer = KafkaConsumer(
-                    bootstrap_servers=self.bootstrap, request_timeout_ms=10_000, **self._config
+                    **self.settings.kafka_python_config(), request_timeout_ms=10_000, **self._config
                 )
             try:
                 return question(self._consumer)
@@ -75,8 +77,8 @@ class LogEnds(_LongLived):
 class GroupPositions(_LongLived):
     """group_positions, from one long-lived client (it never joins the group: committed() only asks)."""
 
-    def __init__(self, bootstrap: str, group: str):
-        super().__init__(bootstrap, group_id=group, enable_auto_commit=False)
+    def __init__(self, settings: Settings, group: str):
+        super().__init__(settings, group_id=group, enable_auto_commit=False)
 
     def __call__(self, topic: str = TOPIC_EVENTS) -> dict[int, int]:
         return self._ask(
@@ -84,15 +86,15 @@ class GroupPositions(_LongLived):
         )
 
 
-def log_end(bootstrap: str, topic: str = TOPIC_EVENTS) -> dict[int, int]:
+def log_end(settings: Settings, topic: str = TOPIC_EVENTS) -> dict[int, int]:
     """The next offset of every partition of the topic."""
-    return {p: off for (_, p), off in end_offsets(bootstrap, (topic,)).items()}
+    return {p: off for (_, p), off in end_offsets(settings, (topic,)).items()}
 
 
-def group_positions(bootstrap: str, group: str, topic: str = TOPIC_EVENTS) -> dict[int, int]:
+def group_positions(settings: Settings, group: str, topic: str = TOPIC_EVENTS) -> dict[int, int]:
     """The next offset the group will consume, per partition (its committed offsets; 0 if none)."""
     consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False, request_timeout_ms=10_000
+        **settings.kafka_python_config(), group_id=group, enable_auto_commit=False, request_timeout_ms=10_000
     )
     try:
         return {tp.partition: consumer.committed(tp) or 0 for tp in _partitions(consumer, topic)}
@@ -113,10 +115,10 @@ class LogPrefix:
     meanwhile. A partition is paused once it reaches its limit, so the others
     keep their fetch budget."""
 
-    def __init__(self, bootstrap: str, upto: dict[int, int] | None = None, batch_size: int = 10_000):
+    def __init__(self, settings: Settings, upto: dict[int, int] | None = None, batch_size: int = 10_000):
         self.batch_size = batch_size
         self.consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap,
+            **settings.kafka_python_config(),
             enable_auto_commit=False,
             max_poll_records=batch_size,
             fetch_max_bytes=64 * 1024 * 1024,

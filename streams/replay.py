@@ -69,7 +69,7 @@ def rebuild(
     projector.drop_schema()  # a rebuild starts from nothing, always
     projector.ensure_schema()
     router = Router(Codec(RegistryClient.for_settings(settings)))
-    prefix = LogPrefix(settings.kafka_bootstrap_servers, upto, batch_size)
+    prefix = LogPrefix(settings, upto, batch_size)
     total = prefix.total
     events = dlq = 0
     applier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay-apply")

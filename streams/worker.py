@@ -36,7 +36,7 @@ import faust
 from prometheus_client import Counter, Histogram
 from psycopg_pool import ConnectionPool
 
-from infra.settings import Settings, get_settings
+from infra.settings import KAFKA_SASL_MECHANISM, Settings, get_settings
 from projections.faults import apply_isolating
 from projections.postgres.projector import Projector
 from schemas.codec import Codec
@@ -82,6 +82,9 @@ def create_app(
     app = faust_internals.App(
         group,
         broker=f"kafka://{settings.kafka_bootstrap_servers}",
+        broker_credentials=faust.SASLCredentials(
+            username=settings.principal, password=settings.password, mechanism=KAFKA_SASL_MECHANISM
+        ),
         store="memory://",
         web_enabled=False,
         topic_allow_declare=False,  # the contract's topics are created by `nhdp up`

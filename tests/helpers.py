@@ -87,7 +87,7 @@ def wait_caught_up(settings: Settings, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     with psycopg.connect(settings.postgres_url, autocommit=True) as conn:
         while True:
-            lag = consumer_lag(settings.kafka_bootstrap_servers, conn)[0]
+            lag = consumer_lag(settings, conn)[0]
             if sum(lag.values()) == 0:
                 return
             if time.monotonic() > deadline:
@@ -239,7 +239,7 @@ class TopicLog:
     def __init__(self, settings, topic: str = TOPIC_EVENTS):
         self.settings, self.topic = settings, topic
         self.consumer = KafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False, request_timeout_ms=20_000
+            **settings.kafka_python_config(), enable_auto_commit=False, request_timeout_ms=20_000
         )
         self.parts = [TopicPartition(topic, p) for p in sorted(self.consumer.partitions_for_topic(topic))]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from infra.settings import Settings
 from schemas.log import end_offsets
 from schemas.topics import PROJECTOR_GROUP, TOPIC_DLQ, TOPIC_EVENTS
 
@@ -33,11 +34,11 @@ def next_offsets(conn: Any, namespace: str = "proj", group: str = PROJECTOR_GROU
 
 
 def consumer_lag(
-    bootstrap: str, conn: Any, namespace: str = "proj", group: str = PROJECTOR_GROUP
+    settings: Settings, conn: Any, namespace: str = "proj", group: str = PROJECTOR_GROUP
 ) -> tuple[dict[int, int], int, int]:
     """(lag per partition, messages applied, DLQ size): Kafka's end offsets against the tracking record."""
     done = applied(conn, namespace, group)  # before the ends, so that no lag comes out negative
-    return lag_of(end_offsets(bootstrap, LAG_TOPICS), done)
+    return lag_of(end_offsets(settings, LAG_TOPICS), done)
 
 
 def lag_of(ends: dict[tuple[str, int], int], done: dict[int, int]) -> tuple[dict[int, int], int, int]:

@@ -26,11 +26,11 @@ from streams.routing import Router
 
 def sink_positions(settings: Settings, group: str = ANALYTICS_GROUP) -> dict[int, int]:
     """The next offset the sink will consume, per partition (its committed offsets; 0 if none)."""
-    return group_positions(settings.kafka_bootstrap_servers, group)
+    return group_positions(settings, group)
 
 
 def sink_lag(settings: Settings, group: str = ANALYTICS_GROUP) -> dict[int, int]:
-    return lag(log_end(settings.kafka_bootstrap_servers), sink_positions(settings, group))
+    return lag(log_end(settings), sink_positions(settings, group))
 
 
 def wait_caught_up(settings: Settings, group: str = ANALYTICS_GROUP, timeout_s: float = 120.0) -> None:
@@ -64,7 +64,7 @@ def verify(
     deadline = time.monotonic() + timeout_s
     with psycopg.connect(settings.postgres_url, autocommit=True) as conn:
         while True:
-            ends = log_end(settings.kafka_bootstrap_servers)
+            ends = log_end(settings)
             pg = {p: tracking.next_offsets(conn, namespace).get(p, 0) for p in ends}
             ch = {p: sink_positions(settings, group).get(p, 0) for p in ends}
             aligned = pg == ch
@@ -136,7 +136,7 @@ def rebuild(
                 progress(events)
             buffer.clear()
 
-        with LogPrefix(settings.kafka_bootstrap_servers, upto, batch_rows) as prefix:
+        with LogPrefix(settings, upto, batch_rows) as prefix:
             for records in prefix:
                 buffer.extend(records)
                 if len(buffer) >= batch_rows:

@@ -96,7 +96,7 @@ class Runner:
     def _consumer(self):
         return Consumer(
             {
-                "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+                **self.settings.librdkafka_config(),
                 "group.id": self.group,
                 "client.id": f"nhdp-sink-{os.getpid()}",
                 "enable.auto.commit": False,
@@ -339,7 +339,7 @@ class Runner:
             r = by_position[(entry[1], entry[2])]
             log.warning("dead-lettering %s[%d]@%d: %s", r.topic(), r.partition(), r.offset(), reason)
             if self._dlq is None:
-                self._dlq = Producer({"bootstrap.servers": self.settings.kafka_bootstrap_servers, "acks": "all"})
+                self._dlq = Producer({**self.settings.librdkafka_config(), "acks": "all"})
             headers = dlq_headers(r.headers(), reason, r.topic(), r.partition(), r.offset())
             self._dlq.produce(TOPIC_DLQ, r.value(), r.key(), headers=headers)
             if self._dlq.flush(30):

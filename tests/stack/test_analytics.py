@@ -585,7 +585,7 @@ def _figures(analytics) -> tuple:
 
 
 def _first_records(settings: Settings, n: int) -> list:
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False)
+    consumer = KafkaConsumer(**settings.kafka_python_config(), enable_auto_commit=False)
     try:
         parts = [TopicPartition(TOPIC_EVENTS, p) for p in sorted(consumer.partitions_for_topic(TOPIC_EVENTS))]
         consumer.assign(parts)
@@ -642,9 +642,7 @@ def test_a_newer_sink_fences_the_older_one(world):
 
 
 def _commit_group(settings: Settings, group: str, offset: int) -> None:
-    consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers, group_id=group, enable_auto_commit=False
-    )
+    consumer = KafkaConsumer(**settings.kafka_python_config(), group_id=group, enable_auto_commit=False)
     try:
         parts = [TopicPartition(TOPIC_EVENTS, p) for p in sorted(consumer.partitions_for_topic(TOPIC_EVENTS))]
         consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp in parts})

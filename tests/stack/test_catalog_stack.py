@@ -35,6 +35,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from infra.settings import Settings
 from producers.pseudonym import Pseudonymiser
 from schemas import catalog
 from schemas.catalog import EVENT_TYPES, current_schema, released_schemas
@@ -63,23 +64,23 @@ class Pipe:
     over from an earlier, failed call), and returns the messages in batch order.
     """
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, settings: Settings, topic: str) -> None:
         from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
         from kafka import KafkaAdminClient
         from kafka.admin import NewTopic
 
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="nhdp-test-catalog")
+        admin = KafkaAdminClient(**settings.kafka_python_config(), client_id="nhdp-test-catalog")
         try:
             admin.create_topics([NewTopic(topic, 1, 1)])
         finally:
             admin.close()
         self.topic = topic
         self.producer = Producer(
-            {"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True, "linger.ms": 2}
+            {**settings.librdkafka_config(), "acks": "all", "enable.idempotence": True, "linger.ms": 2}
         )
         self.consumer = Consumer(
             {
-                "bootstrap.servers": bootstrap,
+                **settings.librdkafka_config(),
                 "group.id": f"test-catalog-{uuid.uuid4().hex}",
                 "enable.auto.commit": False,
                 "fetch.wait.max.ms": 20,
@@ -128,7 +129,7 @@ def pipes(stack_settings) -> Iterator[Any]:
     opened: list[Pipe] = []
 
     def make(prefix: str) -> Pipe:
-        pipe = Pipe(stack_settings.kafka_bootstrap_servers, f"test.catalog.{prefix}.{uuid.uuid4().hex[:10]}")
+        pipe = Pipe(stack_settings, f"test.catalog.{prefix}.{uuid.uuid4().hex[:10]}")
         opened.append(pipe)
         return pipe
 
@@ -137,7 +138,7 @@ def pipes(stack_settings) -> Iterator[Any]:
         pipe.close()
     from kafka import KafkaAdminClient
 
-    admin = KafkaAdminClient(bootstrap_servers=stack_settings.kafka_bootstrap_servers, client_id="nhdp-test-catalog")
+    admin = KafkaAdminClient(**stack_settings.kafka_python_config(), client_id="nhdp-test-catalog")
     try:
         admin.delete_topics([pipe.topic for pipe in opened])
     finally:

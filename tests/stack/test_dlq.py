@@ -45,7 +45,7 @@ def dose_record(**changes) -> dict:
 
 def read_dlq(settings) -> dict[tuple[str, int, int], object]:
     """Every DLQ message now on the topic, by its origin headers."""
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False)
+    consumer = KafkaConsumer(**settings.kafka_python_config(), enable_auto_commit=False)
     try:
         tps = [TopicPartition(TOPIC_DLQ, p) for p in sorted(consumer.partitions_for_topic(TOPIC_DLQ))]
         ends = consumer.end_offsets(tps)
@@ -99,7 +99,7 @@ def test_bad_messages_reach_the_dlq_with_reason_and_origin_and_the_worker_keeps_
             ("invalid", "UUID"),
         ),  # decodes; the router refuses it before any province copy
     }
-    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all")
+    producer = KafkaProducer(**settings.kafka_python_config(), acks="all")
     try:
         futures = {
             name: producer.send(

@@ -104,7 +104,7 @@ def publish_on_other_partitions(settings: Settings, events: list[dict]) -> list[
     with EventProducer(settings, source="test-exactness") as sdk:
         records = [edge_record(validate_event(e)[0], pseudonymiser) for e in events]
         values = sdk.codec.encode_many([(r["event_type"], r) for r in records])
-    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all")
+    producer = KafkaProducer(**settings.kafka_python_config(), acks="all")
     try:
         nparts = len(producer.partitions_for(TOPIC_EVENTS))
         futures = []
@@ -136,7 +136,7 @@ def applied_so_far(conn: psycopg.Connection) -> int:
 
 
 def end_offsets(settings: Settings) -> dict[int, int]:
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers)
+    consumer = KafkaConsumer(**settings.kafka_python_config())
     try:
         tps = [TopicPartition(TOPIC_EVENTS, p) for p in sorted(consumer.partitions_for_topic(TOPIC_EVENTS))]
         return {tp.partition: off for tp, off in consumer.end_offsets(tps).items()}
@@ -146,7 +146,7 @@ def end_offsets(settings: Settings) -> dict[int, int]:
 
 def wait_group_empty(settings: Settings, timeout_s: float = 120) -> None:
     """Until the worker's consumer group has no member (a killed one expires after the session timeout)."""
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    admin = KafkaAdminClient(**settings.kafka_python_config())
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -162,9 +162,7 @@ def wait_group_empty(settings: Settings, timeout_s: float = 120) -> None:
 
 def commit_group_offsets(settings: Settings, offsets: dict[int, int]) -> None:
     """Commit offsets for the worker's group, as a stale or buggy commit would have."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers, group_id=GROUP, enable_auto_commit=False
-    )
+    consumer = KafkaConsumer(**settings.kafka_python_config(), group_id=GROUP, enable_auto_commit=False)
     try:
         tps = {p: TopicPartition(TOPIC_EVENTS, p) for p in offsets}
         consumer.assign(list(tps.values()))

@@ -108,7 +108,7 @@ def test_raw_bytes_on_the_log_are_projected_or_dead_lettered_with_a_reason(stack
 
     generate()
     good, bad = Router(codec).split(messages)
-    producer = KafkaProducer(bootstrap_servers=stack_settings.kafka_bootstrap_servers, acks="all", linger_ms=5)
+    producer = KafkaProducer(**stack_settings.kafka_python_config(), acks="all", linger_ms=5)
     try:
         futures = [producer.send(TOPIC_EVENTS, key=b"fuzz", value=m) for m in messages]
         producer.flush()

@@ -117,7 +117,7 @@ def test_hostile_messages_on_the_log_are_dead_lettered_and_a_valid_event_still_l
             "it writes 'Bomb', which is not an event of the catalog",
         ),
     }
-    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all")
+    producer = KafkaProducer(**settings.kafka_python_config(), acks="all")
     try:
         futures = {name: producer.send(TOPIC_EVENTS, key=name.encode(), value=v) for name, (v, _) in cases.items()}
         producer.flush()

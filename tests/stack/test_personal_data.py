@@ -112,11 +112,10 @@ def kafka_records(settings):
     from confluent_kafka import Consumer, TopicPartition
     from confluent_kafka.admin import AdminClient
 
-    bootstrap = settings.kafka_bootstrap_servers
-    topics = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=30).topics
+    topics = AdminClient(settings.librdkafka_config()).list_topics(timeout=30).topics
     consumer = Consumer(
         {
-            "bootstrap.servers": bootstrap,
+            **settings.librdkafka_config(),
             "group.id": "nhdp-personal-data-scan",
             "enable.auto.commit": False,
             "enable.partition.eof": False,

@@ -31,7 +31,7 @@ def read_topic(settings, topic: str, timeout_s: float = 120) -> list:
     """Every message now on `topic`, decoded by confluent-kafka's AvroDeserializer."""
     consumer = DeserializingConsumer(
         {
-            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            **settings.librdkafka_config(),
             "group.id": f"test-province-{uuid.uuid4()}",
             "enable.auto.commit": False,
             "value.deserializer": AvroDeserializer(SchemaRegistryClient(registry_conf(settings))),

@@ -77,7 +77,7 @@ def replay_stack() -> Settings:
                     )
                 ]
             )[0]
-        raw = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all")
+        raw = KafkaProducer(**settings.kafka_python_config(), acks="all")
         for value in (b"\x01" + good[1:], b"\x00" + struct.pack(">I", 424_242) + good[5:], good):
             raw.send(TOPIC_EVENTS, key=b"test-replay-bad", value=value)  # all three go to the DLQ
         raw.flush()

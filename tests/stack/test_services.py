@@ -16,11 +16,11 @@ pytestmark = pytest.mark.stack
 def test_kafka_produce_and_consume_through_the_real_broker(stack_settings):
     topic = TOPIC_EVENTS
     marker = uuid.uuid4().hex.encode()
-    producer = KafkaProducer(bootstrap_servers=stack_settings.kafka_bootstrap_servers, acks="all")
+    producer = KafkaProducer(**stack_settings.kafka_python_config(), acks="all")
     meta = producer.send(topic, key=b"smoke", value=marker, headers=[("trace_id", b"t1")]).get(timeout=30)
     producer.close()
 
-    consumer = KafkaConsumer(bootstrap_servers=stack_settings.kafka_bootstrap_servers, consumer_timeout_ms=10000)
+    consumer = KafkaConsumer(**stack_settings.kafka_python_config(), consumer_timeout_ms=10000)
     tp = TopicPartition(topic, meta.partition)
     consumer.assign([tp])
     consumer.seek(tp, meta.offset)
@@ -33,7 +33,7 @@ def test_contract_topics_exist_with_forever_retention(stack_settings):
     from kafka import KafkaAdminClient
     from kafka.admin import ConfigResource, ConfigResourceType
 
-    admin = KafkaAdminClient(bootstrap_servers=stack_settings.kafka_bootstrap_servers)
+    admin = KafkaAdminClient(**stack_settings.kafka_python_config())
     try:
         topics = set(admin.list_topics())
         assert {TOPIC_EVENTS, TOPIC_DLQ, province_topic("79"), province_topic("01")} <= topics
