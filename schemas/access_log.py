@@ -6,7 +6,8 @@ Rows are buffered in memory and written by one thread with COPY every half
 second, so logging costs a request a list append, not a round trip. If
 PostgreSQL is down the buffer holds up to BUFFER_MAX rows and is written when
 it is back; beyond that the oldest are dropped and counted
-(nhdp_access_log_dropped_total), never silently.
+(nhdp_access_log_dropped_total), never silently, as is a batch PostgreSQL
+refuses for its data (text is cleaned of NUL first, so that should not happen).
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ class AccessLog:
             with conn.cursor() as cur, cur.copy(f"COPY access.log ({', '.join(COLUMNS)}) FROM STDIN") as copy:
                 for row in rows:
                     copy.write_row(row)
+        except psycopg.DataError as exc:  # a row PostgreSQL cannot hold would block every later one
+            log.error("access log: %d rows not storable, dropped: %s", len(rows), exc)
+            DROPPED.inc(len(rows))
         except BaseException:
             with self._lock:  # back in front, in order
                 self._rows[:0] = rows
@@ -102,6 +106,11 @@ class AccessLog:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+
+
+def _text(value: str) -> str:
+    """What PostgreSQL text can hold (no NUL: a path may carry %00), bounded."""
+    return value[:2000].replace("\x00", "\\x00")
 
 
 class AccessLogMiddleware:
@@ -136,8 +145,8 @@ class AccessLogMiddleware:
                         who.label if who else None,
                         who.token_id or None if who else None,
                         scope["method"],
-                        scope["path"],
-                        (scope.get("query_string") or b"").decode("latin-1")[:1000],
+                        _text(scope["path"]),
+                        _text((scope.get("query_string") or b"").decode("latin-1")),
                         status,
                         client[0] if client else None,
                     )
