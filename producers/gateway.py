@@ -152,17 +152,8 @@ class Gateway:
                 voids[i] = str(validated.payload["voided_event_id"])
 
         accepted = 0
-        if voids and not caller.has(Right.VOID_ANY):  # an auditor's or admin's void may void anything
-            try:
-                refused = self._refused_voids(voids, caller.source or "")
-            except psycopg.OperationalError as exc:
-                return 503, {
-                    "error": f"PostgreSQL is unavailable ({exc.__class__.__name__}); "
-                    f"nothing from this request was published. Retry after {RETRY_AFTER_S} s."
-                }
-            rejected.extend({"index": i, "event_id": e, "errors": [why]} for i, e, why in refused)
-            refused_at = {r[0] for r in refused}
-            candidates = [c for c in candidates if c[0] not in refused_at]
+        # An auditor's or admin's void may void anything; a producer's, only what its source wrote.
+        checked = {} if caller.has(Right.VOID_ANY) else voids
         if candidates:
             if not self.producer.reachable():
                 # Nothing reserved, nothing published: the whole request can be retried as is.
@@ -171,7 +162,7 @@ class Gateway:
                     f"Retry after {RETRY_AFTER_S} s."
                 }
             try:
-                accepted, dup, conflicts, failure = self._publish_once(candidates, trace_id, caller)
+                accepted, dup, conflicts, failure = self._publish_once(candidates, trace_id, caller, checked)
             except psycopg.OperationalError as exc:
                 return 503, {
                     "error": f"PostgreSQL is unavailable ({exc.__class__.__name__}); "
@@ -193,53 +184,61 @@ class Gateway:
         EVENTS.labels("rejected").inc(len(rejected))
         return 200, {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}
 
-    def _refused_voids(self, voids: dict[int, str], source: str) -> list[tuple[int, str, str]]:
-        """The voids (index, target) whose target another source wrote, with the reason. A target
-        not seen here (older than the re-send record, or not arrived yet) is left to the
-        projections, which apply the same rule when it arrives."""
-        with self.pool.connection() as conn:
-            writers = dict(
-                conn.execute(
-                    "SELECT event_id::text, source FROM gateway.seen_events WHERE event_id = ANY(%s::uuid[])",
-                    (sorted(set(voids.values())),),
-                ).fetchall()
-            )
-        refused = []
-        for i, target in voids.items():
-            writer = writers.get(target)
-            if writer is not None and not may_void(source, writer):
-                refused.append(
-                    (
-                        i,
-                        target,
-                        f"payload.voided_event_id: event {target} was written by source {writer!r}; only that "
-                        "source, an auditor or an admin may void it",
-                    )
-                )
-        return refused
+    def _publish_once(self, candidates, trace_id, caller: Caller, voids: dict[int, str]):
+        """Reserve ids, publish the new ones, keep the reservations Kafka acknowledged.
 
-    def _publish_once(self, candidates, trace_id, caller: Caller):
-        """Reserve ids, publish the new ones, keep the reservations Kafka acknowledged."""
+        voids (index -> target) are checked against their targets' sources, read in the
+        same statement as the reservations (one round trip): a refused one is un-reserved
+        and not published. A target not seen here (older than the re-send record, or not
+        arrived yet) is left to the projections, which apply the same rule."""
         ids = [c[1] for c in candidates]
         hashes = [c[2] for c in candidates]
         order = sorted(range(len(ids)), key=ids.__getitem__)  # one lock order for every request
         with self.pool.connection() as conn, conn.transaction():
             # Each array goes as ONE text literal: canonical UUIDs and hex digests need no
             # quoting, and psycopg's per-element adaptation cost ~6 µs an event.
-            new = {
-                r[0]
-                for r in conn.execute(
-                    "INSERT INTO gateway.seen_events (event_id, content_hash, source) "
-                    "SELECT i, decode(h, 'hex'), %s FROM unnest(%s::text::uuid[], %s::text::text[]) AS t(i, h) "
-                    "ON CONFLICT (event_id) DO NOTHING RETURNING event_id::text",
-                    (
-                        # one source per request: event_problem made every event carry the caller's
-                        caller.audit_source if caller.has(Right.VOID_ANY) else caller.source,
-                        "{" + ",".join([ids[k] for k in order]) + "}",
-                        "{" + ",".join([hashes[k].hex() for k in order]) + "}",
-                    ),
-                )
+            # one source per request: event_problem made every event carry the caller's
+            source = caller.audit_source if caller.has(Right.VOID_ANY) else caller.source or ""
+            new, writers = set(), {}
+            for kind, event_id, writer in conn.execute(
+                "WITH writers AS (SELECT event_id::text, source FROM gateway.seen_events "
+                "                 WHERE event_id = ANY(%s::text::uuid[])), "
+                "ins AS (INSERT INTO gateway.seen_events (event_id, content_hash, source) "
+                "        SELECT i, decode(h, 'hex'), %s FROM unnest(%s::text::uuid[], %s::text::text[]) AS t(i, h) "
+                "        ON CONFLICT (event_id) DO NOTHING RETURNING event_id::text) "
+                "SELECT 'new', event_id, NULL FROM ins UNION ALL SELECT 'writer', event_id, source FROM writers",
+                (
+                    "{" + ",".join(sorted(set(voids.values()))) + "}",
+                    source,
+                    "{" + ",".join([ids[k] for k in order]) + "}",
+                    "{" + ",".join([hashes[k].hex() for k in order]) + "}",
+                ),
+            ):
+                if kind == "new":
+                    new.add(event_id)
+                else:
+                    writers[event_id] = writer
+            conflicts = []
+            refused = {
+                i: target for i, target in voids.items() if target in writers and not may_void(source, writers[target])
             }
+            if refused:
+                for c in candidates:
+                    if c[0] in refused:
+                        conflicts.append(
+                            {
+                                "index": c[0],
+                                "event_id": c[1],
+                                "errors": [
+                                    f"payload.voided_event_id: event {refused[c[0]]} was written by source "
+                                    f"{writers[refused[c[0]]]!r}; only that source, an auditor or an admin may void it"
+                                ],
+                            }
+                        )
+                unreserve = [c[1] for c in candidates if c[0] in refused and c[1] in new]
+                conn.execute("DELETE FROM gateway.seen_events WHERE event_id = ANY(%s::uuid[])", (unreserve,))
+                new -= set(unreserve)
+                candidates = [c for c in candidates if c[0] not in refused]
             old = [c for c in candidates if c[1] not in new]
             known = {}
             if old:
@@ -251,7 +250,6 @@ class Gateway:
                     )
                 }
             duplicates = 0
-            conflicts = []
             for i, event_id, h, _ in old:
                 if known.get(event_id) == h:
                     duplicates += 1
