@@ -170,7 +170,7 @@ def bench(settings: Settings, args) -> int:
             f"it got {max_rate * cpu_us / 1e6:.0%} of a core here"
         )
 
-    paced_rate = max_rate / 2
+    paced_rate = args.paced_rate or max_rate / 2
     pc = run_load(
         url,
         f"paced: {args.latency_batch}-event requests",
@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-connections", type=int, default=16)
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--latency-batch", type=int, default=100)
+    ap.add_argument("--paced-rate", type=float, help="latency phase: events/s (default: half the measured max)")
     args = ap.parse_args(argv)
     if args.own_stack:
         from nhdp import stack
