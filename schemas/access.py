@@ -2,11 +2,12 @@
 
 The void rule: a RecordVoided takes effect only if it comes from the source
 that wrote its target, or from a correction source (an auditor's or admin's,
-whose source the gateway sets to `audit:<name>`; no producer token may carry
-it). The gateway checks it before publishing, for an answer a person can act
-on; the PostgreSQL projector and the ClickHouse sink apply the same rule to
-what they read, so a void produced straight to Kafka cannot bypass it. Both
-stores take its SQL from `may_void_sql`, so the three can never disagree.
+whose source the gateway requires to be `audit:<name>`; no producer token may
+carry it). The gateway checks it before publishing, for an answer a person can
+act on. Only the platform's own principals may write health.events (the Kafka
+ACLs), so nothing else can produce a void past the gateway. `may_void_sql` is
+the same rule for the stores: the PostgreSQL projector and the ClickHouse sink
+are to apply it to what they read; they do not yet.
 """
 
 from __future__ import annotations
