@@ -5,9 +5,8 @@ that wrote its target, or from a correction source (an auditor's or admin's,
 whose source the gateway requires to be `audit:<name>`; no producer token may
 carry it). The gateway checks it before publishing, for an answer a person can
 act on. Only the platform's own principals may write health.events (the Kafka
-ACLs), so nothing else can produce a void past the gateway. `may_void_sql` is
-the same rule for the stores: the PostgreSQL projector and the ClickHouse sink
-are to apply it to what they read; they do not yet.
+ACLs), so nothing else can produce a void past the gateway. The PostgreSQL
+projector and the ClickHouse sink do not yet re-check it on what they read.
 """
 
 from __future__ import annotations
@@ -26,12 +25,6 @@ def is_audit_source(source: str) -> bool:
 def may_void(void_source: str, target_source: str) -> bool:
     """Whether a void from void_source takes effect on an event written by target_source."""
     return void_source == target_source or is_audit_source(void_source)
-
-
-def may_void_sql(void_source: str, target_source: str) -> str:
-    """may_void as a SQL expression over two column expressions, the same in PostgreSQL and ClickHouse."""
-    n = len(AUDIT_SOURCE_PREFIX)
-    return f"({void_source} = {target_source} OR substring({void_source}, 1, {n}) = '{AUDIT_SOURCE_PREFIX}')"
 
 
 # -- the API's roles and rights -------------------------------------------------------------------
