@@ -76,6 +76,7 @@ class Stats:
         self.latency_ms: list[float] = []
         self.schedule_latency_ms: list[float] = []
         self.behind_max_ms = 0.0
+        self.backoffs, self.backoff_s = 0, 0.0  # answers that asked to retry later, and the wait
 
     def add(self, answer: dict, t0: float, t1: float, scheduled: float | None) -> None:
         if not self.lo <= t1 <= self.hi:
@@ -90,6 +91,11 @@ class Stats:
                 self.schedule_latency_ms.append((t1 - scheduled) * 1000)
                 self.behind_max_ms = max(self.behind_max_ms, (t0 - scheduled) * 1000)
 
+    def backoff(self, seconds: float) -> None:
+        with self.lock:
+            self.backoffs += 1
+            self.backoff_s += seconds
+
     def error(self, what: str) -> None:
         with self.lock:
             self.errors[what] = self.errors.get(what, 0) + 1
@@ -99,17 +105,38 @@ class Stats:
 HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {os.environ.get('NHDP_API_TOKEN', '')}"}
 
 
-def post(conn: http.client.HTTPConnection, body: bytes) -> tuple[int, bytes]:
+def post(conn: http.client.HTTPConnection, body: bytes) -> tuple[int, bytes, float | None]:
     conn.request("POST", "/v1/events", body=body, headers=HEADERS)
     resp = conn.getresponse()
-    return resp.status, resp.read()
+    retry_after = resp.getheader("Retry-After")
+    return resp.status, resp.read(), float(retry_after) if retry_after else None
 
 
-def connection_loop(url: str, bodies: Bodies, batch: int, stats: Stats, deadline: float, next_slot=None) -> None:
+class Budget:
+    """--events: requests are handed out until that many events have been sent in all."""
+
+    def __init__(self, events: int | None):
+        self.left, self.lock = events, threading.Lock()
+
+    def take(self, batch: int) -> int:
+        if self.left is None:
+            return batch
+        with self.lock:
+            n = min(batch, self.left)
+            self.left -= n
+            return n
+
+
+def connection_loop(
+    url: str, bodies: Bodies, batch: int, stats: Stats, deadline: float, next_slot=None, budget: Budget | None = None
+) -> None:
     u = urlsplit(url)
     conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=120)
     while True:
-        body = bodies.make(batch)
+        n = budget.take(batch) if budget else batch
+        if n == 0:
+            break
+        body = bodies.make(n)
         scheduled = None
         if next_slot is not None:
             scheduled = next_slot()
@@ -121,13 +148,19 @@ def connection_loop(url: str, bodies: Bodies, batch: int, stats: Stats, deadline
         elif time.perf_counter() >= deadline:
             break
         t0 = time.perf_counter()
-        try:
-            status, data = post(conn, body)
-        except (OSError, http.client.HTTPException) as exc:
-            stats.error(type(exc).__name__)
-            conn.close()
-            time.sleep(0.2)
-            continue
+        while True:  # the same body until it is answered: a retry is a duplicate, never a second event
+            try:
+                status, data, retry_after = post(conn, body)
+            except (OSError, http.client.HTTPException) as exc:
+                stats.error(type(exc).__name__)
+                conn.close()
+                time.sleep(0.2)
+                continue
+            if status in (429, 503) and retry_after is not None:
+                stats.backoff(retry_after)  # back-pressure, as the gateway asks: not an error
+                time.sleep(retry_after)
+                continue
+            break
         t1 = time.perf_counter()
         if status != 200:
             stats.error(f"HTTP {status}: {data[:200].decode(errors='replace')}")
@@ -142,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode", choices=["max", "paced"], default="max")
     ap.add_argument("--seconds", type=float, default=20.0, help="measured duration (after the warm-up)")
     ap.add_argument("--warmup", type=float, default=3.0)
+    ap.add_argument("--wait-go", action="store_true", help="print a ready line, then start on a line on stdin")
+    ap.add_argument("--events", type=int, help="max: stop after sending this many events (then --seconds is a limit)")
     ap.add_argument("--connections", type=int, default=4)
     ap.add_argument("--batch", type=int, default=1000, help="events per request")
     ap.add_argument("--rate", type=float, default=0.0, help="paced: events/s for all connections together")
@@ -153,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--mode paced needs --rate")
 
     bodies = Bodies(args.pool, args.seed, args.source)
+    if args.wait_go:  # several load processes start together, after each has built its bodies
+        sys.stdout.write(orjson.dumps({"kind": "ready"}).decode() + "\n")
+        sys.stdout.flush()
+        sys.stdin.readline()
     start = time.perf_counter()
     deadline = start + args.warmup + args.seconds
     stats = Stats(start + args.warmup, deadline)
@@ -167,9 +206,12 @@ def main(argv: list[str] | None = None) -> int:
             with slot_lock:
                 return start + next(tickets) * interval
 
+    budget = Budget(args.events) if args.events else None
     threads = [
         threading.Thread(
-            target=connection_loop, args=(args.url, bodies, args.batch, stats, deadline, next_slot), daemon=True
+            target=connection_loop,
+            args=(args.url, bodies, args.batch, stats, deadline, next_slot, budget),
+            daemon=True,
         )
         for _ in range(args.connections)
     ]
@@ -190,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 accepted=stats.accepted,
                 requests=stats.requests,
                 errors=sum(stats.errors.values()),
+                backoffs=stats.backoffs,
             )
         time.sleep(0.5)
     for t in threads:
@@ -209,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         latency_ms=stats.latency_ms,
         schedule_latency_ms=stats.schedule_latency_ms,
         behind_max_ms=stats.behind_max_ms,
+        backoffs=stats.backoffs,
+        backoff_s=stats.backoff_s,
+        elapsed=time.perf_counter() - start,
         pid=os.getpid(),
     )
     return 0

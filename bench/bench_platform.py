@@ -1,0 +1,525 @@
+"""The whole platform at once: events posted through the gateway until the summary and the analytics show them.
+
+    ./run bench platform                      # a private stack (temp folder, free ports), as `nhdp up` makes it
+    ./run bench platform --existing           # the stack named by the NHDP_* settings (`nhdp up`)
+    ./run bench platform --save bench/platform/after.json --chart bench/platform/cpu.png \\
+        --compare bench/platform/before.json
+
+Everything runs as a user gets it: authentication on, the supervisor, the stream
+worker, the ClickHouse sink and its decoder processes, the API, the registry,
+Kafka, PostgreSQL and ClickHouse all on this machine, competing for its cores.
+
+1. throughput: --clients load processes (bench/load_gateway.py, one keep-alive
+   connection each) post --events national-campaign events in --batch-event
+   requests. Accepted events/s is the gateway's answer rate; end-to-end events/s
+   runs from the first post until the national summary (PostgreSQL projections)
+   AND the analytics (ClickHouse) both reflect every offset the log holds
+   (their NHDP-Positions headers). CPU time of every process of the platform is
+   read from /proc (psutil) over that window and divided by the events.
+2. ceiling: one plain consumer process reads the same events and Avro-decodes
+   them, nothing else; the platform's end-to-end rate is reported against it.
+3. freshness: one load process posts --fresh-rate events/s in 100-event requests
+   for --fresh-seconds; every 50 ms the log's end is sampled beside the positions
+   the summary and the analytics reflect. An event's freshness is the time from
+   the sample whose end first includes it until an answer reflects it (one
+   sample, 50 ms, is the resolution).
+
+Progress bars while it runs, then a table of CPU µs per event per process and,
+with --chart, a stacked bar chart (PNG) beside any --compare'd earlier runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import httpx
+import orjson
+import psutil
+from bench_gateway import percentile
+from bench_sdk import console, machine, own_stack
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from infra.settings import Settings
+from projections.freshness import HEADER_POSITIONS, reached
+from schemas.api_auth import issue_token
+
+LOAD = Path(__file__).resolve().parent / "load_gateway.py"
+TARGET_EVENTS_S, TARGET_CPU_US, TARGET_FRESH_P99_S = 15_000, 120, 1.0
+SAMPLE_S = 0.05
+
+
+# -- CPU from /proc -----------------------------------------------------------------------------
+
+
+class CpuMeter:
+    """CPU seconds (user + system) of named process trees, from /proc via psutil.
+
+    Every process of a tree is sampled (twice a second, and at start and stop) and
+    its CPU since the start, or since it appeared, is kept; one that exits between
+    two samples loses at most its last half second."""
+
+    def __init__(self, roots: dict[str, int], split_children: set[str] = frozenset()):
+        self.roots, self.split = roots, split_children
+        self.first: dict[tuple[int, float], float] = {}
+        self.last: dict[tuple[int, float], tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _sample(self, initial: bool = False) -> None:
+        for name, pid in self.roots.items():
+            try:
+                root = psutil.Process(pid)
+                procs = [(name, root)] + [
+                    (f"{name} (children)" if name in self.split else name, c) for c in root.children(recursive=True)
+                ]
+            except psutil.Error:
+                continue
+            for label, proc in procs:
+                try:
+                    key = (proc.pid, proc.create_time())
+                    t = proc.cpu_times()
+                except psutil.Error:
+                    continue
+                cpu = t.user + t.system
+                if initial:
+                    self.first[key] = cpu
+                self.first.setdefault(key, 0.0)  # appeared during the window: all its CPU counts
+                self.last[key] = (label, cpu)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.5):
+            self._sample()
+
+    def start(self) -> CpuMeter:
+        self._sample(initial=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        out: dict[str, float] = {}
+        for key, (label, cpu) in self.last.items():
+            out[label] = out.get(label, 0.0) + cpu - self.first[key]
+        return out
+
+
+def platform_processes(settings: Settings) -> dict[str, int]:
+    """Every running service of the stack by name → pid (nhdp/stack.py's list, plus the supervisor)."""
+    from nhdp import stack
+
+    services = [step.service for step in stack.steps(settings)] + [stack.supervisor_service(settings)]
+    return {svc.name: pid for svc in services if (pid := svc.pid()) is not None}
+
+
+# -- what the answers reflect -----------------------------------------------------------------
+
+
+def parse_positions(text: str | None) -> dict[int, int] | None:
+    if not text:
+        return None
+    return {int(p): int(o) for p, o in (part.split(":") for part in text.split(","))}
+
+
+class Watcher:
+    """The log's end and the positions the national summary and the analytics reflect."""
+
+    def __init__(self, settings: Settings, token: str):
+        from schemas.log import LogEnds
+
+        self.http = httpx.Client(base_url=settings.api_url, timeout=30, headers={"authorization": f"Bearer {token}"})
+        self.log_ends = LogEnds(settings)
+
+    def ends(self) -> dict[int, int]:
+        return {p: o for (_topic, p), o in self.log_ends().items()}
+
+    def reflected(self, path: str) -> dict[int, int] | None:
+        try:
+            resp = self.http.get(path)
+        except httpx.HTTPError:
+            return None
+        return parse_positions(resp.headers.get(HEADER_POSITIONS)) if resp.status_code == 200 else None
+
+    def summary(self) -> dict[int, int] | None:
+        return self.reflected("/v1/national/summary")
+
+    def analytics(self) -> dict[int, int] | None:
+        return self.reflected("/v1/analytics/doses")
+
+    def close(self) -> None:
+        self.http.close()
+        self.log_ends.close()
+
+
+def count(positions: dict[int, int] | None, since: dict[int, int]) -> int:
+    return sum(max(0, o - since.get(p, 0)) for p, o in (positions or {}).items())
+
+
+# -- load processes -----------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    """One bench/load_gateway.py process and what it last said."""
+
+    proc: subprocess.Popen
+    progress: dict = field(default_factory=dict)
+    result: dict | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    @classmethod
+    def start(cls, settings: Settings, token: str, *args: str) -> Load:
+        """Started, its request bodies built, waiting for go()."""
+        cmd = [sys.executable, str(LOAD), "--url", settings.api_url, "--warmup", "0", "--wait-go", *args]
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=os.environ | {"NHDP_API_TOKEN": token},
+        )
+        load = cls(proc)
+        threading.Thread(target=load._read, daemon=True).start()
+        return load
+
+    def go(self) -> None:
+        if not self.ready.wait(300):
+            raise SystemExit(f"load process not ready:\n{self.proc.stderr.read().decode()[-3000:]}")
+        self.proc.stdin.write(b"go\n")
+        self.proc.stdin.close()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            msg = orjson.loads(line)
+            if msg["kind"] == "ready":
+                self.ready.set()
+            elif msg["kind"] == "progress":
+                self.progress = msg
+            else:
+                self.result = msg
+
+    def accepted(self) -> int:
+        return (self.result or self.progress).get("accepted", 0)
+
+    def wait(self) -> dict:
+        self.proc.wait(timeout=600)
+        if self.proc.returncode != 0 or self.result is None:
+            raise SystemExit(
+                f"load process failed ({self.proc.returncode}):\n{self.proc.stderr.read().decode()[-3000:]}"
+            )
+        return self.result
+
+
+def progress_bars() -> Progress:
+    return Progress(
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+    )
+
+
+# -- 1. throughput ----------------------------------------------------------------------------
+
+
+def throughput(settings: Settings, args, producer: str, watcher: Watcher) -> dict:
+    per_client = -(-args.events // args.clients)
+    max_load = ("--mode", "max", "--seconds", "3600", "--batch", str(args.batch), "--connections", "1")
+    loads = [Load.start(settings, producer, *max_load, "--events", str(per_client)) for _ in range(args.clients)]
+    start_ends = watcher.ends()
+    meter = CpuMeter(platform_processes(settings), split_children={"sink"}).start()
+    client_meter = CpuMeter({f"load client {i + 1}": ld.proc.pid for i, ld in enumerate(loads)}).start()
+    t0 = time.perf_counter()
+    for ld in loads:
+        ld.go()
+    total = per_client * args.clients
+    t_posted = t_summary = t_analytics = None
+    with progress_bars() as bars:
+        posted = bars.add_task("accepted by the gateway", total=total, info="")
+        in_summary = bars.add_task("in the national summary", total=total, info="")
+        in_analytics = bars.add_task("in the analytics", total=total, info="")
+        end = None
+        while t_summary is None or t_analytics is None:
+            accepted = sum(ld.accepted() for ld in loads)
+            now = time.perf_counter() - t0
+            bars.update(posted, completed=accepted, info=f"{accepted / max(now, 1e-9):,.0f}/s")
+            if t_posted is None and all(ld.proc.poll() is not None for ld in loads):
+                t_posted = time.perf_counter()
+                end = watcher.ends()
+            for task, fetch, done in ((in_summary, watcher.summary, "s"), (in_analytics, watcher.analytics, "a")):
+                positions = fetch()
+                bars.update(task, completed=count(positions, start_ends))
+                if end is not None and positions is not None and reached(positions, end):
+                    if done == "s" and t_summary is None:
+                        t_summary = time.perf_counter()
+                    if done == "a" and t_analytics is None:
+                        t_analytics = time.perf_counter()
+            if time.perf_counter() - t0 > args.timeout:
+                raise SystemExit(f"not all events reflected after {args.timeout:.0f} s")
+            time.sleep(0.25)
+    cpu = meter.stop()
+    clients_cpu = client_meter.stop()
+    results = [ld.wait() for ld in loads]
+    events = sum(r["accepted"] for r in results)
+    in_log = count(end, start_ends)
+    if events != in_log or any(r["errors"] or r["duplicates"] or r["rejected"] for r in results):
+        console.print(
+            f"[red]accepted {events:,}, the log grew by {in_log:,}; answers: {[r['errors'] for r in results]}[/]"
+        )
+    t_done = max(t_summary, t_analytics)
+    return {
+        "events": events,
+        "clients": args.clients,
+        "batch": args.batch,
+        "accepted_s": t_posted - t0,
+        "summary_s": t_summary - t0,
+        "analytics_s": t_analytics - t0,
+        "accepted_rate": events / (t_posted - t0),
+        "end_to_end_rate": events / (t_done - t0),
+        "cpu_s": cpu,
+        "clients_cpu_s": sum(clients_cpu.values()),
+        "backoffs": sum(r.get("backoffs", 0) for r in results),
+        "request_p99_ms": percentile([x for r in results for x in r["latency_ms"]], 0.99),
+        "ends": end,
+    }
+
+
+# -- 2. the read+decode ceiling ---------------------------------------------------------------
+
+
+def ceiling_child(upto: dict[int, int]) -> None:
+    """In a process of its own: read the log up to `upto` and Avro-decode every value, nothing more."""
+    from schemas.codec import Codec
+    from schemas.log import LogPrefix
+    from schemas.registry_client import RegistryClient
+
+    settings = Settings().as_service("replay")
+    codec = Codec(RegistryClient.for_settings(settings))
+    n = bad = 0
+    t0 = time.perf_counter()
+    cpu0 = time.process_time()
+    with LogPrefix(settings, upto={p: o - 1 for p, o in upto.items()}) as prefix:
+        for chunk in prefix:
+            for result in codec.decode_many_lenient([r.value for r in chunk]):
+                n += 1
+                bad += isinstance(result, Exception)
+    seconds = time.perf_counter() - t0
+    print(
+        orjson.dumps(
+            {"events": n, "undecodable": bad, "seconds": seconds, "cpu_s": time.process_time() - cpu0}
+        ).decode()
+    )
+
+
+def ceiling(settings: Settings, upto: dict[int, int]) -> dict:
+    with console.status("read+decode ceiling: one plain consumer reads and Avro-decodes the same log"):
+        out = subprocess.run(
+            [sys.executable, __file__, "--ceiling-child", orjson.dumps(upto, option=orjson.OPT_NON_STR_KEYS).decode()],
+            env=os.environ | settings.as_env(),
+            capture_output=True,
+            check=False,
+        )
+    if out.returncode != 0:
+        raise SystemExit(f"ceiling process failed:\n{out.stderr.decode()[-3000:]}")
+    result = orjson.loads(out.stdout.splitlines()[-1])
+    result["rate"] = result["events"] / result["seconds"]
+    return result
+
+
+# -- 3. freshness -----------------------------------------------------------------------------
+
+
+def freshness(settings: Settings, args, producer: str, watcher: Watcher) -> dict:
+    """Samples (t, log end), (t, summary positions), (t, analytics positions) while a paced load runs."""
+    ends: list[tuple[float, dict[int, int]]] = []
+    seen: dict[str, list[tuple[float, dict[int, int]]]] = {"summary": [], "analytics": []}
+    stop = threading.Event()
+
+    def sampler(name: str, fetch) -> None:
+        while not stop.is_set():
+            t = time.perf_counter()
+            positions = fetch()
+            if positions is not None:
+                seen[name].append((t, positions))
+            time.sleep(max(0.0, SAMPLE_S - (time.perf_counter() - t)))
+
+    threads = [
+        threading.Thread(target=sampler, args=("summary", watcher.summary), daemon=True),
+        threading.Thread(target=sampler, args=("analytics", watcher.analytics), daemon=True),
+    ]
+    for t in threads:
+        t.start()
+    paced = ("--mode", "paced", "--rate", str(args.fresh_rate), "--batch", "100", "--connections", "8")
+    load = Load.start(settings, producer, *paced, "--seconds", str(args.fresh_seconds))
+    load.go()
+    t0 = time.perf_counter()
+    with progress_bars() as bars:
+        task = bars.add_task(f"freshness at {args.fresh_rate:,}/s", total=int(args.fresh_seconds), info="")
+        while load.proc.poll() is None:
+            t = time.perf_counter()
+            ends.append((t, watcher.ends()))
+            bars.update(task, completed=min(t - t0, args.fresh_seconds), info=f"{load.accepted():,} accepted")
+            time.sleep(max(0.0, SAMPLE_S - (time.perf_counter() - t)))
+    result = load.wait()
+    final = watcher.ends()
+    deadline = time.perf_counter() + 120
+    while time.perf_counter() < deadline and not all(
+        s and reached(s[-1][1], final) for s in seen.values()
+    ):  # let the last samples be reflected
+        time.sleep(0.2)
+    stop.set()
+    for t in threads:
+        t.join()
+    out = {"rate": args.fresh_rate, "accepted": result["accepted"], "seconds": args.fresh_seconds}
+    for name, samples in seen.items():
+        lags, k = [], 0
+        for t, end in ends:
+            while k < len(samples) and not reached(samples[k][1], end):
+                k += 1
+            if k == len(samples):
+                break
+            lags.append(max(0.0, samples[k][0] - t))
+        out[name] = {"p50_s": percentile(lags, 0.5), "p99_s": percentile(lags, 0.99), "max_s": max(lags or [0])}
+    out["request_p99_ms"] = percentile(result["latency_ms"], 0.99)
+    return out
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+ORDER = ["api", "worker", "sink", "sink (children)", "kafka", "postgres", "clickhouse", "registry", "supervisor"]
+LABELS = {"api": "API (gateway + queries)", "sink (children)": "sink decoders"}
+
+
+def report(run: dict) -> None:
+    tp, ev = run["throughput"], run["throughput"]["events"]
+    table = Table(title=f"CPU per event, whole platform — {run['label']}")
+    table.add_column("process")
+    table.add_column("CPU s", justify="right")
+    table.add_column("µs / event", justify="right")
+    table.add_column("share", justify="right")
+    total = sum(tp["cpu_s"].values())
+    for name in sorted(tp["cpu_s"], key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
+        s = tp["cpu_s"][name]
+        table.add_row(LABELS.get(name, name), f"{s:.1f}", f"{s / ev * 1e6:.0f}", f"{s / total:.0%}")
+    table.add_row("[bold]total[/]", f"{total:.1f}", f"[bold]{total / ev * 1e6:.0f}[/]", "100%")
+    table.add_row("load clients (outside)", f"{tp['clients_cpu_s']:.1f}", f"{tp['clients_cpu_s'] / ev * 1e6:.0f}", "")
+    console.print(table)
+    ceil = run["ceiling"]
+    fr = run.get("freshness")
+    lines = [
+        f"events: {ev:,} in {tp['clients']} clients × {tp['batch']:,}-event requests "
+        f"(request p99 {tp['request_p99_ms']:.0f} ms, {tp['backoffs']} back-off answers)",
+        f"accepted: [bold]{tp['accepted_rate']:,.0f} events/s[/] ({tp['accepted_s']:.1f} s)",
+        f"end to end: [bold]{tp['end_to_end_rate']:,.0f} events/s[/] (summary after {tp['summary_s']:.1f} s, "
+        f"analytics after {tp['analytics_s']:.1f} s); target {TARGET_EVENTS_S:,}",
+        f"read+decode ceiling: {ceil['rate']:,.0f} events/s ({ceil['cpu_s'] / max(ceil['events'], 1) * 1e6:.0f} µs CPU "
+        f"an event); the platform ran at [bold]{tp['end_to_end_rate'] / ceil['rate']:.2f}[/] of it",
+        f"CPU: [bold]{total / ev * 1e6:.0f} µs per event[/] in all (target ≤ {TARGET_CPU_US})",
+    ]
+    if fr:
+        lines.append(
+            f"freshness at {fr['rate']:,}/s offered ({fr['accepted']:,} accepted): summary p50 "
+            f"{fr['summary']['p50_s']:.2f} s, [bold]p99 {fr['summary']['p99_s']:.2f} s[/]; analytics p50 "
+            f"{fr['analytics']['p50_s']:.2f} s, p99 {fr['analytics']['p99_s']:.2f} s (target p99 ≤ {TARGET_FRESH_P99_S:.0f} s)"
+        )
+    lines.append(f"machine: {run['machine']}")
+    for line in lines:
+        console.print(line)
+
+
+def chart(runs: list[dict], path: Path) -> None:
+    """Stacked bars: CPU µs per event by process, one bar per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(
+        {n for r in runs for n in r["throughput"]["cpu_s"]}, key=lambda n: ORDER.index(n) if n in ORDER else 99
+    )
+    fig, ax = plt.subplots(figsize=(5.5 + 1.6 * len(runs), 5.2))
+    bottoms = [0.0] * len(runs)
+    labels = [f"{r['label']}\n{r['throughput']['end_to_end_rate']:,.0f} ev/s e2e" for r in runs]
+    for name in names:
+        heights = [r["throughput"]["cpu_s"].get(name, 0.0) / r["throughput"]["events"] * 1e6 for r in runs]
+        ax.bar(labels, heights, bottom=bottoms, label=LABELS.get(name, name), width=0.6)
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    for x, b in enumerate(bottoms):
+        ax.text(x, b, f"{b:.0f} µs", ha="center", va="bottom")
+    ax.axhline(TARGET_CPU_US, color="black", linestyle="--", linewidth=1, label=f"target {TARGET_CPU_US} µs")
+    ax.set_ylabel("CPU µs per event (all processes)")
+    ax.set_title("NHDP whole platform: CPU per event by process")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    console.print(f"chart: {path}")
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def bench(settings: Settings, args) -> dict:
+    console.print(f"[bold]NHDP whole-platform benchmark[/]: {settings.api_url}; machine: {machine()}")
+    producer = issue_token(settings, "bench-platform", "producer", ttl="2h", source="bench-load", provinces=["*"]).token
+    national = issue_token(settings, "bench-platform-watch", "national", ttl="2h").token
+    watcher = Watcher(settings, national)
+    try:
+        run = {"label": args.label, "machine": machine(), "throughput": throughput(settings, args, producer, watcher)}
+        run["ceiling"] = ceiling(settings, run["throughput"]["ends"])
+        if args.fresh_seconds > 0:
+            run["freshness"] = freshness(settings, args, producer, watcher)
+        run["machine_after"] = machine()
+    finally:
+        watcher.close()
+    report(run)
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--existing", action="store_true", help="the stack of the NHDP_* settings, not a private one")
+    ap.add_argument("--events", type=int, default=300_000)
+    ap.add_argument("--clients", type=int, default=4, help="load processes, one connection each")
+    ap.add_argument("--batch", type=int, default=1000, help="events per request")
+    ap.add_argument("--fresh-rate", type=int, default=5000, help="freshness phase: events/s offered")
+    ap.add_argument("--fresh-seconds", type=float, default=30.0, help="0 skips the freshness phase")
+    ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument("--label", default=time.strftime("%Y-%m-%d %H:%M"))
+    ap.add_argument("--save", type=Path, help="write the run as JSON")
+    ap.add_argument("--compare", type=Path, nargs="*", default=[], help="earlier runs (JSON) to chart beside this one")
+    ap.add_argument("--chart", type=Path, help="stacked bar chart (PNG) of CPU µs per event by process")
+    ap.add_argument("--ceiling-child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.ceiling_child:
+        ceiling_child({int(p): o for p, o in orjson.loads(args.ceiling_child).items()})
+        return 0
+    with own_stack() if not args.existing else contextlib.nullcontext(Settings()) as settings:
+        run = bench(settings, args)
+    run["throughput"].pop("ends")
+    if args.save:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        args.save.write_bytes(orjson.dumps(run, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+    if args.chart:
+        chart([orjson.loads(p.read_bytes()) for p in args.compare] + [run], args.chart)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
