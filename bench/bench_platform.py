@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -244,6 +245,7 @@ def throughput(settings: Settings, args, producer: str, watcher: Watcher) -> dic
     start_ends = watcher.ends()
     meter = CpuMeter(platform_processes(settings), split_children={"sink"}).start()
     client_meter = CpuMeter({f"load client {i + 1}": ld.proc.pid for i, ld in enumerate(loads)}).start()
+    profilers = profile(settings, args.profile) if args.profile else []
     t0 = time.perf_counter()
     for ld in loads:
         ld.go()
@@ -274,6 +276,10 @@ def throughput(settings: Settings, args, producer: str, watcher: Watcher) -> dic
             time.sleep(0.25)
     cpu = meter.stop()
     clients_cpu = client_meter.stop()
+    for proc in profilers:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its samples on SIGINT
+    for proc in profilers:
+        proc.wait(60)
     results = [ld.wait() for ld in loads]
     events = sum(r["accepted"] for r in results)
     in_log = count(end, start_ends)
@@ -297,6 +303,21 @@ def throughput(settings: Settings, args, producer: str, watcher: Watcher) -> dic
         "request_p99_ms": percentile([x for r in results for x in r["latency_ms"]], 0.99),
         "ends": end,
     }
+
+
+def profile(settings: Settings, folder: Path) -> list[subprocess.Popen]:
+    """py-spy on each Python service (the sink with its decoders) for the throughput phase: collapsed
+    stacks in folder/NAME.txt (`py-spy record --format raw`), for flame graphs or a top-N."""
+    folder.mkdir(parents=True, exist_ok=True)
+    spy = Path(sys.executable).with_name("py-spy")
+    procs = []
+    for name, pid in platform_processes(settings).items():
+        if name in ("api", "worker", "sink", "registry"):
+            cmd = [str(spy), "record", "--pid", str(pid), "--rate", "97", "--format", "raw", "--nonblocking"]
+            cmd += ["--subprocesses"] if name == "sink" else []
+            cmd += ["--output", str(folder / f"{name}.txt")]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return procs
 
 
 # -- 2. the read+decode ceiling ---------------------------------------------------------------
@@ -505,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save", type=Path, help="write the run as JSON")
     ap.add_argument("--compare", type=Path, nargs="*", default=[], help="earlier runs (JSON) to chart beside this one")
     ap.add_argument("--chart", type=Path, help="stacked bar chart (PNG) of CPU µs per event by process")
+    ap.add_argument("--profile", type=Path, help="py-spy the Python services in the throughput phase, into this folder")
     ap.add_argument("--ceiling-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.ceiling_child:

@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     kafka_partitions: int = 6
     # Clients authenticate with SASL/SCRAM (the local broker's listener); production may use SASL_SSL.
     kafka_security_protocol: str = Field(default="SASL_PLAINTEXT", pattern=r"^SASL_(PLAINTEXT|SSL)$")
+    # How our producers compress record batches (the gateway and SDK into health.events, the worker
+    # into the province topics). None by default: on loopback or a LAN the cores are what is scarce,
+    # and a compressed batch costs its producer, the broker (which decompresses it to validate it)
+    # and every consumer; lz4 or zstd where the network is the bottleneck (bench/RESULTS.md).
+    kafka_compression: str = Field(default="none", pattern=r"^(none|lz4|zstd|gzip|snappy)$")
 
     # No event may have happened before this day (UTC): older timestamps are typing errors or
     # attacks, and ClickHouse's DateTime cannot hold every one of them (schemas/bounds.py).
@@ -77,6 +82,9 @@ class Settings(BaseSettings):
     kafka_max_message_bytes: int = Field(default=1024 * 1024, ge=1024)
     # Requests in progress per lane; one more is answered 503 at once, so no lane waits on another.
     api_ingest_concurrency: int = Field(default=64, ge=1)
+    # Back-pressure: past this many events of health.events not yet applied by the live
+    # projections or by the analytics sink, the gateway answers 503 + Retry-After. 0: never.
+    gateway_max_backlog: int = Field(default=200_000, ge=0)
     api_analytics_concurrency: int = Field(default=16, ge=1)
     api_general_concurrency: int = Field(default=128, ge=1)
     # The API's ClickHouse connections, how long a call waits for one, and each query's limits.

@@ -25,6 +25,7 @@ from producers.gateway import router as gateway_router
 from projections import analytics_api
 from projections.api import Queries
 from projections.api import router as query_router
+from projections.backpressure import Backlog
 from schemas import access_log, api_auth
 from schemas.access_log import AccessLog, AccessLogMiddleware
 from schemas.api_auth import AccessDenied, Gatekeeper
@@ -99,8 +100,9 @@ def create_app(settings: Settings, *, with_gateway: bool = True, analytics: Any 
         app.state.gatekeeper = Gatekeeper(settings)
         app.state.access_log = AccessLog(settings.postgres_url)
         app.state.queries = Queries(settings)
+        app.state.backlog = Backlog(app.state.queries.backlog, settings.gateway_max_backlog)
         if with_gateway:
-            app.state.gateway = Gateway(settings)
+            app.state.gateway = Gateway(settings, refusal=app.state.backlog.refusal)
         # The start-up objects (FastAPI routes, pydantic models, the codec) are
         # permanent: left out of every collection, full collections stop pausing
         # the answers of everyone waiting.
@@ -109,6 +111,7 @@ def create_app(settings: Settings, *, with_gateway: bool = True, analytics: Any 
         try:
             yield
         finally:
+            app.state.backlog.close()
             app.state.queries.close()
             if with_gateway:
                 app.state.gateway.close()

@@ -20,6 +20,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import orjson
@@ -48,6 +49,9 @@ RETRY_AFTER_S = 5
 TOO_LARGE = MessageSizeTooLargeError.__name__
 SEEN_RETENTION = "7 days"
 
+REFUSED = Counter("nhdp_gateway_backpressure_refusals_total", "Requests refused because the consumers are behind")
+# The consumers apply tens of thousands of events a second: a second is enough to make room.
+BACKPRESSURE_RETRY_AFTER_S = 1
 EVENTS = Counter("nhdp_gateway_events_total", "Events posted to the gateway, by outcome", ["outcome"])
 REQUEST_SECONDS = Histogram(
     "nhdp_gateway_request_seconds",
@@ -75,8 +79,15 @@ def content_hash(event: dict[str, Any]) -> bytes:
 class Gateway:
     """The gateway's state: one producer, one pool, one pseudonymiser."""
 
-    def __init__(self, settings: Settings, producer: EventProducer | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        producer: EventProducer | None = None,
+        refusal: Callable[[], str | None] = lambda: None,
+    ):
+        """refusal: why nothing is accepted now (back-pressure from the consumers), or None."""
         self.settings = settings
+        self.refusal = refusal
         self.pseudonymiser = Pseudonymiser.from_settings(settings)
         self.pool = ConnectionPool(
             settings.postgres_url, min_size=1, max_size=16, open=True, check=ConnectionPool.check_connection
@@ -287,8 +298,8 @@ class Gateway:
 router = APIRouter()
 
 
-def _error(status: int, message: str, **extra) -> ORJSONResponse:
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+def _error(status: int, message: str, retry_after: int = RETRY_AFTER_S, **extra) -> ORJSONResponse:
+    headers = {"Retry-After": str(retry_after)} if status == 503 else None
     return ORJSONResponse({"error": message, **extra}, status_code=status, headers=headers)
 
 
@@ -327,7 +338,8 @@ def trace_id_problem(value: str | None) -> str | None:
         "ones are written durably to Kafka (acks=all) before the answer. Answer: "
         '`{"accepted": n, "duplicates": n, "rejected": [{"index": i, "event_id": …, "errors": ["field: reason"]}]}`. '
         "400: body not a JSON array, or a bad x-trace-id header; 413: too large (NHDP_MAX_BODY_BYTES); "
-        "503 + Retry-After: Kafka or PostgreSQL unavailable."
+        "503 + Retry-After: Kafka or PostgreSQL unavailable, or back-pressure (the projections or the "
+        "analytics are more than NHDP_GATEWAY_MAX_BACKLOG events behind); nothing was published."
     ),
 )
 async def post_events(
@@ -339,6 +351,10 @@ async def post_events(
     problem = trace_id_problem(trace_id)
     if problem:
         return _error(400, problem)
+    refusal = gateway.refusal()
+    if refusal:  # before the body is parsed: refusing costs the gateway almost nothing
+        REFUSED.inc()
+        return _error(503, refusal, retry_after=BACKPRESSURE_RETRY_AFTER_S)
     try:
         body = await read_body(request, gateway.settings.max_body_bytes)
     except BodyTooLarge as exc:

@@ -4,7 +4,8 @@
   never writes a message twice and an ack means every in-sync replica has it;
 - keyed by subject_id (allocation_id for allocations, the target for voids),
   so one citizen's events stay in one partition, in order;
-- lz4-compressed batches: Python pays per call, the broker per byte;
+- compressed as NHDP_KAFKA_COMPRESSION says (none by default: the cores, not
+  loopback's bandwidth, are what a small machine runs out of);
 - one record batch per partition per call, handed whole to kafka-python's
   sender (producers.kafka_internals, the one module that uses kafka-python's
   private API), so a call pays about 5 µs per event instead of the 60-70 µs
@@ -82,7 +83,7 @@ class EventProducer:
             client_id=f"nhdp-{source}",
             acks="all",
             enable_idempotence=True,
-            compression_type="lz4",
+            compression_type=None if settings.kafka_compression == "none" else settings.kafka_compression,
             linger_ms=5,
             batch_size=512 * 1024,
             max_in_flight_requests_per_connection=5,

@@ -83,6 +83,11 @@ class Queries:
         sink_lag = log_lag({p: off for (t, p), off in ends.items() if t == TOPIC_EVENTS}, sink)
         return lag, applied_count, dlq, sink_lag
 
+    def backlog(self) -> tuple[int, int]:
+        """(events the projections have not applied, events the sink has not written): back-pressure."""
+        lag, _applied, _dlq, sink_lag = self.lag()
+        return sum(lag.values()), sum(sink_lag.values())
+
     async def shared_lag(self) -> tuple[dict[int, int], int, int, dict[int, int]]:
         """lag() with one computation in flight: scrapes that arrive meanwhile share it, so
         a slow Kafka holds one thread, not one per scrape."""

@@ -515,3 +515,52 @@ def test_metrics_reuses_one_kafka_client(stack_settings):
             assert resp.status_code == 200 and "nhdp_consumer_lag{" in resp.text
     # A client per scrape would leave at least 20 closed connections to Kafka behind.
     assert _time_wait_to(stack_settings.kafka_port) - before <= 3
+
+
+# -- back-pressure ------------------------------------------------------------------------------------
+
+
+def test_the_gateway_refuses_while_the_projections_are_behind_and_accepts_once_they_catch_up(
+    stack_settings, tmp_path, log
+):
+    """Past NHDP_GATEWAY_MAX_BACKLOG events not yet projected, a request is answered 503 with
+    Retry-After and the reason, and nothing of it is published; the same request is accepted
+    once the worker has caught up."""
+    from nhdp.stack import worker_service
+    from tests.helpers import wait_caught_up
+
+    worker = worker_service(stack_settings)
+    headers = bearer(stack_settings, "producer", source=SOURCE, provinces=["*"])
+    with (
+        private_api(stack_settings, tmp_path, gateway_max_backlog=100) as url,
+        httpx.Client(base_url=url, headers=headers, timeout=60) as client,
+    ):
+        worker.stop()
+        try:
+            first = client.post("/v1/events", content=orjson.dumps([valid_event() for _ in range(150)]))
+            assert first.status_code == 200 and first.json()["accepted"] == 150, first.text
+            held = orjson.dumps([valid_event()])
+            deadline = time.monotonic() + 30
+            while True:  # the backlog is measured twice a second, off the request path
+                before = log.ends()
+                refused = client.post("/v1/events", content=held)
+                if refused.status_code == 503:
+                    break
+                assert refused.status_code == 200, refused.text
+                held = orjson.dumps([valid_event()])
+                assert time.monotonic() < deadline, "never refused with 150 events unprojected and a limit of 100"
+                time.sleep(0.2)
+            assert refused.headers["retry-after"] == "1"
+            message = refused.json()["error"]
+            assert "back-pressure: the live projections are" in message and "NHDP_GATEWAY_MAX_BACKLOG" in message
+            assert "nothing from this request was published" in message
+            time.sleep(2)  # a publication would be visible by now
+            assert log.ends() == before
+        finally:
+            worker.start(stack_settings.start_timeout_s)
+        wait_caught_up(stack_settings)
+        deadline = time.monotonic() + 30
+        while (again := client.post("/v1/events", content=held)).status_code == 503:
+            assert time.monotonic() < deadline, again.text
+            time.sleep(0.5)
+        assert again.status_code == 200 and again.json()["accepted"] == 1, again.text

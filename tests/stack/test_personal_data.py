@@ -4,8 +4,8 @@ is nowhere downstream, in any byte Kafka, PostgreSQL or ClickHouse keeps.
 Events with known citizen_ids go in through the gateway and the SDK; once the
 projections have caught up, every place the session stack stores data is searched
 for those ids as ASCII: the Kafka log segment files of every topic, and every record
-read back through a consumer (the segments hold lz4-compressed batches, in which a
-raw byte scan cannot see); a pg_dump of each database; every row of every ClickHouse
+read back through a consumer (the segments may hold compressed batches
+(NHDP_KAFKA_COMPRESSION), in which a raw byte scan cannot see); a pg_dump of each database; every row of every ClickHouse
 table outside the system databases, and the files under its data folder; and, for
 good measure, every other file of the stack's data folder (service logs included).
 Positive controls show each search can see what is there: the subject_ids of the same

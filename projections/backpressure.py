@@ -1,0 +1,76 @@
+"""Back-pressure (DESIGN §5): the gateway stops accepting while the projections or the sink are too far behind.
+
+An accepted event is durable in Kafka at once, but it is only useful once the
+live projections (PostgreSQL) and the analytics (ClickHouse) reflect it. When
+producers outrun them, the log grows without bound and every answer goes stale;
+instead, past `gateway_max_backlog` events not yet applied by either, the gateway
+answers 503 with Retry-After before it reads a request's body, and producers
+retry the same events (duplicates are answered as such, never published twice).
+
+The backlog is measured off the request path: a thread asks every POLL_S for the
+log's end and both consumers' positions (the same long-lived clients the
+freshness headers use). A measurement that fails or grows old refuses nothing:
+Kafka or PostgreSQL being down is the gateway's own 503, with its own reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from prometheus_client import Gauge
+
+log = logging.getLogger("nhdp.backpressure")
+
+POLL_S = 0.5
+STALE_S = 10.0  # a measurement older than this refuses nothing
+BACKLOG = Gauge("nhdp_backlog_events", "Events in health.events not yet applied, by consumer", ["consumer"])
+
+
+class Backlog:
+    """measure() -> (events the projections have not applied, events the sink has not written)."""
+
+    def __init__(self, measure: Callable[[], tuple[int, int]], limit: int, poll_s: float = POLL_S):
+        self.measure, self.limit, self.poll_s = measure, limit, poll_s
+        self.last: tuple[float, int, int] | None = None  # (monotonic time, projections, sink)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="nhdp-backlog", daemon=True)
+        if limit > 0:
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                projections, sink = self.measure()
+                self.last = (time.monotonic(), projections, sink)
+                BACKLOG.labels("projections").set(projections)
+                BACKLOG.labels("analytics").set(sink)
+            except Exception as exc:  # down or slow: the gateway's own checks answer for that
+                log.debug("backlog not measured: %s", exc)
+            if self._stop.wait(self.poll_s):
+                return
+
+    def refusal(self) -> str | None:
+        """Why the gateway accepts nothing now, or None."""
+        last = self.last
+        if self.limit <= 0 or last is None or time.monotonic() - last[0] > STALE_S:
+            return None
+        return refusal(last[1], last[2], self.limit)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+
+def refusal(projections: int, sink: int, limit: int) -> str | None:
+    behind = [(name, n) for name, n in (("live projections", projections), ("analytics", sink)) if n > limit]
+    if not behind:
+        return None
+    what = " and ".join(f"the {name} are {n:,} events behind" for name, n in behind)
+    return (
+        f"back-pressure: {what} (the limit is {limit:,}, NHDP_GATEWAY_MAX_BACKLOG); "
+        "nothing from this request was published. Retry after the Retry-After seconds."
+    )
