@@ -9,12 +9,14 @@ Everything runs as a user gets it: authentication on, the supervisor, the stream
 worker, the ClickHouse sink and its decoder processes, the API, the registry,
 Kafka, PostgreSQL and ClickHouse all on this machine, competing for its cores.
 
-1. throughput: --clients load processes (bench/load_gateway.py, one keep-alive
+1. throughput: after --warmup-events (the JVM's compiler and every cache
+   warm), --clients load processes (bench/load_gateway.py, one keep-alive
    connection each) post --events national-campaign events in --batch-event
    requests. Accepted events/s is the gateway's answer rate; end-to-end events/s
    runs from the first post until the national summary (PostgreSQL projections)
-   AND the analytics (ClickHouse) both reflect every offset the log holds
-   (their NHDP-Positions headers). CPU time of every process of the platform is
+   AND the analytics (ClickHouse) both reflect every offset the log holds (the
+   summary's NHDP-Positions header; the sink's committed offsets, which are the
+   analytics answers' header). CPU time of every process of the platform is
    read from /proc (psutil) over that window and divided by the events.
 2. ceiling: one plain consumer process reads the same events and Avro-decodes
    them, nothing else; the platform's end-to-end rate is reported against it.
@@ -136,13 +138,19 @@ def parse_positions(text: str | None) -> dict[int, int] | None:
 
 
 class Watcher:
-    """The log's end and the positions the national summary and the analytics reflect."""
+    """The log's end and the positions the national summary and the analytics reflect.
+
+    The summary's are its NHDP-Positions header. The analytics' header is the sink's committed
+    offsets, read here directly: an analytics query every 50 ms would be ClickHouse work of the
+    benchmark's own (a tenth of ClickHouse's CPU in a run that polled /v1/analytics/doses)."""
 
     def __init__(self, settings: Settings, token: str):
-        from schemas.log import LogEnds
+        from schemas.log import GroupPositions, LogEnds
+        from schemas.topics import ANALYTICS_GROUP
 
         self.http = httpx.Client(base_url=settings.api_url, timeout=30, headers={"authorization": f"Bearer {token}"})
         self.log_ends = LogEnds(settings)
+        self.sink_positions = GroupPositions(settings, ANALYTICS_GROUP)
 
     def ends(self) -> dict[int, int]:
         return {p: o for (_topic, p), o in self.log_ends().items()}
@@ -158,11 +166,15 @@ class Watcher:
         return self.reflected("/v1/national/summary")
 
     def analytics(self) -> dict[int, int] | None:
-        return self.reflected("/v1/analytics/doses")
+        try:
+            return self.sink_positions()
+        except Exception:
+            return None
 
     def close(self) -> None:
         self.http.close()
         self.log_ends.close()
+        self.sink_positions.close()
 
 
 def count(positions: dict[int, int] | None, since: dict[int, int]) -> int:
@@ -238,14 +250,14 @@ def progress_bars() -> Progress:
 # -- 1. throughput ----------------------------------------------------------------------------
 
 
-def throughput(settings: Settings, args, producer: str, watcher: Watcher) -> dict:
-    per_client = -(-args.events // args.clients)
+def throughput(settings: Settings, args, producer: str, watcher: Watcher, events: int, profile_to=None) -> dict:
+    per_client = -(-events // args.clients)
     max_load = ("--mode", "max", "--seconds", "3600", "--batch", str(args.batch), "--connections", "1")
     loads = [Load.start(settings, producer, *max_load, "--events", str(per_client)) for _ in range(args.clients)]
     start_ends = watcher.ends()
     meter = CpuMeter(platform_processes(settings), split_children={"sink"}).start()
     client_meter = CpuMeter({f"load client {i + 1}": ld.proc.pid for i, ld in enumerate(loads)}).start()
-    profilers = profile(settings, args.profile) if args.profile else []
+    profilers = profile(settings, profile_to) if profile_to else []
     t0 = time.perf_counter()
     for ld in loads:
         ld.go()
@@ -306,14 +318,15 @@ def throughput(settings: Settings, args, producer: str, watcher: Watcher) -> dic
 
 
 def profile(settings: Settings, folder: Path) -> list[subprocess.Popen]:
-    """py-spy on each Python service (the sink with its decoders) for the throughput phase: collapsed
+    """py-spy on each Python service (the sink with its decoders) for the throughput phase, sampling
+    only threads that hold the GIL (Python at work, not waiting): collapsed
     stacks in folder/NAME.txt (`py-spy record --format raw`), for flame graphs or a top-N."""
     folder.mkdir(parents=True, exist_ok=True)
     spy = Path(sys.executable).with_name("py-spy")
     procs = []
     for name, pid in platform_processes(settings).items():
         if name in ("api", "worker", "sink", "registry"):
-            cmd = [str(spy), "record", "--pid", str(pid), "--rate", "97", "--format", "raw", "--nonblocking"]
+            cmd = [str(spy), "record", "--pid", str(pid), "--rate", "97", "--format", "raw", "--nonblocking", "--gil"]
             cmd += ["--subprocesses"] if name == "sink" else []
             cmd += ["--output", str(folder / f"{name}.txt")]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -502,7 +515,13 @@ def bench(settings: Settings, args) -> dict:
     national = issue_token(settings, "bench-platform-watch", "national", ttl="2h").token
     watcher = Watcher(settings, national)
     try:
-        run = {"label": args.label, "machine": machine(), "throughput": throughput(settings, args, producer, watcher)}
+        if args.warmup_events:
+            # The JVM compiles Kafka's hot paths in its first minute (its compiler threads were half
+            # of the broker's CPU then), and every cache is cold: measure the platform warm.
+            console.print(f"warm-up: {args.warmup_events:,} events, not measured")
+            throughput(settings, args, producer, watcher, args.warmup_events)
+        run = {"label": args.label, "machine": machine()}
+        run["throughput"] = throughput(settings, args, producer, watcher, args.events, args.profile)
         run["ceiling"] = ceiling(settings, run["throughput"]["ends"])
         if args.fresh_seconds > 0:
             run["freshness"] = freshness(settings, args, producer, watcher)
@@ -517,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--existing", action="store_true", help="the stack of the NHDP_* settings, not a private one")
     ap.add_argument("--events", type=int, default=300_000)
+    ap.add_argument("--warmup-events", type=int, default=100_000, help="posted and reflected before measuring")
     ap.add_argument("--clients", type=int, default=4, help="load processes, one connection each")
     ap.add_argument("--batch", type=int, default=1000, help="events per request")
     ap.add_argument("--fresh-rate", type=int, default=5000, help="freshness phase: events/s offered")

