@@ -73,7 +73,7 @@ class CpuMeter:
     its CPU since the start, or since it appeared, is kept; one that exits between
     two samples loses at most its last half second."""
 
-    def __init__(self, roots: dict[str, int], split_children: set[str] = frozenset()):
+    def __init__(self, roots: dict[str, int], split_children: frozenset[str] = frozenset()):
         self.roots, self.split = roots, split_children
         self.first: dict[tuple[int, float], float] = {}
         self.last: dict[tuple[int, float], tuple[str, float]] = {}
@@ -155,15 +155,12 @@ class Watcher:
     def ends(self) -> dict[int, int]:
         return {p: o for (_topic, p), o in self.log_ends().items()}
 
-    def reflected(self, path: str) -> dict[int, int] | None:
+    def summary(self) -> dict[int, int] | None:
         try:
-            resp = self.http.get(path)
+            resp = self.http.get("/v1/national/summary")
         except httpx.HTTPError:
             return None
         return parse_positions(resp.headers.get(HEADER_POSITIONS)) if resp.status_code == 200 else None
-
-    def summary(self) -> dict[int, int] | None:
-        return self.reflected("/v1/national/summary")
 
     def analytics(self) -> dict[int, int] | None:
         try:
@@ -255,7 +252,7 @@ def throughput(settings: Settings, args, producer: str, watcher: Watcher, events
     max_load = ("--mode", "max", "--seconds", "3600", "--batch", str(args.batch), "--connections", "1")
     loads = [Load.start(settings, producer, *max_load, "--events", str(per_client)) for _ in range(args.clients)]
     start_ends = watcher.ends()
-    meter = CpuMeter(platform_processes(settings), split_children={"sink"}).start()
+    meter = CpuMeter(platform_processes(settings), split_children=frozenset({"sink"})).start()
     client_meter = CpuMeter({f"load client {i + 1}": ld.proc.pid for i, ld in enumerate(loads)}).start()
     profilers = profile(settings, profile_to) if profile_to else []
     t0 = time.perf_counter()

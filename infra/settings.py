@@ -265,6 +265,11 @@ class Settings(BaseSettings):
         """bootstrap_servers plus kafka_python_auth: a kafka-python client's connection."""
         return {"bootstrap_servers": self.kafka_bootstrap_servers, **self.kafka_python_auth()}
 
+    @property
+    def kafka_compression_type(self) -> str | None:
+        """kafka_compression as the Python clients (kafka-python, aiokafka through Faust) take it."""
+        return None if self.kafka_compression == "none" else self.kafka_compression
+
     def librdkafka_config(self) -> dict[str, str]:
         """A librdkafka (confluent-kafka) client's connection, signed in as this process's principal."""
         return {

@@ -100,8 +100,8 @@ def create_app(settings: Settings, *, with_gateway: bool = True, analytics: Any 
         app.state.gatekeeper = Gatekeeper(settings)
         app.state.access_log = AccessLog(settings.postgres_url)
         app.state.queries = Queries(settings)
-        app.state.backlog = Backlog(app.state.queries.backlog, settings.gateway_max_backlog)
-        if with_gateway:
+        if with_gateway:  # back-pressure is the gateway's: a queries-only API measures no backlog
+            app.state.backlog = Backlog(app.state.queries.backlog, settings.gateway_max_backlog)
             app.state.gateway = Gateway(settings, refusal=app.state.backlog.refusal)
         # The start-up objects (FastAPI routes, pydantic models, the codec) are
         # permanent: left out of every collection, full collections stop pausing
@@ -111,10 +111,10 @@ def create_app(settings: Settings, *, with_gateway: bool = True, analytics: Any 
         try:
             yield
         finally:
-            app.state.backlog.close()
-            app.state.queries.close()
             if with_gateway:
+                app.state.backlog.close()  # before the queries whose clients it uses
                 app.state.gateway.close()
+            app.state.queries.close()
             app.state.gatekeeper.close()
             app.state.access_log.close()
 

@@ -83,7 +83,7 @@ class EventProducer:
             client_id=f"nhdp-{source}",
             acks="all",
             enable_idempotence=True,
-            compression_type=None if settings.kafka_compression == "none" else settings.kafka_compression,
+            compression_type=settings.kafka_compression_type,
             linger_ms=5,
             batch_size=512 * 1024,
             max_in_flight_requests_per_connection=5,

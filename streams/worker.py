@@ -97,7 +97,7 @@ def create_app(
         # holds its partitions until this expires: 10 s, not Faust's 60 s.
         broker_session_timeout=10.0,
         producer_acks=-1,
-        producer_compression_type=None if settings.kafka_compression == "none" else settings.kafka_compression,
+        producer_compression_type=settings.kafka_compression_type,
         broker_max_poll_records=BATCH_SIZE,  # one fetch is one batch (streams.faust_internals)
         producer_max_batch_size=512 * 1024,  # province copies go as whole batches (copy_to_provinces)
         Worker=Worker,
