@@ -277,7 +277,7 @@ class Gateway:
                     )
             to_publish = [c for c in candidates if c[1] in new]
             try:
-                self.producer.publish_many([c[3] for c in to_publish], trace_id=trace_id)
+                self.producer.publish_many([c[3] for c in to_publish], trace_id=trace_id, validated=True)
             except PublishError as exc:
                 failed_ids = [to_publish[i][1] for i in exc.failed]
                 conn.execute("DELETE FROM gateway.seen_events WHERE event_id = ANY(%s::uuid[])", (failed_ids,))
