@@ -33,12 +33,11 @@ from psycopg_pool import ConnectionPool
 from starlette.concurrency import run_in_threadpool
 
 from infra.settings import Settings
-from producers.pseudonym import Pseudonymiser, edge_record
+from producers.pseudonym import Pseudonymiser, checked_edge_record
 from producers.sdk import EventProducer, PublishError
 from schemas.access import VOID_EVENT, Caller, Right, may_void
 from schemas.api_auth import require
 from schemas.bounds import TRACE_ID, TRACE_ID_MAX
-from schemas.models import validate_event
 
 log = logging.getLogger("nhdp.gateway")
 
@@ -127,17 +126,19 @@ class Gateway:
         voids: dict[int, str] = {}  # index -> target
         duplicates = 0
         for i, raw in enumerate(events):
-            validated, errors = validate_event(raw)
-            event_id = raw.get("event_id") if isinstance(raw, dict) and isinstance(raw.get("event_id"), str) else None
-            if errors:
+            record, errors = checked_edge_record(raw, self.pseudonymiser)
+            if record is None:
+                event_id = (
+                    raw.get("event_id") if isinstance(raw, dict) and isinstance(raw.get("event_id"), str) else None
+                )
                 rejected.append({"index": i, "event_id": event_id, "errors": errors})
                 continue
-            problem = caller.event_problem(validated.event_type, validated.source, validated.province_code)
+            event_type = record["event_type"]
+            problem = caller.event_problem(event_type, record["source"], record["province_code"])
             if problem:
-                rejected.append({"index": i, "event_id": event_id, "errors": [problem]})
+                rejected.append({"index": i, "event_id": raw.get("event_id"), "errors": [problem]})
                 continue
-            event_id = str(validated.event_id)
-            record = edge_record(validated, self.pseudonymiser)
+            event_id = record["event_id"]
             # The fact, not its spelling: the normalised record (canonical event_id, epoch
             # millis, no trace_id), so a retry that re-serialises the event (upper-case
             # UUID, another UTC offset, key order) is a duplicate, not a conflict.
@@ -159,8 +160,8 @@ class Gateway:
             if trace_id and not record.get("trace_id"):
                 record["trace_id"] = trace_id
             candidates.append((i, event_id, h, record))
-            if validated.event_type == VOID_EVENT:
-                voids[i] = str(validated.payload["voided_event_id"])
+            if event_type == VOID_EVENT:
+                voids[i] = record["payload"]["voided_event_id"]
 
         accepted = 0
         # An auditor's or admin's void may void anything; a producer's, only what its source wrote.

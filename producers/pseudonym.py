@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from typing import Any
 
 from infra.settings import Settings
-from schemas.models import to_avro_record
+from schemas.fastpath import fast_record
+from schemas.models import to_avro_record, validate_event
 
 CITIZEN_ID = re.compile(r"^(?:\d{9}|\d{12})$")
 
@@ -39,3 +41,20 @@ def edge_record(validated, pseudonymiser: Pseudonymiser) -> dict:
 
     citizen_id = validated.payload.get("citizen_id")
     return to_avro_record(validated, pseudonymiser.subject_id(citizen_id) if citizen_id else None)
+
+
+def checked_edge_record(raw: Any, pseudonymiser: Pseudonymiser) -> tuple[dict | None, list[str]]:
+    """One posted event as the record that may leave the edge, or (None, every problem).
+
+    The usual spelling of a valid event takes schemas.fastpath; anything else, errors
+    included, the full validator, whose messages are the contract's."""
+    fast = fast_record(raw)
+    if fast is not None:
+        record, citizen_id = fast
+        if citizen_id is not None:
+            record["subject_id"] = pseudonymiser.subject_id(citizen_id)
+        return record, []
+    validated, errors = validate_event(raw)
+    if errors:
+        return None, errors
+    return edge_record(validated, pseudonymiser), []

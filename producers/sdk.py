@@ -30,10 +30,9 @@ from infra.settings import Settings
 from producers.kafka_internals import BATCH_BYTES as BATCH_BYTES  # re-exported: tests/unit/test_gateway.py
 from producers.kafka_internals import BatchSender, batch_result, encode_headers
 from producers.kafka_internals import build_batches as build_batches  # re-exported: tests/unit/test_gateway.py
-from producers.pseudonym import edge_record
+from producers.pseudonym import checked_edge_record
 from schemas.bounds import now_ms, record_problem
 from schemas.codec import Codec, CodecError
-from schemas.models import validate_event
 from schemas.registry_client import RegistryClient
 from schemas.topics import TOPIC_EVENTS, partition_key, partitions_of
 
@@ -122,8 +121,8 @@ class EventProducer:
     ) -> list[Position]:
         """Encode and publish Avro-ready records; block until every one is acknowledged.
 
-        validated: the records were made from schemas.models.validate_event a moment ago
-        (the gateway, publish_json), whose validators applied these same bounds at the
+        validated: the records were made by producers.pseudonym.checked_edge_record a
+        moment ago (the gateway, publish_json), which applied these same bounds at the
         same clock; checking them again was a tenth of the gateway's CPU."""
         if not records:
             return []
@@ -205,11 +204,11 @@ class EventProducer:
 
         records, problems = [], []
         for i, raw in enumerate(events):
-            validated, errors = validate_event(raw)
+            record, errors = checked_edge_record(raw, pseudonymiser)
             if errors:
                 problems.append(f"#{i} {raw.get('event_id') if isinstance(raw, dict) else ''}: {'; '.join(errors)}")
             else:
-                records.append(edge_record(validated, pseudonymiser))
+                records.append(record)
         if problems:
             raise ValueError(f"{len(problems)} invalid event(s), nothing published: " + " | ".join(problems[:20]))
         return self.publish_many(records, trace_id=trace_id, validated=True)
