@@ -51,6 +51,7 @@ import orjson
 import psutil
 from bench_gateway import percentile
 from bench_sdk import console, machine, own_stack
+from kafka.errors import KafkaError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -120,11 +121,20 @@ class CpuMeter:
         return out
 
 
+def extra_workers(settings: Settings, workers: int) -> list:
+    """The stream workers beside the standard one (worker2…), as bench_pipeline starts them."""
+    from nhdp.stack import worker_service
+
+    return [worker_service(settings, f"worker{i}") for i in range(2, workers + 1)]
+
+
 def platform_processes(settings: Settings) -> dict[str, int]:
-    """Every running service of the stack by name → pid (nhdp/stack.py's list, plus the supervisor)."""
+    """Every running service of the stack by name → pid (nhdp/stack.py's list, plus the supervisor
+    and any extra worker this benchmark started)."""
     from nhdp import stack
 
     services = [step.service for step in stack.steps(settings)] + [stack.supervisor_service(settings)]
+    services += extra_workers(settings, settings.kafka_partitions)
     return {svc.name: pid for svc in services if (pid := svc.pid()) is not None}
 
 
@@ -322,7 +332,7 @@ def profile(settings: Settings, folder: Path) -> list[subprocess.Popen]:
     spy = Path(sys.executable).with_name("py-spy")
     procs = []
     for name, pid in platform_processes(settings).items():
-        if name in ("api", "worker", "sink", "registry"):
+        if name in ("api", "sink", "registry") or name.startswith("worker"):
             cmd = [str(spy), "record", "--pid", str(pid), "--rate", "97", "--format", "raw", "--nonblocking", "--gil"]
             cmd += ["--subprocesses"] if name == "sink" else []
             cmd += ["--output", str(folder / f"{name}.txt")]
@@ -378,6 +388,7 @@ def ceiling(settings: Settings, upto: dict[int, int]) -> dict:
 def freshness(settings: Settings, args, producer: str, watcher: Watcher) -> dict:
     """Samples (t, log end), (t, summary positions), (t, analytics positions) while a paced load runs."""
     ends: list[tuple[float, dict[int, int]]] = []
+    missed: list[str] = []  # log-end samples Kafka did not answer
     seen: dict[str, list[tuple[float, dict[int, int]]]] = {"summary": [], "analytics": []}
     stop = threading.Event()
 
@@ -403,7 +414,10 @@ def freshness(settings: Settings, args, producer: str, watcher: Watcher) -> dict
         task = bars.add_task(f"freshness at {args.fresh_rate:,}/s", total=int(args.fresh_seconds), info="")
         while load.proc.poll() is None:
             t = time.perf_counter()
-            ends.append((t, watcher.ends()))
+            try:
+                ends.append((t, watcher.ends()))
+            except KafkaError as exc:  # a stalled broker must not lose the run: the gap is reported
+                missed.append(f"{t - t0:.1f} s: {type(exc).__name__}")
             bars.update(task, completed=min(t - t0, args.fresh_seconds), info=f"{load.accepted():,} accepted")
             time.sleep(max(0.0, SAMPLE_S - (time.perf_counter() - t)))
     result = load.wait()
@@ -416,7 +430,7 @@ def freshness(settings: Settings, args, producer: str, watcher: Watcher) -> dict
     stop.set()
     for t in threads:
         t.join()
-    out = {"rate": args.fresh_rate, "accepted": result["accepted"], "seconds": args.fresh_seconds}
+    out = {"rate": args.fresh_rate, "accepted": result["accepted"], "seconds": args.fresh_seconds, "missed": missed}
     for name, samples in seen.items():
         lags, k = [], 0
         for t, end in ends:
@@ -469,6 +483,8 @@ def report(run: dict) -> None:
             f"{fr['summary']['p50_s']:.2f} s, [bold]p99 {fr['summary']['p99_s']:.2f} s[/]; analytics p50 "
             f"{fr['analytics']['p50_s']:.2f} s, p99 {fr['analytics']['p99_s']:.2f} s (target p99 ≤ {TARGET_FRESH_P99_S:.0f} s)"
         )
+        if fr.get("missed"):
+            lines.append(f"[red]log-end samples Kafka did not answer: {', '.join(fr['missed'])}[/]")
     lines.append(f"machine: {run['machine']}")
     for line in lines:
         console.print(line)
@@ -544,13 +560,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare", type=Path, nargs="*", default=[], help="earlier runs (JSON) to chart beside this one")
     ap.add_argument("--chart", type=Path, help="stacked bar chart (PNG) of CPU µs per event by process")
     ap.add_argument("--profile", type=Path, help="py-spy the Python services in the throughput phase, into this folder")
+    ap.add_argument(
+        "--workers", type=int, default=1, help="stream workers (the stack runs 1; the rest are started here)"
+    )
     ap.add_argument("--ceiling-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.ceiling_child:
         ceiling_child({int(p): o for p, o in orjson.loads(args.ceiling_child).items()})
         return 0
     with own_stack() if not args.existing else contextlib.nullcontext(Settings()) as settings:
-        run = bench(settings, args)
+        extra = extra_workers(settings, args.workers)
+        try:
+            for svc in extra:
+                svc.start(settings.start_timeout_s)
+            run = bench(settings, args)
+        finally:
+            for svc in extra:
+                svc.stop()
     run["throughput"].pop("ends")
     if args.save:
         args.save.parent.mkdir(parents=True, exist_ok=True)
