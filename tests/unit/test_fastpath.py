@@ -19,11 +19,6 @@ from tests.strategies import broken_events, events, invalid_events, subject_ids
 SUBJECT = "ab" * 32
 
 
-def _slow(ev):
-    validated, errors = validate_event(ev)
-    return validated, errors
-
-
 def _agrees(ev) -> bool:
     """Whether fast_record took ev; fails the test if it took it differently."""
     before = copy.deepcopy(ev)
@@ -31,7 +26,7 @@ def _agrees(ev) -> bool:
     assert ev == before, "the fast path must not change its input"
     if fast is None:
         return False
-    validated, errors = _slow(ev)
+    validated, errors = validate_event(ev)
     assert not errors, f"the fast path accepted what the validator refuses: {errors}"
     record, citizen_id = fast
     assert citizen_id == validated.payload.get("citizen_id")
@@ -56,7 +51,7 @@ def test_valid_events_take_it_and_make_the_same_record(ev):
 def test_it_declines_every_invalid_event(pair):
     _, ev = pair
     assert fast_record(ev) is None
-    assert _slow(ev)[1]
+    assert validate_event(ev)[1]
 
 
 @settings(max_examples=600, deadline=None)
@@ -76,8 +71,8 @@ def test_other_spellings_are_declined_or_agree(ev, spelling):
         ev["occurred_at"] = ts.replace("T", "t")
     elif spelling == "space-separator":
         ev["occurred_at"] = ts.replace("T", " ")
-    elif spelling == "nanoseconds" and "." in ts:
-        ev["occurred_at"] = ts.replace(".", ".999999", 1) if ts[19] == "." else ts
+    elif spelling == "nanoseconds" and ts[19:20] == ".":
+        ev["occurred_at"] = ts.replace(".", ".999999", 1)
     elif spelling == "lower-z":
         ev["occurred_at"] = ts.replace("Z", "z")
     _agrees(ev)
