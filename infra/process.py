@@ -178,9 +178,7 @@ class Managed:
             raise ServiceError(f"{self.name}: could not run {shlex.join(self.command)}: {exc}") from exc
         finally:
             log.close()
-        self.pid_file.write_text(
-            json.dumps({"pid": proc.pid, "command": list(self.command), "started": started_at(proc.pid)})
-        )
+        self.pid_file.write_text(json.dumps(pid_record(proc.pid, self.command)))
         return proc
 
     def _wait_ready(self, pid: int, timeout_s: float, popen: subprocess.Popen | None = None) -> None:
@@ -252,11 +250,22 @@ def _exited(proc: psutil.Process, timeout_s: float) -> bool:
         time.sleep(0.05)
 
 
-def started_at(pid: int) -> float | None:
+def started_at(pid: int) -> int | None:
+    """The process's start in clock ticks since boot (/proc/PID/stat, field 22), or None if it is gone.
+
+    Not psutil's create_time(): that adds the boot time the kernel derives from the wall clock, which
+    moves when the clock is stepped (this VM's stalls and catch-ups moved it by seconds), and a live
+    service then looked like a recycled pid: `down` left a supervisor running."""
     try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
         return None
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])  # after "pid (comm) ": field 3 onward
+
+
+def pid_record(pid: int, command) -> dict:
+    """What a pid file holds: enough to tell this process from a later one given the same pid."""
+    return {"pid": pid, "command": list(command), "since_boot": started_at(pid)}
 
 
 def recorded_process(record: dict, carries: Callable[[list[str]], bool]) -> psutil.Process | None:
@@ -273,7 +282,10 @@ def recorded_process(record: dict, carries: Callable[[list[str]], bool]) -> psut
         proc = psutil.Process(int(record["pid"]))
         if proc.status() == psutil.STATUS_ZOMBIE:
             return None
-        started = record.get("started")
+        since_boot = record.get("since_boot")
+        if since_boot is not None:
+            return proc if started_at(proc.pid) == since_boot else None
+        started = record.get("started")  # files written before since_boot, by epoch time
         if started is not None:
             return proc if abs(proc.create_time() - float(started)) < 0.05 else None
         for _ in range(50):

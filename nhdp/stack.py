@@ -310,6 +310,8 @@ def end_matching(match: Callable[[list[str]], bool]) -> list[int]:
                 proc.wait(20)
             except psutil.TimeoutExpired:
                 proc.kill()
+                with contextlib.suppress(psutil.TimeoutExpired):
+                    proc.wait(5)  # reaps it if it is our child: no zombie left under our name
             ended.append(proc.pid)
         except psutil.Error:
             pass

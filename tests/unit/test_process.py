@@ -11,7 +11,7 @@ import sys
 import psutil
 import pytest
 
-from infra.process import Managed, started_at
+from infra.process import Managed, pid_record, started_at
 
 
 def sleeper(tmp_path, marker: str = "--nhdp-data /nowhere") -> Managed:
@@ -45,7 +45,7 @@ def test_a_recorded_start_time_identifies_the_process_whatever_its_command_line(
     try:
         svc = sleeper(tmp_path, marker="--a-marker-this-process-does-not-carry")
         svc.run_dir.mkdir(parents=True)
-        svc.pid_file.write_text(json.dumps({"pid": proc.pid, "command": [], "started": started_at(proc.pid)}))
+        svc.pid_file.write_text(json.dumps(pid_record(proc.pid, [])))
         assert svc.pid() == proc.pid
     finally:
         proc.kill()
@@ -58,7 +58,7 @@ def test_a_recycled_pid_is_not_taken_for_the_service_and_its_file_is_removed(tmp
         svc = sleeper(tmp_path)
         svc.run_dir.mkdir(parents=True)
         # Same pid and even the marker, but another start time: another process.
-        svc.pid_file.write_text(json.dumps({"pid": proc.pid, "command": [], "started": started_at(proc.pid) - 100}))
+        svc.pid_file.write_text(json.dumps(pid_record(proc.pid, []) | {"since_boot": started_at(proc.pid) - 100}))
         assert svc.pid() is None and not svc.pid_file.exists()
         assert not svc.stop()
         assert psutil.Process(proc.pid).is_running()  # never signalled

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from infra.process import Managed, started_at
+from infra.process import Managed, pid_record
 from infra.supervisor import Backoff, Supervisor, exit_reason, last_words, read_state, write_state
 
 # -- the back-off ---------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def orphan(svc: Managed) -> int:
     svc.log_file.write_text("starting\nthe last words of the first one\n")
     spawn = f"import subprocess; print(subprocess.Popen({list(svc.command)!r}, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)"
     pid = int(subprocess.run([sys.executable, "-c", spawn], capture_output=True, text=True, check=True).stdout)
-    svc.pid_file.write_text(json.dumps({"pid": pid, "command": list(svc.command), "started": started_at(pid)}))
+    svc.pid_file.write_text(json.dumps(pid_record(pid, svc.command)))
     return pid
 
 
@@ -211,7 +211,7 @@ def test_stop_does_not_wait_for_a_parent_that_never_reaps(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", spawn], stdout=subprocess.PIPE, text=True)
     try:
         pid = int(parent.stdout.readline())
-        svc.pid_file.write_text(json.dumps({"pid": pid, "command": list(svc.command), "started": started_at(pid)}))
+        svc.pid_file.write_text(json.dumps(pid_record(pid, svc.command)))
         began = time.monotonic()
         assert svc.stop()
         assert time.monotonic() - began < 5
