@@ -22,13 +22,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from infra.settings import Settings
 from producers.gateway import Gateway
 from producers.gateway import router as gateway_router
+from producers.healthbook import router as healthbook_router
 from projections import analytics_api
 from projections.api import Queries
 from projections.api import router as query_router
 from projections.backpressure import Backlog
+from projections.health_records import HealthRecords
 from schemas import access_log, api_auth
 from schemas.access_log import AccessLog, AccessLogMiddleware
 from schemas.api_auth import AccessDenied, Gatekeeper
+from schemas.signing_keys import KeyRing
 
 RETRY_AFTER_S = 1
 
@@ -103,6 +106,8 @@ def create_app(settings: Settings, *, with_gateway: bool = True, analytics: Any 
         if with_gateway:  # back-pressure is the gateway's: a queries-only API measures no backlog
             app.state.backlog = Backlog(app.state.queries.backlog, settings.gateway_max_backlog)
             app.state.gateway = Gateway(settings, refusal=app.state.backlog.refusal)
+            app.state.keyring = KeyRing(settings.postgres_url, settings.secrets)
+            app.state.health_records = HealthRecords(app.state.queries)
         # The start-up objects (FastAPI routes, pydantic models, the codec) are
         # permanent: left out of every collection, full collections stop pausing
         # the answers of everyone waiting.
@@ -137,6 +142,7 @@ def create_app(settings: Settings, *, with_gateway: bool = True, analytics: Any 
     app.add_middleware(AccessLogMiddleware)  # added last, so outermost: a request refused for its lane is logged too
     if with_gateway:
         app.include_router(gateway_router)
+        app.include_router(healthbook_router)
     app.include_router(analytics_api.router)
     app.include_router(api_auth.router)
     app.include_router(access_log.router)

@@ -196,6 +196,16 @@ class Gateway:
         EVENTS.labels("rejected").inc(len(rejected))
         return 200, {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}
 
+    def publish_checked(self, candidates: list[tuple[int, str, bytes, dict]], caller: Caller):
+        """Records the edge made and checked itself (a scan's CheckedIn), reserved and published as ingest's are:
+        (accepted, duplicates, conflicts, failed count or None)."""
+        if not self.producer.reachable():
+            return 0, 0, [], len(candidates)
+        try:
+            return self._publish_once(candidates, None, caller, {})
+        except psycopg.OperationalError:
+            return 0, 0, [], len(candidates)
+
     def _publish_once(self, candidates, trace_id, caller: Caller, voids: dict[int, str]):
         """Reserve ids, publish the new ones, keep the reservations Kafka acknowledged.
 

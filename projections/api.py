@@ -174,20 +174,20 @@ async def province(
     )
 
 
-@router.get("/v1/citizens/{subject_id}/record", summary="One subject's valid doses, for check-in at a site")
+@router.get(
+    "/v1/citizens/{subject_id}/record", summary="One subject's valid doses, appointments, check-ins and adverse events"
+)
 async def citizen(subject_id: str, request: Request, who: Authenticated):
     if not who.has(Right.READ_ALL) and not who.has(Right.READ_PROVINCE):
         raise forbidden(who, Right.READ_ALL, "a citizen's record")
     if not is_subject_id(subject_id):
         return _error(400, "subject_id: must be the 64-hex-digit pseudonymous id, never a national id")
     record = await run_in_threadpool(q(request).run, read_models.citizen_record, subject_id)
-    if not who.has(Right.READ_ALL) and not any(
-        d["province_code"] == who.province for d in (record or {}).get("doses", ())
-    ):
+    if not who.has(Right.READ_ALL) and (record is None or who.province not in read_models.record_provinces(record)):
         # the same answer whether the subject has no record or one elsewhere: nothing leaks
-        raise forbidden(who, Right.READ_ALL, f"the record of a subject with no dose in province {who.province}")
+        raise forbidden(who, Right.READ_ALL, f"the record of a subject with nothing in province {who.province}")
     if record is None:
-        return _error(404, f"no doses recorded for subject {subject_id}")
+        return _error(404, f"nothing recorded for subject {subject_id}")
     return record
 
 

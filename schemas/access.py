@@ -38,6 +38,8 @@ class Right(StrEnum):
     AUDIT = "audit"  # the access log
     METRICS = "metrics"  # /metrics
     ADMIN = "admin"  # tokens
+    CHECK_IN = "check-in"  # POST /v1/checkins: scan a health-book code, see what staff need of its holder
+    HEALTH_BOOK = "health-book"  # the citizen app: health-book codes and vaccination certificates
 
 
 ROLES: dict[str, frozenset[Right]] = {
@@ -45,9 +47,15 @@ ROLES: dict[str, frozenset[Right]] = {
     "province": frozenset({Right.READ_PROVINCE}),
     "auditor": frozenset({Right.READ_ALL, Right.AUDIT, Right.VOID_ANY, Right.METRICS}),
     "producer": frozenset({Right.WRITE_EVENTS}),
+    # a vaccination site's system: a producer that also checks people in by their health-book code
+    "site": frozenset({Right.WRITE_EVENTS, Right.CHECK_IN}),
+    # the citizen health app's back end, which has authenticated the citizen itself
+    "citizen_app": frozenset({Right.HEALTH_BOOK}),
     "admin": frozenset({Right.READ_ALL, Right.AUDIT, Right.VOID_ANY, Right.METRICS, Right.ADMIN}),
 }
 VOID_EVENT = "RecordVoided"
+# Roles that publish as one source, for a list of provinces.
+SOURCE_ROLES = ("producer", "site")
 
 
 class ScopeError(ValueError):
@@ -71,12 +79,15 @@ class Caller:
             raise ScopeError(f"role {self.role!r} must be one of {', '.join(ROLES)}")
         if (self.role == "province") != (self.province is not None):
             raise ScopeError("a province token names exactly one province (--province CODE); no other role has one")
-        if (self.role == "producer") != (self.source is not None):
-            raise ScopeError("a producer token names its source (--source NAME); no other role has one")
-        if self.role == "producer" and not self.provinces:
-            raise ScopeError("a producer token names the provinces it writes for (--province CODE, repeatable)")
-        if self.provinces and self.role != "producer":
-            raise ScopeError("only a producer token has a list of provinces")
+        publishes = self.role in SOURCE_ROLES
+        if publishes != (self.source is not None):
+            raise ScopeError(
+                f"a {self.role} token names its source (--source NAME); only {', '.join(SOURCE_ROLES)} have one"
+            )
+        if publishes and not self.provinces:
+            raise ScopeError(f"a {self.role} token names the provinces it writes for (--province CODE, repeatable)")
+        if self.provinces and not publishes:
+            raise ScopeError(f"only {' and '.join(SOURCE_ROLES)} tokens have a list of provinces")
         if self.source is not None and is_audit_source(self.source):
             raise ScopeError(f"source {self.source!r}: the prefix {AUDIT_SOURCE_PREFIX!r} is reserved for corrections")
 
@@ -93,7 +104,7 @@ class Caller:
         if self.province:
             return f"province:{self.province}"
         if self.source:
-            return f"producer:{self.source}"
+            return f"{self.role}:{self.source}"
         return self.role
 
     @property

@@ -29,9 +29,10 @@ number of statements (independent of the batch size) do the rest:
 5. store the new offsets, then add the net counter deltas in key order
    (including people_(fully_)vaccinated moving between provinces).
 
-AppointmentScheduled and CheckedIn are not stored at all: no figure depends on
-them, so neither their duplicates nor their voids need bookkeeping (and they
-are 40% of the traffic).
+AppointmentScheduled and CheckedIn (visits, 40% of the traffic) go to `visits`
+only, for the staff view of a scan and the citizen's record: no figure depends
+on them, so a duplicate is simply not inserted again (ON CONFLICT DO NOTHING)
+and a void of one only leaves its placeholder in `events`, which readers join.
 
 Why it is race-free under READ COMMITTED, with several workers at once
 -------------------------------------------------------------------------
@@ -82,7 +83,7 @@ from typing import Any
 import psycopg
 from psycopg import errors, sql
 
-from projections.counting import ALLOCATION, DOSE, READ_ERRORS, REGISTRATION, figure_view
+from projections.counting import ADVERSE, ALLOCATION, DOSE, READ_ERRORS, REGISTRATION, figure_view, micros
 
 RETRYABLE = (errors.DeadlockDetected, errors.SerializationFailure)
 MAX_ATTEMPTS = 8
@@ -130,7 +131,7 @@ CREATE TABLE IF NOT EXISTS {ns}.events (
     etype smallint,
     province text,
     occurred_at timestamptz,
-    subject_id text,           -- doses only
+    subject_id text,           -- doses and adverse events
     vaccine text,              -- doses and allocations
     dose_number smallint,
     site_id text,
@@ -141,6 +142,30 @@ CREATE TABLE IF NOT EXISTS {ns}.events (
     voided_by uuid             -- the RecordVoided that voided it
 );
 CREATE INDEX IF NOT EXISTS events_doses_by_subject ON {ns}.events (subject_id) WHERE etype = 3;
+-- Added with the health book (issue 17): a dose's lot number, which a certificate carries. Rows
+-- projected before have none until a replay rebuilds them.
+ALTER TABLE {ns}.events ADD COLUMN IF NOT EXISTS lot text;
+CREATE INDEX IF NOT EXISTS events_adverse_by_subject ON {ns}.events (subject_id) WHERE etype = 4;
+-- The voided doses, which the certificates' revocation list starts from (few, so a small index).
+CREATE INDEX IF NOT EXISTS events_voided_doses ON {ns}.events (event_id) WHERE etype = 3 AND voided_by IS NOT NULL;
+
+-- Appointments (kind 1) and check-ins (kind 2): what staff see when they scan a
+-- health-book code, and part of the citizen's record. No figure depends on them,
+-- so a duplicate is just not inserted again; a void of one leaves its placeholder
+-- in `events` (voided_by set), which readers join against.
+CREATE TABLE IF NOT EXISTS {ns}.visits (
+    event_id uuid PRIMARY KEY,
+    kind smallint NOT NULL,
+    subject_id text NOT NULL,
+    province text NOT NULL,
+    site_id text NOT NULL,
+    appointment_id text,
+    occurred_at timestamptz NOT NULL,
+    slot_start timestamptz,
+    slot_end timestamptz,
+    dose_number smallint
+);
+CREATE INDEX IF NOT EXISTS visits_by_subject ON {ns}.visits (subject_id);
 
 -- Per-subject dose state, a function of the subject's valid doses. The row is
 -- also the lock that serialises changes to one subject.
@@ -183,7 +208,11 @@ TEMP_SQL = """
 CREATE TEMP TABLE IF NOT EXISTS _p_facts (
     event_id uuid, etype smallint, province text, occurred_us bigint, subject_id text,
     vaccine text, dose_number smallint, site_id text, flag boolean, amount bigint,
-    allocation_id text, recipient text
+    allocation_id text, recipient text, lot text
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS _p_visits (
+    event_id uuid, kind smallint, subject_id text, province text, site_id text, appointment_id text,
+    occurred_us bigint, slot_start_us bigint, slot_end_us bigint, dose_number smallint
 ) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS _p_voids (target uuid, void_id uuid) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS _p_changes (
@@ -195,8 +224,11 @@ CREATE TEMP TABLE IF NOT EXISTS _p_people (province text, figure text, delta int
 
 FACT_COLUMNS = (
     "event_id, etype, province, occurred_us, subject_id, vaccine, dose_number, site_id, "
-    "flag, amount, allocation_id, recipient"
+    "flag, amount, allocation_id, recipient, lot"
 )
+VISIT_COLUMNS = "event_id, kind, subject_id, province, site_id, appointment_id, occurred_us, slot_start_us, slot_end_us, dose_number"
+APPOINTMENT, CHECK_IN = 1, 2
+VISITS = {"AppointmentScheduled": APPOINTMENT, "CheckedIn": CHECK_IN}
 
 LOCK_TRACKING_SQL = """
 INSERT INTO {ns}.tracking AS t (consumer_group, topic, partition, "offset")
@@ -212,15 +244,16 @@ RETURNING t.topic, t.partition, t."offset"
 UPSERT_FACTS_SQL = """
 WITH up AS (
     INSERT INTO {ns}.events AS e (event_id, etype, province, occurred_at, subject_id, vaccine,
-                                  dose_number, site_id, flag, amount, allocation_id, recipient)
+                                  dose_number, site_id, flag, amount, allocation_id, recipient, lot)
     SELECT event_id, etype, province, timestamptz 'epoch' + occurred_us * interval '1 microsecond',
-           subject_id, vaccine, dose_number, site_id, flag, amount, allocation_id, recipient
+           subject_id, vaccine, dose_number, site_id, flag, amount, allocation_id, recipient, lot
     FROM _p_facts ORDER BY event_id
     ON CONFLICT (event_id) DO UPDATE SET
         etype = excluded.etype, province = excluded.province, occurred_at = excluded.occurred_at,
         subject_id = excluded.subject_id, vaccine = excluded.vaccine,
         dose_number = excluded.dose_number, site_id = excluded.site_id, flag = excluded.flag,
-        amount = excluded.amount, allocation_id = excluded.allocation_id, recipient = excluded.recipient
+        amount = excluded.amount, allocation_id = excluded.allocation_id, recipient = excluded.recipient,
+        lot = excluded.lot
     WHERE e.etype IS NULL
     RETURNING e.voided_by IS NULL AS live, e.etype, e.province, e.vaccine, e.dose_number, e.flag, e.amount,
               e.subject_id, e.event_id, e.occurred_at
@@ -244,7 +277,7 @@ WITH up AS (
 INSERT INTO _p_changes (sign, etype, province, vaccine, dose_number, flag, amount, subject_id)
 SELECT -1, etype, province, vaccine, dose_number, flag, amount, subject_id FROM up
 WHERE etype IS NOT NULL
-RETURNING subject_id
+RETURNING CASE WHEN etype = 3 THEN subject_id END
 """
 
 # New valid doses merge into a subject's state without reading its other
@@ -369,6 +402,17 @@ ORDER BY province, figure, key
 ON CONFLICT (province, figure, key) DO UPDATE SET value = c.value + excluded.value
 """
 
+INSERT_VISITS_SQL = """
+INSERT INTO {ns}.visits (event_id, kind, subject_id, province, site_id, appointment_id, occurred_at,
+                         slot_start, slot_end, dose_number)
+SELECT event_id, kind, subject_id, province, site_id, appointment_id,
+       timestamptz 'epoch' + occurred_us * interval '1 microsecond',
+       timestamptz 'epoch' + slot_start_us * interval '1 microsecond',
+       timestamptz 'epoch' + slot_end_us * interval '1 microsecond', dose_number
+FROM _p_visits ORDER BY event_id
+ON CONFLICT (event_id) DO NOTHING
+"""
+
 STORE_TRACKING_SQL = """
 UPDATE {ns}.tracking AS t SET "offset" = k.off
 FROM unnest(%(topics)s::text[], %(partitions)s::int[], %(offsets)s::bigint[]) AS k(topic, partition, off)
@@ -384,7 +428,7 @@ def _format(template: str, ns: str) -> str:
 
 
 def _prepare(messages: Sequence[tuple[str, int, int, Mapping[str, Any] | None]]) -> list[tuple]:
-    """One entry per message: (key, offset, event_id, fact_row, void_row, dose_subject).
+    """One entry per message: (key, offset, event_id, fact_row, void_row, dose_subject, visit_row).
 
     Independent of the database, so a retried transaction reuses it. Raises
     InvalidEvent before anything is written. What an event contributes is
@@ -396,55 +440,49 @@ def _prepare(messages: Sequence[tuple[str, int, int, Mapping[str, Any] | None]])
     for topic, partition, offset, ev in messages:
         key = (topic, partition)
         if ev is None:  # consumed but nothing to apply (e.g. dead-lettered)
-            append((key, offset, None, None, None, None))
+            append((key, offset, None, None, None, None, None))
             continue
         try:
             event_id, _, kind, target, _, prov, us, subject, vaccine, number, flag, amount = view(ev)
             if not kind:
-                # A void; or AppointmentScheduled, CheckedIn (or a type added later): no
-                # figure depends on those, so they are not stored, and neither their
-                # duplicates nor their voids need bookkeeping.
-                append((key, offset, event_id, None, (target, event_id) if target else None, None))
+                # A void; an appointment or check-in (a visit: no figure depends on it, so its
+                # duplicates and voids need no bookkeeping); or a type added later.
+                visit = _visit_row(ev, event_id, prov, us, subject)
+                append((key, offset, event_id, None, (target, event_id) if target else None, None, visit))
                 continue
             p = ev["payload"]
             if kind == DOSE:
-                row = (event_id, DOSE, prov, us, subject, vaccine, number, p["site_id"], None, None, None, None)
-                append((key, offset, event_id, row, None, subject))
+                row = (
+                    event_id, DOSE, prov, us, subject, vaccine, number, p["site_id"], None, None, None, None,
+                    p.get("lot_number"),
+                )  # fmt: skip
+                append((key, offset, event_id, row, None, subject, None))
                 continue
             if kind == ALLOCATION:
                 row = (
-                    event_id,
-                    kind,
-                    prov,
-                    us,
-                    None,
-                    vaccine,
-                    None,
-                    None,
-                    None,
-                    amount,
-                    p["allocation_id"],
-                    p["recipient"],
-                )
-            else:  # a declaration (flag: symptoms), registration, adverse event (flag: serious)
+                    event_id, kind, prov, us, None, vaccine, None, None, None, amount, p["allocation_id"],
+                    p["recipient"], None,
+                )  # fmt: skip
+            else:  # a declaration (flag: symptoms), registration, adverse event (flag: serious; its subject)
                 row = (
-                    event_id,
-                    kind,
-                    prov,
-                    us,
-                    None,
-                    None,
-                    None,
-                    None,
-                    bool(flag) if kind != REGISTRATION else None,
-                    None,
-                    None,
-                    None,
-                )
-            append((key, offset, event_id, row, None, None))
+                    event_id, kind, prov, us, subject or None if kind == ADVERSE else None, None, None, None,
+                    bool(flag) if kind != REGISTRATION else None, None, None, None, None,
+                )  # fmt: skip
+            append((key, offset, event_id, row, None, None, None))
         except READ_ERRORS as e:
             raise InvalidEvent(topic, partition, offset, f"{type(e).__name__}: {e}") from e
     return out
+
+
+def _visit_row(ev: Mapping[str, Any], event_id: str, prov: str, us: int, subject: str) -> tuple | None:
+    visit = VISITS.get(ev["event_type"])
+    if visit is None or not subject:
+        return None
+    p = ev["payload"]
+    if visit == APPOINTMENT:
+        start, end = micros(p["slot_start"]), micros(p["slot_end"])
+        return (event_id, visit, subject, prov, p["site_id"], p["appointment_id"], us, start, end, p["dose_number"])
+    return (event_id, visit, subject, prov, p["site_id"], p.get("appointment_id"), us, None, None, None)
 
 
 # -- connections -----------------------------------------------------------------
@@ -530,6 +568,7 @@ class Projector:
                 "recompute": RECOMPUTE_SUBJECTS_SQL,
                 "counters": APPLY_COUNTERS_SQL,
                 "store_tracking": STORE_TRACKING_SQL,
+                "insert_visits": INSERT_VISITS_SQL,
                 "positions": f'SELECT topic, partition, "offset" FROM {ns}.tracking WHERE consumer_group = %s',
                 "all_positions": f'SELECT topic, partition, max("offset") FROM {ns}.tracking GROUP BY 1, 2',
             }.items()
@@ -634,7 +673,8 @@ class Projector:
         dose_subjects: set[str] = set()
         seen: set[str] = set()
         skipped = in_batch_dups = applicable = 0
-        for key, offset, event_id, row, void, subject in prepared:
+        visits: list[tuple] = []
+        for key, offset, event_id, row, void, subject, visit in prepared:
             if offset <= stored[key]:
                 skipped += 1
                 continue
@@ -655,6 +695,8 @@ class Projector:
                 target, void_id = void
                 if target not in voids or void_id < voids[target]:
                     voids[target] = void_id
+            elif visit is not None:
+                visits.append(visit)
 
         if not new_offsets:
             return BatchResult(0, skipped, 0)
@@ -668,6 +710,12 @@ class Projector:
                     write(row)
             cur.execute(q["upsert_facts"])
             not_new = len(facts) - cur.rowcount
+        if visits:
+            with cur.copy(f"COPY _p_visits ({VISIT_COLUMNS}) FROM STDIN") as copy:
+                write = copy.write_row
+                for row in visits:
+                    write(row)
+            cur.execute(q["insert_visits"])
         retracted: set[str] = set()
         if voids:
             with cur.copy("COPY _p_voids (target, void_id) FROM STDIN") as copy:

@@ -104,44 +104,95 @@ def _iso(t: datetime) -> str:
     return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+_RECORD_SQL = """
+SELECT 'dose', event_id, occurred_at, province, site_id, vaccine, dose_number, lot, NULL, NULL::timestamptz,
+       NULL::timestamptz, voided_by IS NOT NULL
+FROM {ns}.events WHERE subject_id = %(s)s AND etype = 3
+UNION ALL
+SELECT CASE WHEN flag THEN 'serious' ELSE 'adverse' END, event_id, occurred_at, province, NULL, NULL, NULL, NULL,
+       NULL, NULL, NULL, false
+FROM {ns}.events WHERE subject_id = %(s)s AND etype = 4 AND voided_by IS NULL
+UNION ALL
+SELECT CASE WHEN v.kind = 1 THEN 'appointment' ELSE 'check-in' END, v.event_id, v.occurred_at, v.province,
+       v.site_id, NULL, v.dose_number, NULL, v.appointment_id, v.slot_start, v.slot_end, false
+FROM {ns}.visits v LEFT JOIN {ns}.events x ON x.event_id = v.event_id
+WHERE v.subject_id = %(s)s AND x.voided_by IS NULL
+ORDER BY 3, 2
+"""
+
+
 def citizen_record(conn: psycopg.Connection, namespace: str, subject_id: str) -> dict[str, Any] | None:
-    """One subject's valid doses, by (occurred_at, event_id); None if no dose of theirs was ever seen."""
-    rows = conn.execute(
-        sql.SQL(
-            "SELECT event_id, occurred_at, province, vaccine, dose_number, site_id, voided_by IS NOT NULL "
-            "FROM {}.events WHERE subject_id = %s AND etype = 3 ORDER BY occurred_at, event_id"
-        ).format(_ns(namespace)),
-        (subject_id,),
-    ).fetchall()
+    """One subject's valid doses, appointments, check-ins and adverse events, each by (time, event_id);
+    None if nothing of theirs was ever seen. Voided items are left out (voided doses are counted)."""
+    rows = conn.execute(sql.SQL(_RECORD_SQL).format(ns=_ns(namespace)), {"s": subject_id}).fetchall()
     if not rows:
         return None
     # One statement, one snapshot: the state is derived here from the same rows
     # (it equals the subjects row, which is the same function of them).
-    doses = [r[:6] for r in rows if not r[6]]
-    voided = len(rows) - len(doses)
-    province = doses[0][2] if doses else None
-    first_dose = doses[0][0] if doses else None
-    fully = len(doses) >= 2 or any(d[3] == "janssen" for d in doses)
+    by_kind: dict[str, list[tuple]] = {}
+    for r in rows:
+        by_kind.setdefault(r[0], []).append(r)
+    all_doses = by_kind.get("dose", [])
+    doses = [r for r in all_doses if not r[11]]
+    first = doses[0] if doses else None
+    fully = len(doses) >= 2 or any(d[5] == "janssen" for d in doses)
     return {
         "subject_id": subject_id,
         "doses": [
             {
-                "event_id": str(e),
-                "occurred_at": _iso(t),
-                "province_code": p,
-                "vaccine": v,
-                "dose_number": n,
-                "site_id": s,
+                "event_id": str(r[1]),
+                "occurred_at": _iso(r[2]),
+                "province_code": r[3],
+                "vaccine": r[5],
+                "dose_number": r[6],
+                "site_id": r[4],
+                "lot_number": r[7],
             }
-            for e, t, p, v, n, s in doses
+            for r in doses
         ],
         "valid_doses": len(doses),
-        "voided_doses": voided,
+        "voided_doses": len(all_doses) - len(doses),
         "vaccinated": bool(doses),
         "fully_vaccinated": fully,
         # where people_vaccinated counts this subject: the earliest valid dose's province
-        "counted_in_province": province,
-        "earliest_dose_event_id": str(first_dose) if first_dose else None,
+        "counted_in_province": first[3] if first else None,
+        "earliest_dose_event_id": str(first[1]) if first else None,
+        "appointments": [
+            {
+                "event_id": str(r[1]),
+                "appointment_id": r[8],
+                "site_id": r[4],
+                "province_code": r[3],
+                "slot_start": _iso(r[9]),
+                "slot_end": _iso(r[10]),
+                "dose_number": r[6],
+            }
+            for r in by_kind.get("appointment", [])
+        ],
+        "check_ins": [
+            {
+                "event_id": str(r[1]),
+                "occurred_at": _iso(r[2]),
+                "site_id": r[4],
+                "province_code": r[3],
+                "appointment_id": r[8],
+            }
+            for r in by_kind.get("check-in", [])
+        ],
+        "adverse_events": len(by_kind.get("adverse", [])) + len(by_kind.get("serious", [])),
+        "serious_adverse_events": [
+            {"event_id": str(r[1]), "occurred_at": _iso(r[2]), "province_code": r[3]}
+            for r in by_kind.get("serious", [])
+        ],
+    }
+
+
+def record_provinces(record: Mapping[str, Any]) -> set[str]:
+    """The provinces where anything of the record happened: a province reads the records it has a part in."""
+    return {
+        item["province_code"]
+        for part in ("doses", "appointments", "check_ins", "serious_adverse_events")
+        for item in record[part]
     }
 
 

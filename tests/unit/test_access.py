@@ -29,7 +29,7 @@ def test_each_role_has_the_rights_of_the_issue():
         ({"role": "national", "province": "79"}, "exactly one province"),
         ({"role": "producer", "provinces": frozenset({"79"})}, "names its source"),
         ({"role": "producer", "source": "s"}, "names the provinces"),
-        ({"role": "national", "provinces": frozenset({"79"})}, "only a producer"),
+        ({"role": "national", "provinces": frozenset({"79"})}, "only producer and site"),
         ({"role": "producer", "source": "audit:x", "provinces": frozenset({"79"})}, "reserved for corrections"),
     ],
 )

@@ -65,7 +65,7 @@ def test_figure_view_is_the_projectors(pair):
     _, record = pair
     shaped = shape([(0, 7, record)], {})
     try:
-        ((_, _, event_id, row, void, _),) = _prepare([(TOPIC_EVENTS, 0, 7, record)])
+        ((_, _, event_id, row, void, _, _),) = _prepare([(TOPIC_EVENTS, 0, 7, record)])
     except InvalidEvent:
         assert shaped.skipped == 1 and shaped[0] == []
         return
@@ -78,7 +78,7 @@ def test_figure_view_is_the_projectors(pair):
             assert voids[event_id][0] == void[0]
         return
     fact = Fact(*facts[event_id])
-    _, kind, province, us, subject, vaccine, number, _, flag, amount, _, _ = row
+    _, kind, province, us, subject, vaccine, number, _, flag, amount, _, _, _ = row
     assert (fact.kind, fact.province, fact.t_ms) == (kind, province, us // 1000)
     assert fact.flag == (1 if flag else 0) and fact.amount == (amount or 0)
     if kind == DOSE:
