@@ -19,6 +19,7 @@ from rich.table import Table
 from infra.process import ServiceError
 from infra.settings import ConfigError, get_settings
 from nhdp.console import console, err, progress_bar
+from nhdp.healthbook_cli import add_parsers as add_healthbook_parsers
 from nhdp.publish import cmd_simulate
 from nhdp.tokens_cli import add_parsers as add_token_parsers
 from schemas.log import log_end
@@ -409,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--nhdp-data", help=argparse.SUPPRESS)  # the process manager's marker
     api.set_defaults(fn=cmd_api)
     add_token_parsers(sub)
+    add_healthbook_parsers(sub)
     return p
 
 

@@ -2,7 +2,9 @@
 
 Stack up → simulation published → wait until the projections hold every
 event (consumer lag 0) → the API's figures beside the simulator's own
-independent figures → the API keeps serving until Ctrl-C, which stops the stack.
+independent figures → one citizen's health-book QR, check-in by scan and
+verified certificate (nhdp/demo_healthbook.py) → the API keeps serving until
+Ctrl-C, which stops the stack.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from infra.settings import Settings
-from nhdp import stack
+from nhdp import demo_healthbook, stack
 from nhdp.publish import cmd_simulate
 from projections.postgres.tracking import consumer_lag
 from schemas.api_auth import issue_token
@@ -130,10 +132,12 @@ def run(settings: Settings, console: Console, args: Namespace) -> int:
     else:
         console.print(f"[yellow]analytics not ready: {answer.json().get('error')}[/]")
 
+    certified = demo_healthbook.run(settings, console, sim_args.scenario, args.seed, args.scale)
+
     console.print(
         f"\nAPI serving at [bold]{settings.api_url}[/] (docs: {settings.api_url}/docs). Ctrl-C stops the stack."
     )
-    failed = bool(mismatches) and not mixed
+    failed = (bool(mismatches) and not mixed) or not certified
     if args.no_wait:
         return 1 if failed else 0
     stop = threading.Event()

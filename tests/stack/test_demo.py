@@ -25,6 +25,10 @@ def test_demo_publishes_the_hcmc_campaign_and_every_figure_matches(clean_stack):
     assert "every figure equals the simulator's independent computation" in out
     assert "projections caught up" in out
     assert clean_stack.api_url in out
+    # one citizen's health book: QR saved, scanned in, certificate saved and verified from its PNG
+    assert "scanned at site" in out and "VALID certificate URN:UVCI:01:VN:" in out, out
+    assert (clean_stack.data_dir / "demo" / "health-book-qr.png").stat().st_size > 0
+    assert (clean_stack.data_dir / "demo" / "certificate.png").stat().st_size > 0
 
     # Run twice: the same campaign again is duplicates only, and still exact.
     again = subprocess.run(
@@ -35,4 +39,4 @@ def test_demo_publishes_the_hcmc_campaign_and_every_figure_matches(clean_stack):
         timeout=600,
     )
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "every figure equals" in again.stdout
+    assert "every figure equals" in again.stdout and "VALID certificate" in again.stdout
