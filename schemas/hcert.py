@@ -8,8 +8,9 @@ doses (a voided dose is neither certified nor counted). It is sealed as
 schemas/cose_tokens.py does: COSE_Sign1 ES256, zlib, Base45, `HC1:`.
 
 Our vaccines map onto the EU value sets through their encoding instructions
-(ehn-dcc-valuesets `vaccine-encoding-instructions.json`): every vaccine of the
-catalog has an entry there except `unknown`, which is never certified. Doses
+(ehn-dcc-valuesets `vaccine-encoding-instructions.json`): every vaccine the edge
+accepts has an entry there; `unknown` (what an Avro reader makes of a vaccine
+added to the catalog after it) is refused until it gets one. Doses
 recorded as `astrazeneca` are certified as Vaxzevria; Vietnam also received
 Covishield (SII's AstraZeneca vaccine, its own EU code), which the event
 catalog does not tell apart.

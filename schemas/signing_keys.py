@@ -44,6 +44,7 @@ KEY_VALIDITY = timedelta(days=730)
 # HCERT spec §5.1: a DSC may restrict what it signs by extended key usage; 1.3.6.1.4.1.1847.2021.1.2 is vaccination.
 HCERT_VACCINATION_EKU = ObjectIdentifier("1.3.6.1.4.1.1847.2021.1.2")
 _REFRESH_S = 1.0  # an unknown kid makes the ring re-read the table at most this often
+_STALE_S = 2.0  # how long a rotation by another process may take to reach this one's signing
 
 DDL = """
 CREATE SCHEMA IF NOT EXISTS certs;
@@ -128,7 +129,7 @@ class KeyRing:
         self._lock = threading.Lock()
         self._keys: dict[bytes, PublicKey] = {}
         self._private: dict[bytes, ec.EllipticCurvePrivateKey] = {}
-        self._read_at = 0.0
+        self._read_at = float("-inf")
 
     # -- the table ---------------------------------------------------------------------------
     def ensure(self, conn: psycopg.Connection) -> None:
@@ -146,7 +147,7 @@ class KeyRing:
     def keys(self, purpose: str, *, refresh: bool = False) -> list[PublicKey]:
         """Every key of the purpose, oldest first (expired ones included)."""
         with self._lock:
-            if refresh or not self._read_at:
+            if refresh or time.monotonic() - self._read_at >= _STALE_S:
                 self._read()
             return [k for k in self._keys.values() if k.purpose == purpose]
 

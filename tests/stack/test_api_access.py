@@ -35,6 +35,8 @@ CALLERS = {
     "auditor": ("auditor", {}),
     "producer": ("producer", {"source": SITE, "provinces": ["79"]}),
     "admin": ("admin", {}),
+    "site": ("site", {"source": SITE, "provinces": ["79"]}),
+    "citizen_app": ("citizen_app", {}),
 }
 # the columns of EXPECTED, in CALLERS' order
 ROLES = list(CALLERS)
@@ -47,7 +49,9 @@ def world(stack_settings):
     dose = valid_event("DoseAdministered", cid=cid)
     assert post(stack_settings, [dose]).json()["accepted"] == 1
     wait_caught_up(stack_settings)
-    return {"subject": subject_of(stack_settings, cid), "dose": dose}
+    with api(stack_settings, "citizen_app") as app:
+        code = app.post("/v1/health-book/qr", json={"citizen_id": cid}).json()["token"]
+    return {"subject": subject_of(stack_settings, cid), "dose": dose, "cid": cid, "code": code}
 
 
 def _headers(settings, who: str) -> dict[str, str]:
@@ -59,24 +63,29 @@ def _token_body() -> dict:
     return {"name": "table-test", "role": "national", "ttl": "5m"}
 
 
-#            path                                         none nat  p79  p01  aud  prod adm
+#            path                                         none nat  p79  p01  aud  prod adm  site app
 EXPECTED = [
-    ("GET", "/v1/national/summary", None, (401, 200, 403, 403, 200, 403, 200)),
-    ("GET", "/v1/provinces", None, (401, 200, 403, 403, 200, 403, 200)),
-    ("GET", "/v1/provinces/79/summary", None, (401, 200, 200, 403, 200, 403, 200)),
-    ("GET", "/v1/provinces/79/summary?as_of=2030-01-01T00:00:00Z", None, (401, 200, 200, 403, 200, 403, 200)),
-    ("GET", "/v1/national/summary?as_of=2030-01-01T00:00:00Z", None, (401, 200, 403, 403, 200, 403, 200)),
-    ("GET", "/v1/analytics/doses?group_by=province", None, (401, 200, 200, 200, 200, 403, 200)),
-    ("GET", "/v1/analytics/doses?province=01", None, (401, 200, 403, 200, 200, 403, 200)),
-    ("GET", "/v1/analytics/coverage?by=province", None, (401, 200, 200, 200, 200, 403, 200)),
-    ("GET", "/v1/analytics/coverage?by=region", None, (401, 200, 403, 403, 200, 403, 200)),
-    ("GET", "/v1/citizens/{subject}/record", None, (401, 200, 200, 403, 200, 403, 200)),
-    ("POST", "/v1/events", "events", (401, 403, 403, 403, 200, 200, 200)),
-    ("GET", "/metrics", None, (401, 200, 403, 403, 200, 403, 200)),
-    ("GET", "/v1/access-log", None, (401, 403, 403, 403, 200, 403, 200)),
-    ("POST", "/v1/tokens", "token", (401, 403, 403, 403, 403, 403, 201)),
-    ("GET", "/healthz", None, (200,) * 7),
-    ("GET", "/docs", None, (200,) * 7),
+    ("GET", "/v1/national/summary", None, (401, 200, 403, 403, 200, 403, 200, 403, 403)),
+    ("GET", "/v1/provinces", None, (401, 200, 403, 403, 200, 403, 200, 403, 403)),
+    ("GET", "/v1/provinces/79/summary", None, (401, 200, 200, 403, 200, 403, 200, 403, 403)),
+    ("GET", "/v1/provinces/79/summary?as_of=2030-01-01T00:00:00Z", None, (401, 200, 200, 403, 200, 403, 200, 403, 403)),
+    ("GET", "/v1/national/summary?as_of=2030-01-01T00:00:00Z", None, (401, 200, 403, 403, 200, 403, 200, 403, 403)),
+    ("GET", "/v1/analytics/doses?group_by=province", None, (401, 200, 200, 200, 200, 403, 200, 403, 403)),
+    ("GET", "/v1/analytics/doses?province=01", None, (401, 200, 403, 200, 200, 403, 200, 403, 403)),
+    ("GET", "/v1/analytics/coverage?by=province", None, (401, 200, 200, 200, 200, 403, 200, 403, 403)),
+    ("GET", "/v1/analytics/coverage?by=region", None, (401, 200, 403, 403, 200, 403, 200, 403, 403)),
+    ("GET", "/v1/citizens/{subject}/record", None, (401, 200, 200, 403, 200, 403, 200, 403, 403)),
+    ("POST", "/v1/events", "events", (401, 403, 403, 403, 200, 200, 200, 200, 403)),
+    ("GET", "/metrics", None, (401, 200, 403, 403, 200, 403, 200, 403, 403)),
+    ("GET", "/v1/access-log", None, (401, 403, 403, 403, 200, 403, 200, 403, 403)),
+    ("POST", "/v1/tokens", "token", (401, 403, 403, 403, 403, 403, 201, 403, 403)),
+    ("POST", "/v1/health-book/qr", "citizen", (401, 403, 403, 403, 403, 403, 403, 403, 200)),
+    ("POST", "/v1/certificates", "certificate", (401, 403, 403, 403, 403, 403, 403, 403, 200)),
+    ("POST", "/v1/checkins", "checkin", (401, 403, 403, 403, 403, 403, 403, 200, 403)),
+    ("GET", "/v1/trust-list", None, (200,) * 9),  # public: any verifier, offline afterwards
+    ("GET", "/v1/certificates/revoked", None, (200,) * 9),  # public, as the EU DCC revocation lists
+    ("GET", "/healthz", None, (200,) * 9),
+    ("GET", "/docs", None, (200,) * 9),
 ]
 
 
@@ -85,7 +94,14 @@ def test_each_role_gets_exactly_its_rights_on_each_endpoint(stack_settings, worl
     url = stack_settings.api_url + path.format(subject=world["subject"])
     got = {}
     for who in ROLES:
-        payload = {"events": [valid_event()], "token": _token_body(), None: None}[body]
+        payload = {
+            "events": [valid_event()],
+            "token": _token_body(),
+            "citizen": {"citizen_id": world["cid"]},
+            "certificate": {"citizen_id": world["cid"], "family_name": "Lê", "date_of_birth": "1990-01-02"},
+            "checkin": {"code": world["code"], "site_id": "79-760-0001", "province_code": "79"},
+            None: None,
+        }[body]
         resp = httpx.request(method, url, json=payload, headers=_headers(stack_settings, who), timeout=60)
         got[who] = resp.status_code
         if resp.status_code == 401:

@@ -9,7 +9,9 @@ read back through a consumer (the segments may hold compressed batches
 table outside the system databases, and the files under its data folder; and, for
 good measure, every other file of the stack's data folder (service logs included).
 Positive controls show each search can see what is there: the subject_ids of the same
-citizens are found in the decoded records and in the dump.
+citizens are found in the decoded records and in the dump. The health book is used too:
+one citizen gets a QR code, is scanned in, and gets a certificate under a family name that
+carries a needle, so a name or a national id that the certificate path kept anywhere is found.
 
 The settings' refusal of the public development secret outside the local stack
 needs no service: tests/unit/test_personal_data.py.
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import post, subject_of, valid_event, wait_caught_up
+from tests.helpers import SOURCE, api, post, subject_of, valid_event, wait_caught_up
 
 pytestmark = pytest.mark.stack
 
@@ -151,9 +153,36 @@ def kafka_records(settings):
         consumer.close()
 
 
+def use_the_health_book(settings, needles: Needles, name_needle: str) -> None:
+    """A health-book code, a scan and a certificate for a known citizen, the certificate under a family
+    name that carries a needle: a name is used only to sign, so it too must be found nowhere."""
+    cid = needles.ids[0]
+    with api(settings, "citizen_app") as app:
+        code = app.post("/v1/health-book/qr", json={"citizen_id": cid})
+        assert code.status_code == 200 and not needles.find(code.content), code.text
+        cert = app.post(
+            "/v1/certificates",
+            json={
+                "citizen_id": cid,
+                "family_name": f"Trần {name_needle}",
+                "given_name": "Thị",
+                "date_of_birth": "1970",
+            },
+        )
+        assert cert.status_code == 200, cert.text
+    with api(settings, "site", source=SOURCE, provinces=["79"]) as site:
+        scan = site.post(
+            "/v1/checkins", json={"code": code.json()["token"], "site_id": "79-760-0001", "province_code": "79"}
+        )
+        assert scan.status_code == 200 and not needles.find(scan.content), scan.text
+
+
 def test_no_national_id_reaches_kafka_postgres_or_clickhouse(stack_settings, tmp_path):
-    needles = Needles(16)
+    needles = Needles(17)
+    name_needle = needles.ids.pop()  # in the needles' set, published as no citizen's id: a name's
     subjects = publish_known_citizens(stack_settings, needles)
+    wait_caught_up(stack_settings)
+    use_the_health_book(stack_settings, needles, name_needle)
     wait_caught_up(stack_settings)
     data_dir = stack_settings.data_dir
 
