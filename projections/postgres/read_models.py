@@ -240,12 +240,34 @@ _EVENT_COLUMNS = (
     "amount",
     "allocation_id",
     "recipient",
+    "lot",
 )
 _EVENT_DIFF = """
 SELECT coalesce(a.event_id, b.event_id), {a_cols}, a.voided_by IS NOT NULL, {b_cols}, b.voided_by IS NOT NULL
 FROM (SELECT * FROM {a}.events WHERE etype IS NOT NULL) a
 FULL JOIN (SELECT * FROM {b}.events WHERE etype IS NOT NULL) b USING (event_id)
 WHERE ({a_cols}, a.voided_by IS NOT NULL) IS DISTINCT FROM ({b_cols}, b.voided_by IS NOT NULL)
+ORDER BY 1
+LIMIT %(limit)s
+"""
+
+
+# Appointments and check-ins: each one's content (a void of one shows in the events diff, as its placeholder).
+_VISIT_COLUMNS = (
+    "kind",
+    "subject_id",
+    "province",
+    "site_id",
+    "appointment_id",
+    "occurred_at",
+    "slot_start",
+    "slot_end",
+    "dose_number",
+)
+_VISIT_DIFF = """
+SELECT coalesce(a.event_id, b.event_id), {a_cols}, {b_cols}
+FROM {a}.visits a FULL JOIN {b}.visits b USING (event_id)
+WHERE ({a_cols}) IS DISTINCT FROM ({b_cols})
 ORDER BY 1
 LIMIT %(limit)s
 """
@@ -259,7 +281,7 @@ def diff_namespaces(conn: psycopg.Connection, a: str, b: str, limit: int = 1000)
     """Differences between the projections of namespaces a and b, one line each.
 
     Compares every counter (per province and figure), every subject's dose
-    state and every stored fact (content and voided or not). Offsets are not
+    state, every stored fact (content and voided or not) and every visit. Offsets are not
     compared: a replay runs under its own consumer group. At most `limit`
     lines per kind of row.
     """
@@ -296,4 +318,15 @@ def diff_namespaces(conn: psycopg.Connection, a: str, b: str, limit: int = 1000)
             continue
         parts = [f"{name}: {a}={x} {b}={y}" for name, x, y in zip((*_EVENT_COLUMNS, "voided"), ea, eb) if x != y]
         out.append(f"event {eid} " + "; ".join(parts))
+
+    cols_a = sql.SQL(", ").join(sql.SQL("a.") + sql.Identifier(c) for c in _VISIT_COLUMNS)
+    cols_b = sql.SQL(", ").join(sql.SQL("b.") + sql.Identifier(c) for c in _VISIT_COLUMNS)
+    n = len(_VISIT_COLUMNS)
+    for eid, *vals in conn.execute(sql.SQL(_VISIT_DIFF).format(a_cols=cols_a, b_cols=cols_b, **ids), {"limit": limit}):
+        va, vb = vals[:n], vals[n:]
+        if va[0] is None or vb[0] is None:
+            out.append(f"visit {eid}: missing in {a if va[0] is None else b}")
+        else:
+            parts = [f"{name}: {a}={x} {b}={y}" for name, x, y in zip(_VISIT_COLUMNS, va, vb) if x != y]
+            out.append(f"visit {eid} " + "; ".join(parts))
     return out

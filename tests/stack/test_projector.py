@@ -483,6 +483,31 @@ def test_void_of_void_and_of_unknown_change_nothing(proj, conn):
     assert projected(conn, proj.namespace) == {}
 
 
+def test_the_record_keeps_visits_lots_and_serious_adverse_events_voids_honoured(proj, conn):
+    """What a scan at a site shows: appointments and check-ins (once each, a voided one left out), a dose's lot,
+    serious adverse events; none of them moves a figure."""
+    d = dose("hb", "79")
+    kept, voided = appointment("79", "hb"), appointment("79", "hb")
+    voided["payload"] = voided["payload"] | {"appointment_id": "a2"}
+    check_in = _event("CheckedIn", "79", "hb", {"site_id": "site-1", "appointment_id": "a1"}, 5)
+    serious, mild = adverse("79", "serious", "hb"), adverse("79", "mild", "hb")
+    feed = Feed(proj)
+    feed.apply([d, kept, void(voided), check_in, serious, mild])
+    feed.apply([voided, check_in, kept], partition=1)  # late target of a void, and re-deliveries
+    record = read_models.citizen_record(conn, proj.namespace, "hb")
+    assert [a["appointment_id"] for a in record["appointments"]] == ["a1"]
+    assert [c["event_id"] for c in record["check_ins"]] == [check_in["event_id"]]
+    assert record["check_ins"][0]["appointment_id"] == "a1" and record["doses"][0]["lot_number"] == "L1"
+    assert record["adverse_events"] == 2 and [e["event_id"] for e in record["serious_adverse_events"]] == [
+        serious["event_id"]
+    ]
+    feed.apply([void(serious), void(check_in)])
+    record = read_models.citizen_record(conn, proj.namespace, "hb")
+    assert record["serious_adverse_events"] == [] and record["check_ins"] == [] and record["adverse_events"] == 1
+    subjects = conn.execute(f"SELECT subject_id, valid_doses FROM {proj.namespace}.subjects").fetchall()
+    assert subjects == [("hb", 1)]  # voids of an adverse event or a visit touch no subject's dose state
+
+
 def test_two_voids_of_one_target(proj, conn):
     d = dose("a", "79")
     feed = Feed(proj)
@@ -565,6 +590,7 @@ def test_citizen_record(proj, conn):
             "vaccine": "moderna",
             "dose_number": 1,
             "site_id": "site-3",
+            "lot_number": "L1",
         },
         {
             "event_id": d2["event_id"],
@@ -573,6 +599,7 @@ def test_citizen_record(proj, conn):
             "vaccine": "moderna",
             "dose_number": 2,
             "site_id": "site-9",
+            "lot_number": "L1",
         },
     ]
     assert rec["valid_doses"] == 2 and rec["voided_doses"] == 1 and rec["fully_vaccinated"]
@@ -848,6 +875,7 @@ def test_recomputation_waits_for_a_concurrent_dose(proj, conn, dsn):
 
 def test_diff_namespaces_names_a_corrupted_row(dsn, conn):
     events = [dose("abc123", "79", 1), dose("abc123", "79", 2, number=2), registration("01"), allocation("79", 10)]
+    events.append(appointment("79", "abc123"))
     a, b = Projector(dsn, new_namespace()), Projector(dsn, new_namespace())
     try:
         for p in (a, b):
@@ -867,12 +895,16 @@ def test_diff_namespaces_names_a_corrupted_row(dsn, conn):
             f"UPDATE {b.namespace}.events SET voided_by = gen_random_uuid() WHERE event_id = %s",
             (events[2]["event_id"],),
         )
+        conn.execute(
+            f"UPDATE {b.namespace}.visits SET site_id = 'elsewhere' WHERE event_id = %s", (events[4]["event_id"],)
+        )
         diff = read_models.diff_namespaces(conn, a.namespace, b.namespace)
+        assert f"visit {events[4]['event_id']} site_id: {a.namespace}=site-1 {b.namespace}=elsewhere" in diff
         assert f"province 79 doses_administered: {a.namespace}=2 {b.namespace}=1" in diff
         assert f"national doses_administered: {a.namespace}=2 {b.namespace}=1" in diff
         assert f"subject abc123 valid_doses: {a.namespace}=2 {b.namespace}=1" in diff
         assert f"event {events[2]['event_id']} voided: {a.namespace}=False {b.namespace}=True" in diff
-        assert len(diff) == 4
+        assert len(diff) == 5
     finally:
         a.drop_schema()
         b.drop_schema()
