@@ -55,10 +55,6 @@ def _error(status: int, message: str, **extra: Any) -> ORJSONResponse:
     return ORJSONResponse({"error": message, **extra}, status_code=status, headers=headers)
 
 
-def _refused(exc: Refused) -> ORJSONResponse:
-    return _error(400, exc.message, reason=exc.reason)
-
-
 def _keys(request: Request) -> KeyRing:
     return request.app.state.keyring
 

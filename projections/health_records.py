@@ -18,15 +18,15 @@ it without importing this layer.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from typing import Any
 
 from projections.postgres import read_models
 from projections.postgres.tracking import next_offsets
+from schemas.hcert import VIETNAM_TIME as LOCAL_TIME  # "today" at a Vietnamese site
 from schemas.topics import TOPIC_EVENTS
 
 NAMESPACE = "proj"
-LOCAL_TIME = timezone(timedelta(hours=7))  # "today" at a Vietnamese site
 
 DDL = """
 CREATE SCHEMA IF NOT EXISTS certs;

@@ -29,6 +29,7 @@ import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
 
+from schemas.bounds import HCM_OFFSET_S
 from schemas.cose_tokens import EXP, IAT, ISS, Refused, check_times, open_signed, seal
 from schemas.signing_keys import PublicKey
 
@@ -40,7 +41,7 @@ COUNTRY = "VN"
 ISSUER = "Ministry of Health of Viet Nam"
 TTL = timedelta(days=365)
 COVID_19 = "840539006"  # SNOMED CT, the EU value set disease-agent-targeted
-VIETNAM_TIME = timezone(timedelta(hours=7))  # dt is the local date of vaccination; no daylight saving
+VIETNAM_TIME = timezone(timedelta(seconds=HCM_OFFSET_S))  # dt is the local date of vaccination
 _UVCI_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
