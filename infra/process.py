@@ -250,6 +250,14 @@ def _exited(proc: psutil.Process, timeout_s: float) -> bool:
         time.sleep(0.05)
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write a marker file that a reader never sees empty or half-written: another process polls for it
+    (a ready file) and reads it as soon as it exists, which `write_text` creates before it writes."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def started_at(pid: int) -> int | None:
     """The process's start in clock ticks since boot (/proc/PID/stat, field 22), or None if it is gone.
 

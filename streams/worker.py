@@ -36,6 +36,7 @@ import faust
 from prometheus_client import Counter, Histogram
 from psycopg_pool import ConnectionPool
 
+from infra.process import write_atomically
 from infra.settings import KAFKA_SASL_MECHANISM, Settings, get_settings
 from projections.faults import apply_isolating
 from projections.postgres.projector import Projector
@@ -161,7 +162,7 @@ def create_app(
             finally:
                 watchdog.cancel()
         if ready_file is not None:
-            ready_file.write_text(str(sorted(tp.partition for tp in assigned)))
+            write_atomically(ready_file, str(sorted(tp.partition for tp in assigned)))
 
     busy = asyncio.Lock()
 

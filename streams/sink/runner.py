@@ -17,6 +17,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
+from infra.process import write_atomically
 from infra.settings import Settings
 from projections.clickhouse.connect import open_store
 from projections.clickhouse.shaping import Shaped
@@ -121,7 +122,7 @@ class Runner:
         if self._paused:
             consumer.pause(assigned)
         if self.ready_file is not None:
-            self.ready_file.write_text(json.dumps(sorted(tp.partition for tp in assigned)))
+            write_atomically(self.ready_file, json.dumps(sorted(tp.partition for tp in assigned)))
 
     def _on_revoke(self, _consumer, _revoked) -> None:
         self._buffer.clear()
@@ -168,7 +169,7 @@ class Runner:
                 if self.ready_file is not None and not self.ready_file.exists():
                     # Up: ClickHouse migrated, Kafka reached. Partitions may come later (a departed
                     # member's session has to expire first); the listener records them when they do.
-                    self.ready_file.write_text("[]")
+                    write_atomically(self.ready_file, "[]")
                 if self._buffer and first_at is None:
                     first_at = time.monotonic()
                 full = len(self._buffer) >= self.batch_rows
