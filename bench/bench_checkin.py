@@ -435,6 +435,50 @@ def api_process(settings):
 # -- 3+4. the measured run ------------------------------------------------------------------------
 
 
+class CpuTimeline:
+    """About every second, the cores each platform process tree used (psutil, /proc), beside the whole
+    machine's: to see which process was busy when the latency rose."""
+
+    def __init__(self, roots: dict[str, int]):
+        self.roots, self.samples = roots, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _cpu(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, pid in self.roots.items():
+            try:
+                root = psutil.Process(pid)
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for proc in procs:
+                with contextlib.suppress(psutil.Error):
+                    t = proc.cpu_times()
+                    out[name] = out.get(name, 0.0) + t.user + t.system
+        out["machine"] = busy_seconds(psutil.cpu_times())
+        return out
+
+    def _loop(self) -> None:
+        t0 = t_last = time.monotonic()
+        last = self._cpu()
+        while not self._stop.wait(1.0):
+            now, t = self._cpu(), time.monotonic()
+            # cores over the interval (reading ~25 process trees stretches it); a new process from its first sample
+            cores = {k: round((v - last.get(k, v)) / (t - t_last), 2) for k, v in now.items()}
+            self.samples.append({"t": round(t - t0, 1), **cores})
+            last, t_last = now, t
+
+    def start(self) -> CpuTimeline:
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[dict]:
+        self._stop.set()
+        self._thread.join()
+        return self.samples
+
+
 def busy_seconds(t) -> float:
     """CPU seconds the whole machine was not idle (psutil.cpu_times(): all cores)."""
     gone = t.idle + getattr(t, "iowait", 0.0) + getattr(t, "steal", 0.0)  # steal: the hypervisor ran others
@@ -479,11 +523,12 @@ def measure(settings, args, citizens: list[dict], tokens: dict[str, str], bars) 
         client_meter = CpuMeter(clients).start()
         metered_from = time.perf_counter()
         t0 = time.monotonic() + 0.5
+        cpu_timeline = CpuTimeline(platform_processes(settings) | clients).start()
         for s in scanners:
             s.go(t0)
         profilers = []
         if args.profile and api is not None and args.warmup >= 1:
-            profilers.append(py_spy(api.pid, args.profile / "api-warmup.txt", args.warmup))
+            profilers.append(py_spy(api.pid, args.profile / "api-warmup.txt", args.warmup, args.profile_rate))
         total_s = args.warmup + args.seconds
         task = bars.add_task(f"scans at {args.rate:g}/s offered", total=total_s, info="")
         hist_before = None
@@ -492,7 +537,7 @@ def measure(settings, args, citizens: list[dict], tokens: dict[str, str], bars) 
             if hist_before is None and now >= args.warmup:
                 hist_before = checkin_histogram(settings, tokens["national"])
                 if args.profile and api is not None:
-                    profilers.append(py_spy(api.pid, args.profile / "api.txt", args.seconds))
+                    profilers.append(py_spy(api.pid, args.profile / "api.txt", args.seconds, args.profile_rate))
             done = sum(s.progress.get("done", 0) for s in scanners)
             sent = sum(s.progress.get("sent", 0) for s in scanners)
             ok = sum(s.progress.get("ok", 0) for s in scanners)
@@ -506,6 +551,7 @@ def measure(settings, args, citizens: list[dict], tokens: dict[str, str], bars) 
         results = [s.wait() for s in scanners]
         hist_after = checkin_histogram(settings, tokens["national"])
         cpu = meter.stop()
+        cpu_by_second = cpu_timeline.stop()
         metered_s = time.perf_counter() - metered_from
         clients_cpu = client_meter.stop()
         load_after = os.getloadavg()
@@ -585,17 +631,19 @@ def measure(settings, args, citizens: list[dict], tokens: dict[str, str], bars) 
         "machine_busy_s": machine_busy,
         "others_cpu_s": machine_busy - sum(cpu.values()) - sum(clients_cpu.values()),
         "timeline": timeline,
+        "cpu_by_second": cpu_by_second,  # t: seconds since the scans' start (±0.5 s); cores per process
     }
 
 
-def py_spy(pid: int, output: Path, seconds: float) -> subprocess.Popen:
+def py_spy(pid: int, output: Path, seconds: float, rate: int) -> subprocess.Popen:
     """py-spy record of the API for `seconds`, every thread, idle ones too (waits are latency): collapsed
     stacks (`--format raw`), for a flame graph or a top-N. --profile DIR: DIR/api-warmup.txt for the
-    warm-up, DIR/api.txt for the measured window. 20 samples/s: the API has ~45 threads, and py-spy
-    at 97/s with --idle took so much of the 2 cores that the scans fell a minute behind."""
+    warm-up, DIR/api.txt for the measured window. Few samples a second (--profile-rate): the API has
+    ~45 threads, and py-spy at 97/s with --idle, or even 20/s with the background load, took enough of
+    the 2 cores that the scans fell a minute behind."""
     output.parent.mkdir(parents=True, exist_ok=True)
     spy = Path(sys.executable).with_name("py-spy")
-    cmd = [str(spy), "record", "--pid", str(pid), "--rate", "20", "--format", "raw", "--idle", "--threads"]
+    cmd = [str(spy), "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw", "--idle", "--threads"]
     cmd += ["--nonblocking", "--duration", str(int(seconds)), "--output", str(output)]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -755,6 +803,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--label", default=time.strftime("%Y-%m-%d %H:%M"))
     ap.add_argument("--save", type=Path, help="write the run as JSON")
     ap.add_argument("--profile", type=Path, help="py-spy record the API over the measured window, into this folder")
+    ap.add_argument("--profile-rate", type=int, default=3, help="py-spy samples per second and thread")
     # a scan process (started by this benchmark)
     ap.add_argument("--scan-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--codes", help=argparse.SUPPRESS)
