@@ -17,7 +17,6 @@ from pathlib import Path
 
 import httpx
 import orjson
-from cryptography import x509
 from rich.markup import escape
 from rich.table import Table
 
@@ -25,7 +24,7 @@ from infra.settings import get_settings
 from nhdp.console import console, err
 from schemas import hcert, qr
 from schemas.cose_tokens import Refused
-from schemas.signing_keys import PURPOSES, KeyRing, PublicKey, kid_of
+from schemas.signing_keys import PURPOSES, KeyRing, PublicKey
 
 
 def _ring() -> KeyRing:
@@ -79,13 +78,8 @@ def cmd_trust_list_save(args) -> int:
 
 def trusted_keys(trust_list: dict) -> dict[bytes, PublicKey]:
     """The keys of a served trust list, each kid recomputed from its certificate (a list cannot mislabel one)."""
-    keys = {}
-    for entry in trust_list.get("keys", []):
-        der = base64.b64decode(entry["certificate"])
-        cert = x509.load_der_x509_certificate(der)
-        key = PublicKey(kid_of(der), "hcert", der, cert.not_valid_before_utc, cert.not_valid_after_utc)
-        keys[key.kid] = key
-    return keys
+    keys = [PublicKey.from_der(base64.b64decode(e["certificate"]), "hcert") for e in trust_list.get("keys", [])]
+    return {key.kid: key for key in keys}
 
 
 def certificate_text(source: str) -> str:

@@ -64,7 +64,8 @@ def _qr_answer(text: str, fmt: Format, body: dict[str, Any]) -> Response:
         return Response(qr.png(text), media_type="image/png")
     if fmt == "svg":
         return Response(qr.svg(text), media_type="image/svg+xml")
-    return ORJSONResponse(body | {"qr": qr.describe(text) | {"png": base64.b64encode(qr.png(text)).decode()}})
+    about, png = qr.described_png(text)
+    return ORJSONResponse(body | {"qr": about | {"png": base64.b64encode(png).decode()}})
 
 
 # -- the citizen's code ---------------------------------------------------------------------------

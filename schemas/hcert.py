@@ -173,7 +173,8 @@ def verify(text: str, key_for, now: int, revoked: frozenset[str] | set[str] = fr
     key_for(kid): the trusted hcert key of that id, or None (a trust list)."""
     key, claims = open_signed(PREFIX, text, key_for)
     iat, exp = check_times(claims, key, now)
-    dcc = (claims.get(CLAIM_HCERT) or {}).get(1) if isinstance(claims.get(CLAIM_HCERT), dict) else None
+    container = claims.get(CLAIM_HCERT)
+    dcc = container.get(1) if isinstance(container, dict) else None
     if not isinstance(dcc, dict) or not isinstance(dcc.get("v"), list) or len(dcc["v"]) != 1:
         raise Refused("claims", "the certificate carries no EU DCC vaccination payload (-260/1 with one v entry)")
     ci = dcc["v"][0].get("ci")

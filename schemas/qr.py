@@ -32,10 +32,13 @@ def svg(text: str, scale: int = 4) -> str:
     return buf.getvalue().decode()
 
 
-def describe(text: str) -> dict:
-    """Its QR version and mode: how big the printed code is."""
+def described_png(text: str, scale: int = 4) -> tuple[dict, bytes]:
+    """(its QR version, mode, error level and length: how big the printed code is; the PNG), one symbol made."""
     symbol = _symbol(text)
-    return {"version": symbol.version, "mode": symbol.mode, "error": symbol.error, "characters": len(text)}
+    buf = io.BytesIO()
+    symbol.save(buf, kind="png", scale=scale, border=4)
+    about = {"version": symbol.version, "mode": symbol.mode, "error": symbol.error, "characters": len(text)}
+    return about, buf.getvalue()
 
 
 def read(image: Path | bytes) -> list[str]:

@@ -76,6 +76,12 @@ class PublicKey:
     not_before: datetime
     not_after: datetime
 
+    @classmethod
+    def from_der(cls, der: bytes, purpose: str) -> PublicKey:
+        """The key a certificate holds, its kid recomputed and its validity read from the certificate itself."""
+        cert = x509.load_der_x509_certificate(der)
+        return cls(kid_of(der), purpose, der, cert.not_valid_before_utc, cert.not_valid_after_utc)
+
     @property
     def certificate(self) -> x509.Certificate:
         return x509.load_der_x509_certificate(self.der)
@@ -159,21 +165,20 @@ class KeyRing:
         now = now or datetime.now(UTC)
         private = ec.generate_private_key(ec.SECP256R1())
         der = new_certificate(private, purpose, now)
-        kid = kid_of(der)
+        key = PublicKey.from_der(der, purpose)
         pem = private.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        self.secrets.put(_secret_name(purpose, kid), pem.decode())
-        cert = x509.load_der_x509_certificate(der)
+        self.secrets.put(_secret_name(purpose, key.kid), pem.decode())
         with psycopg.connect(self.url, autocommit=True) as conn:
             self.ensure(conn)
             conn.execute(
                 "INSERT INTO certs.keys (kid, purpose, der, not_before, not_after) VALUES (%s, %s, %s, %s, %s)",
-                (kid, purpose, der, cert.not_valid_before_utc, cert.not_valid_after_utc),
+                (key.kid, purpose, der, key.not_before, key.not_after),
             )
         with self._lock:
             self._read()
-        return self._keys[kid]
+        return self._keys[key.kid]
 
     # -- signing -----------------------------------------------------------------------------
     def signer(self, purpose: str, lifetime: timedelta) -> tuple[PublicKey, ec.EllipticCurvePrivateKey]:

@@ -474,6 +474,13 @@ def _prepare(messages: Sequence[tuple[str, int, int, Mapping[str, Any] | None]])
     return out
 
 
+def _copy(cur: psycopg.Cursor, statement: str, rows) -> None:
+    with cur.copy(statement) as copy:
+        write = copy.write_row
+        for row in rows:
+            write(row)
+
+
 def _visit_row(ev: Mapping[str, Any], event_id: str, prov: str, us: int, subject: str) -> tuple | None:
     visit = VISITS.get(ev["event_type"])
     if visit is None or not subject:
@@ -704,23 +711,15 @@ class Projector:
         cur.execute(TEMP_SQL)
         not_new = 0
         if facts:
-            with cur.copy(f"COPY _p_facts ({FACT_COLUMNS}) FROM STDIN") as copy:
-                write = copy.write_row
-                for row in facts:
-                    write(row)
+            _copy(cur, f"COPY _p_facts ({FACT_COLUMNS}) FROM STDIN", facts)
             cur.execute(q["upsert_facts"])
             not_new = len(facts) - cur.rowcount
         if visits:
-            with cur.copy(f"COPY _p_visits ({VISIT_COLUMNS}) FROM STDIN") as copy:
-                write = copy.write_row
-                for row in visits:
-                    write(row)
+            _copy(cur, f"COPY _p_visits ({VISIT_COLUMNS}) FROM STDIN", visits)
             cur.execute(q["insert_visits"])
         retracted: set[str] = set()
         if voids:
-            with cur.copy("COPY _p_voids (target, void_id) FROM STDIN") as copy:
-                for item in voids.items():
-                    copy.write_row(item)
+            _copy(cur, "COPY _p_voids (target, void_id) FROM STDIN", voids.items())
             cur.execute(q["upsert_voids"])
             retracted = {s for (s,) in cur.fetchall() if s is not None}
         if dose_subjects or retracted:

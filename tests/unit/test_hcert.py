@@ -13,14 +13,13 @@ from pathlib import Path
 
 import base45
 import pytest
-from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from projections.health_records import matching_appointment, staff_view
 from schemas import hcert, healthbook
 from schemas.cose_tokens import Refused
 from schemas.models import VACCINES
-from schemas.signing_keys import PublicKey, kid_of, new_certificate
+from schemas.signing_keys import PublicKey, new_certificate
 from tests import hcert_spec
 
 EU_DCC = Path(__file__).parent.parent / "data" / "eu-dcc"
@@ -29,9 +28,7 @@ SUBJECT = "ab" * 32
 
 def make_key(purpose: str, now: datetime | None = None) -> tuple[PublicKey, ec.EllipticCurvePrivateKey]:
     private = ec.generate_private_key(ec.SECP256R1())
-    der = new_certificate(private, purpose, now or datetime.now(UTC))
-    cert = x509.load_der_x509_certificate(der)
-    return PublicKey(kid_of(der), purpose, der, cert.not_valid_before_utc, cert.not_valid_after_utc), private
+    return PublicKey.from_der(new_certificate(private, purpose, now or datetime.now(UTC)), purpose), private
 
 
 @pytest.mark.parametrize(
