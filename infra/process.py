@@ -222,7 +222,7 @@ class Managed:
             proc.send_signal(getattr(signal, self.stop_signal_name))
             if not _exited(proc, self.stop_timeout_s):
                 proc.kill()
-                _exited(proc, 5)
+                _exited(proc, 30)  # SIGKILL cannot be ignored, but a process in disk wait dies late
             # The service's own children (postgres backends, worker threads' helpers)
             # were started in its session; take down any straggler with it.
             _kill_session(pid)

@@ -47,8 +47,25 @@ def supervised():
     with stack.private("supervision") as settings:
         yield settings, supervisors
         supervisors.append(stack.supervisor_service(settings).pid())
-    alive = [pid for pid in supervisors if pid is not None and psutil.pid_exists(pid)]
+    alive = [described(pid) for pid in set(supervisors) if pid is not None and running(pid)]
     assert not alive, f"stack.private() left the supervisor running: {alive}"
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie: one that has exited but whose parent (this process, which started it)
+    has not reaped it yet still has its pid (CI saw this once after `down`)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def described(pid: int) -> str:
+    try:
+        proc = psutil.Process(pid)
+        return f"{pid} {proc.status()} {' '.join(proc.cmdline())[:200]}"
+    except psutil.Error as e:
+        return f"{pid} ({e})"
 
 
 def test_killed_worker_sink_and_api_come_back_ready_and_counted(supervised):
@@ -98,7 +115,7 @@ def test_down_stops_the_supervisor_first_and_nothing_comes_back(supervised):
     assert supervisor is not None
     stopped = stack.down(settings)
     assert stopped[0] == "supervisor" and {"registry", "worker", "sink", "api", "kafka"} <= set(stopped), stopped
-    assert not psutil.pid_exists(supervisor)
+    assert not running(supervisor), described(supervisor)
     time.sleep(3)  # six polls, had a supervisor survived
     assert processes_of(settings) == []
     assert all(r["state"] in ("down", "embedded") for r in stack.status(settings)), stack.status(settings)
