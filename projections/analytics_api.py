@@ -37,11 +37,17 @@ from projections.clickhouse.remote import AnalyticsUnavailable, RemoteAnalytics,
 from projections.clickhouse.store import AnalyticsStoreError
 from schemas.access import Right
 from schemas.api_auth import Authenticated, forbidden
+from schemas.reference import DEFAULT_SCHEME, UnknownScheme, scheme_of
 
 router = APIRouter(tags=["analytics"])
 _lock = threading.Lock()
 
 RETRY_AFTER_S = 1
+SCHEME = Query(
+    None,
+    description="provincial units: 2008 (the default, the 63 codes events carry) or 2025 (the 34 units of "
+    "Resolution 202/2025/QH15; people counted once per unit, in the unit of their earliest dose)",
+)
 WAIT = Query(
     None,
     ge=0,
@@ -55,6 +61,18 @@ TIMEOUT_EXCEEDED, TOO_SLOW, TOO_MANY_ROWS = 159, 160, 158  # ClickHouse's error 
 def _error(status: int, message: str) -> ORJSONResponse:
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
     return ORJSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def checked_scheme(who, value: str | None) -> str | ORJSONResponse:
+    """The request's scheme of provincial units, or its 400 answer; 403 for a province principal asking
+    for 2025's, which add other provinces' figures to its own 2008 unit's."""
+    try:
+        scheme = scheme_of(value)
+    except UnknownScheme as exc:
+        return _error(400, f"scheme: {exc}")
+    if scheme != DEFAULT_SCHEME and not who.has(Right.READ_ALL):
+        raise forbidden(who, Right.READ_ALL, f"figures in the {scheme} units, which combine several 2008 provinces")
+    return scheme
 
 
 def open_analytics(settings: Settings, cls: type[Analytics] = Analytics) -> Analytics | RemoteAnalytics:
@@ -166,16 +184,30 @@ async def doses(
     group_by: str | None = Query(None, description="comma-separated subset of province, day, vaccine, dose_number"),
     from_: str | None = Query(None, alias="from", description="first local day (Asia/Ho_Chi_Minh), YYYY-MM-DD"),
     to: str | None = Query(None, description="last local day, inclusive, YYYY-MM-DD"),
-    province: str | None = Query(None, description="comma-separated province codes"),
+    province: str | None = Query(None, description="comma-separated province codes (of the scheme)"),
     wait: float | None = WAIT,
+    scheme: str | None = SCHEME,
+    as_of: str | None = Query(None, description="RFC 3339; doses and voids that occurred before it"),
 ):
+    if isinstance(scheme := checked_scheme(who, scheme), ORJSONResponse):
+        return scheme
     if not who.has(Right.READ_ALL):
         if not who.has(Right.READ_PROVINCE):
             raise forbidden(who, Right.READ_ALL, "analytics")
         if province not in (None, who.province):
             raise forbidden(who, Right.READ_ALL, f"analytics of provinces other than {who.province}")
         province = who.province  # filtered to its own
-    return await call(request, "doses", wait=wait, group_by=group_by, from_=from_, to=to, province=province)
+    return await call(
+        request,
+        "doses",
+        wait=wait,
+        group_by=group_by,
+        from_=from_,
+        to=to,
+        province=province,
+        scheme=scheme,
+        as_of=as_of,
+    )
 
 
 @router.get("/v1/analytics/coverage", summary="Coverage against 2019 population, ranked against the nation")
@@ -185,8 +217,11 @@ async def coverage(
     by: str = Query("province", description="province or region"),
     as_of: str | None = Query(None, description="RFC 3339; events before it"),
     wait: float | None = WAIT,
+    scheme: str | None = SCHEME,
 ):
     shape = None
+    if isinstance(scheme := checked_scheme(who, scheme), ORJSONResponse):
+        return scheme
     if not who.has(Right.READ_ALL):
         if not who.has(Right.READ_PROVINCE):
             raise forbidden(who, Right.READ_ALL, "analytics")
@@ -197,4 +232,4 @@ async def coverage(
             # its own row, ranked against the nation as before; the national aggregate stays
             return answer | {"rows": [r for r in answer["rows"] if r.get("province_code") == code]}
 
-    return await call(request, "coverage", wait=wait, shape=shape, by=by, as_of=as_of)
+    return await call(request, "coverage", wait=wait, shape=shape, by=by, as_of=as_of, scheme=scheme)

@@ -29,7 +29,7 @@ from schemas.api_auth import Authenticated, forbidden, require
 from schemas.ids import is_subject_id
 from schemas.log import GroupPositions, LogEnds
 from schemas.log import lag as log_lag
-from schemas.reference import provinces
+from schemas.reference import provinces, units, unknown_unit
 from schemas.topics import ANALYTICS_GROUP, TOPIC_EVENTS
 
 NAMESPACE = "proj"
@@ -137,7 +137,17 @@ def q(request: Request) -> Queries:
 
 
 @router.get("/v1/national/summary", summary="Every figure of DESIGN §4 for the nation", response_model=dict[str, Any])
-async def national(request: Request, _: ReadAll, as_of: str | None = None, wait: float | None = analytics_api.WAIT):
+async def national(
+    request: Request,
+    who: ReadAll,
+    as_of: str | None = None,
+    wait: float | None = analytics_api.WAIT,
+    scheme: str | None = analytics_api.SCHEME,
+):
+    if isinstance(
+        checked := analytics_api.checked_scheme(who, scheme), Response
+    ):  # the nation is the same under either
+        return checked
     if as_of is not None:
         return await analytics_api.call(request, "national_summary", wait=wait, as_of=as_of)
     queries = q(request)
@@ -146,31 +156,48 @@ async def national(request: Request, _: ReadAll, as_of: str | None = None, wait:
     )
 
 
-@router.get("/v1/provinces", summary="The summaries of all 63 provinces", response_model=list[dict[str, Any]])
+@router.get(
+    "/v1/provinces", summary="The summaries of every province (63, or 34 with scheme=2025)", response_model=list[dict]
+)
 async def all_provinces(
-    request: Request, _: ReadAll, as_of: str | None = None, wait: float | None = analytics_api.WAIT
+    request: Request,
+    who: ReadAll,
+    as_of: str | None = None,
+    wait: float | None = analytics_api.WAIT,
+    scheme: str | None = analytics_api.SCHEME,
 ):
+    if isinstance(checked := analytics_api.checked_scheme(who, scheme), Response):
+        return checked
     if as_of is not None:
-        return await analytics_api.call(request, "all_provinces", wait=wait, as_of=as_of)
+        return await analytics_api.call(request, "all_provinces", wait=wait, as_of=as_of, scheme=checked)
     queries = q(request)
     return await q(request).live.get(
-        ("provinces",), lambda: queries.run_fresh(read_models.all_provinces, queries.populations)
+        ("provinces", checked),
+        lambda: queries.run_fresh(read_models.all_provinces, queries.populations, checked),
     )
 
 
 @router.get("/v1/provinces/{code}/summary", summary="Every figure of DESIGN §4 for one province")
 async def province(
-    code: str, request: Request, who: Authenticated, as_of: str | None = None, wait: float | None = analytics_api.WAIT
+    code: str,
+    request: Request,
+    who: Authenticated,
+    as_of: str | None = None,
+    wait: float | None = analytics_api.WAIT,
+    scheme: str | None = analytics_api.SCHEME,
 ):
     if not who.may_read_province(code):
         raise forbidden(who, Right.READ_ALL, f"province {code}'s summary")
-    if code not in provinces():
-        return _error(404, f"unknown province code {code!r}; codes are the 63 two-digit 2008 codes, e.g. 01, 79")
+    if isinstance(checked := analytics_api.checked_scheme(who, scheme), Response):
+        return checked
+    if code not in units(checked):
+        return _error(404, unknown_unit(code, checked))
     if as_of is not None:
-        return await analytics_api.call(request, "province_summary", wait=wait, code=code, as_of=as_of)
+        return await analytics_api.call(request, "province_summary", wait=wait, code=code, as_of=as_of, scheme=checked)
     queries = q(request)
     return await q(request).live.get(
-        ("province", code), lambda: queries.run_fresh(read_models.province_summary, code, queries.populations)
+        ("province", code, checked),
+        lambda: queries.run_fresh(read_models.province_summary, code, queries.populations, checked),
     )
 
 

@@ -190,6 +190,17 @@ async def post_token(request: Request, body: Annotated[TokenRequest, Body()], _:
     return {"token": issued.token, "jti": issued.jti, "expires_at": issued.expires_at.isoformat()}
 
 
+@router.get("/v1/me", summary="Who this token is: its role, scope and rights (the dashboard adapts to it)")
+async def me(who: Authenticated):
+    return {
+        "name": who.name,
+        "role": who.role,
+        "province": who.province,
+        "rights": sorted(r.value for r in who.rights),
+        "expires_at": datetime.fromtimestamp(who.expires_at, UTC).isoformat() if who.expires_at < 1e12 else None,
+    }
+
+
 @router.delete("/v1/tokens/{jti}", summary="Revoke a token before it expires (admin)")
 async def delete_token(jti: str, request: Request, _: Admin):
     def run() -> bool:

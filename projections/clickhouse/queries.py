@@ -13,7 +13,16 @@ from projections.clickhouse.schema import FULLY, HCM, HOUR_MS, NEVER_MS, PEOPLE,
 from projections.clickhouse.store import AnalyticsStore, AnalyticsStoreError
 from projections.counting import ADVERSE, ALLOCATION, DECLARATION, DOSE, REGISTRATION
 from projections.postgres import read_models
-from schemas.reference import provinces
+from schemas.reference import (
+    DEFAULT_SCHEME,
+    UnknownScheme,
+    fold,
+    provinces,
+    scheme_of,
+    unit_of,
+    units,
+    unknown_unit,
+)
 
 GROUP_BY = ("province", "day", "vaccine", "dose_number")
 
@@ -219,34 +228,62 @@ class Analytics:
         population = sum(pops.values())
         return {"population": population, **read_models._summary(total, population)}
 
-    def province_summary(self, code: str, as_of: str | None = None) -> dict[str, Any]:
-        if code not in provinces():
-            raise ParameterError(
-                "code", f"unknown province code {code!r}; codes are the 63 two-digit 2008 codes, e.g. 01, 79"
-            )
-        values = self._values(as_of, (code,)).get(code, {})
-        return read_models._province_dict(code, values, _populations())
+    def province_summary(self, code: str, as_of: str | None = None, scheme: str | None = None) -> dict[str, Any]:
+        scheme = _scheme(scheme)
+        unit = units(scheme).get(code)
+        if unit is None:
+            raise ParameterError("code", unknown_unit(code, scheme))
+        values = fold(self._values(as_of, unit.parts), scheme).get(code, {})
+        return read_models._province_dict(code, values, _populations(), scheme)
 
-    def all_provinces(self, as_of: str | None = None) -> list[dict[str, Any]]:
-        by_province = self._values(as_of)
+    def all_provinces(self, as_of: str | None = None, scheme: str | None = None) -> list[dict[str, Any]]:
+        scheme = _scheme(scheme)
+        by_unit = fold(self._values(as_of), scheme)
         pops = _populations()
-        return [read_models._province_dict(code, by_province.get(code, {}), pops) for code in sorted(pops)]
+        return [read_models._province_dict(code, by_unit.get(code, {}), pops, scheme) for code in units(scheme)]
 
     # -- doses grouped ----------------------------------------------------------------------
     def doses(
-        self, group_by: str | None = None, from_: str | None = None, to: str | None = None, province: str | None = None
+        self,
+        group_by: str | None = None,
+        from_: str | None = None,
+        to: str | None = None,
+        province: str | None = None,
+        scheme: str | None = None,
+        as_of: str | None = None,
     ) -> dict[str, Any]:
+        scheme = _scheme(scheme)
+        cut = cut_ms(parse_as_of(as_of))
         keys = _parse_group_by(group_by)
         first, last = parse_day("from", from_), parse_day("to", to)
         if first and last and first > last:
             raise ParameterError("from", f"{first} is after to={last}")
-        codes = _parse_provinces(province)
+        codes = _parse_provinces(province, scheme)
         cols = [_GROUP_COLUMN[k] for k in keys]
+        parts = codes
+        if scheme != DEFAULT_SCHEME:
+            # Events keep their 2008 codes: filter on a unit's parts and group by the unit, in
+            # ClickHouse, so that people are distinct across the parts (not a sum of them).
+            merged = units(scheme)
+            parts = None if codes is None else sorted(p for c in codes for p in merged[c].parts)
+            if "province" in keys:
+                into = unit_of(scheme)
+                cols[keys.index("province")] = _transform(
+                    "province_code", sorted(into), [into[o] for o in sorted(into)]
+                )
         # Grouped by day, a day's answer is one doses_daily row per group, as long as the
         # province filter is one province or the province is grouped (else people would
-        # have to be distinct across several provinces' rows).
-        by_day = "day" in keys and (codes is None or len(codes) == 1 or "province" in keys)
-        rows = self._run(lambda store: self._doses_rows(store, keys, cols, first, last, codes, by_day))
+        # have to be distinct across several provinces' rows), and the groups are 2008's.
+        # As of T (doses and voids that occurred before it, DESIGN §4), from `events` only.
+        by_day = (
+            "day" in keys
+            and cut == NEVER_MS
+            and (
+                (scheme == DEFAULT_SCHEME and (codes is None or len(codes) == 1 or "province" in keys))
+                or (scheme != DEFAULT_SCHEME and codes is None and "province" not in keys)
+            )
+        )
+        rows = self._run(lambda store: self._doses_rows(store, keys, cols, first, last, parts, by_day, cut=cut))
         out_rows = []
         for row in rows:
             item: dict[str, Any] = {}
@@ -260,6 +297,8 @@ class Analytics:
             "from": first.isoformat() if first else None,
             "to": last.isoformat() if last else None,
             "province": list(codes) if codes is not None else None,
+            "scheme": scheme,
+            "as_of": as_of,
             "rows": out_rows,
         }
 
@@ -273,6 +312,7 @@ class Analytics:
         codes: list[str] | None,
         by_day: bool,
         stale_days: Iterable[date] | None = None,
+        cut: int = NEVER_MS,
     ) -> list[tuple]:
         """(group columns..., doses, people) in group order: clean days from doses_daily,
         the rest (or everything, when not by_day) from `events`. `stale_days`: treat
@@ -314,6 +354,10 @@ class Analytics:
                 return sorted(rollup)
         where = ["kind = 3", "event_id NOT IN (SELECT target_id FROM voids)"]
         params = {}
+        if cut < NEVER_MS:
+            where[1] = "event_id NOT IN (SELECT target_id FROM voids WHERE occurred_ms < %(cut)s)"
+            where += ["hour < %(cut_hour)s", "toInt64(toUInt32(occurred_at)) * 1000 + occurred_ms < %(cut)s"]
+            params["cut"], params["cut_hour"] = cut, _dt(min(cut // HOUR_MS * 3600 + 3600, _FAR))
         if first:
             # day is local (UTC+7): the day starts at 17:00 UTC the day before
             where += ["hour >= %(from_hour)s", "day >= %(from)s"]
@@ -339,12 +383,19 @@ class Analytics:
         return sorted(rollup + raw) if rollup else raw
 
     # -- coverage ----------------------------------------------------------------------------
-    def coverage(self, by: str | None = "province", as_of: str | None = None) -> dict[str, Any]:
+    def coverage(
+        self, by: str | None = "province", as_of: str | None = None, scheme: str | None = None
+    ) -> dict[str, Any]:
+        scheme = _scheme(scheme)
         by = (by or "province").strip()
         if by not in COVERAGE_BY:
             raise ParameterError("by", f"{by!r} is not allowed; use one of: {', '.join(COVERAGE_BY)}")
-        by_province = self._values(as_of)
-        refs = provinces()
+        if by == "region" and scheme != DEFAULT_SCHEME:
+            raise ParameterError(
+                "by", "regions are groups of the 2008 units (seven 2025 units span two); use scheme=2008 with by=region"
+            )
+        by_province = fold(self._values(as_of), scheme)
+        refs = units(scheme)
         people: dict[str, list[int]] = {}
         for code, ref in refs.items():
             values = by_province.get(code, {})
@@ -392,7 +443,7 @@ class Analytics:
             row["full_rank"] = (
                 prev["full_rank"] if prev and prev["full_coverage_pct"] == row["full_coverage_pct"] else i + 1
             )
-        return {"by": by, "as_of": as_of, "national": national, "rows": rows}
+        return {"by": by, "as_of": as_of, "scheme": scheme, "national": national, "rows": rows}
 
     # -- state, for operators and for verify ------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -445,18 +496,28 @@ def _parse_group_by(group_by: str | Sequence[str] | None) -> list[str]:
     return keys
 
 
-def _parse_provinces(value: str | Sequence[str] | None) -> list[str] | None:
+def _parse_provinces(value: str | Sequence[str] | None, scheme: str = DEFAULT_SCHEME) -> list[str] | None:
     if value is None or value == "":
         return None
     items = value.split(",") if isinstance(value, str) else list(value)
     codes = [i.strip() for i in items if i.strip()]
-    bad = [c for c in codes if c not in provinces()]
+    bad = [c for c in codes if c not in units(scheme)]
     if bad:
-        raise ParameterError(
-            "province",
-            f"unknown province code(s) {', '.join(map(repr, bad))}; use the two-digit 2008 codes, e.g. 01,79",
-        )
+        raise ParameterError("province", unknown_unit(", ".join(map(repr, bad)), scheme, quoted=True))
     return sorted(set(codes))
+
+
+def _scheme(value: str | None) -> str:
+    try:
+        return scheme_of(value)
+    except UnknownScheme as exc:
+        raise ParameterError("scheme", str(exc)) from None
+
+
+def _transform(column: str, old: Sequence[str], new: Sequence[str]) -> str:
+    """A ClickHouse expression mapping column's values (codes: two digits, safe to inline)."""
+    assert all(re.fullmatch(r"\d\d", c) for c in [*old, *new])
+    return f"transform({column}, [{', '.join(repr(c) for c in old)}], [{', '.join(repr(c) for c in new)}], {column})"
 
 
 def region_of(code: str) -> str:

@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 
 from schemas.figures import FIGURES, KEYED_FIGURES, SCALAR_FIGURES
-from schemas.reference import provinces
+from schemas.reference import DEFAULT_SCHEME, fold, provinces, units
 
 
 def _ns(namespace: str) -> sql.Identifier:
@@ -49,12 +49,18 @@ def _summary(values: Mapping[tuple[str, str], int], population: int | None) -> d
     return {f: out[f] for f in FIGURES}
 
 
-def _province_dict(code: str, values: Mapping[tuple[str, str], int], pops: Mapping[str, int]) -> dict[str, Any]:
-    ref = provinces().get(code)
-    population = pops.get(code, ref.population if ref else None)
+def _province_dict(
+    code: str, values: Mapping[tuple[str, str], int], pops: Mapping[str, int], scheme: str = DEFAULT_SCHEME
+) -> dict[str, Any]:
+    """One unit's summary; its population is the sum of its 2008 parts' (pops is per 2008 code)."""
+    unit = units(scheme).get(code)
+    if unit is None:
+        population = pops.get(code)
+    else:
+        population = sum(pops.get(part, provinces()[part].population) for part in unit.parts)
     return {
         "province_code": code,
-        "name": ref.name_vi if ref else code,
+        "name": unit.name_vi if unit else code,
         "population": population,
         **_summary(values, population),
     }
@@ -73,22 +79,34 @@ def national_summary(
 
 
 def province_summary(
-    conn: psycopg.Connection, namespace: str, code: str, populations: Mapping[str, int] | None = None
+    conn: psycopg.Connection,
+    namespace: str,
+    code: str,
+    populations: Mapping[str, int] | None = None,
+    scheme: str = DEFAULT_SCHEME,
 ) -> dict[str, Any] | None:
-    """Every figure for one province; None for a code that is not a province."""
+    """Every figure for one unit of `scheme` (the sum of its 2008 parts); None for a code that is none."""
     pops = _populations(populations)
-    if code not in provinces() and code not in pops:
+    unit = units(scheme).get(code)
+    if unit is None and (scheme != DEFAULT_SCHEME or code not in pops):
         return None
+    parts = list(unit.parts) if unit else [code]
     rows = conn.execute(
-        sql.SQL("SELECT figure, key, value FROM {}.counters WHERE province = %s").format(_ns(namespace)), (code,)
+        sql.SQL(
+            "SELECT figure, key, sum(value)::bigint FROM {}.counters WHERE province = ANY(%s) GROUP BY figure, key"
+        ).format(_ns(namespace)),
+        (parts,),
     ).fetchall()
-    return _province_dict(code, {(f, k): v for f, k, v in rows}, pops)
+    return _province_dict(code, {(f, k): v for f, k, v in rows}, pops, scheme)
 
 
 def all_provinces(
-    conn: psycopg.Connection, namespace: str = "proj", populations: Mapping[str, int] | None = None
+    conn: psycopg.Connection,
+    namespace: str = "proj",
+    populations: Mapping[str, int] | None = None,
+    scheme: str = DEFAULT_SCHEME,
 ) -> list[dict[str, Any]]:
-    """The summary of every province (all 63, zeros where nothing happened), by code."""
+    """The summary of every unit of `scheme` (all of them, zeros where nothing happened), by code."""
     pops = _populations(populations)
     by_province: dict[str, dict[tuple[str, str], int]] = {}
     rows = conn.execute(
@@ -96,8 +114,9 @@ def all_provinces(
     ).fetchall()
     for province, figure, key, value in rows:
         by_province.setdefault(province, {})[(figure, key)] = value
-    codes = sorted(set(provinces()) | set(pops))
-    return [_province_dict(code, by_province.get(code, {}), pops) for code in codes]
+    by_unit = fold(by_province, scheme)
+    codes = sorted(set(units(scheme)) | (set(pops) if scheme == DEFAULT_SCHEME else set()))
+    return [_province_dict(code, by_unit.get(code, {}), pops, scheme) for code in codes]
 
 
 def _iso(t: datetime) -> str:

@@ -60,7 +60,8 @@ from projections.clickhouse.schema import HCM, MIGRATIONS, applied_versions, mig
 from projections.clickhouse.shaping import shape
 from projections.clickhouse.writer import Sink, SinkFenced, SubjectFilter
 from schemas.codec import Codec
-from schemas.reference import provinces, regions
+from schemas.figures import FIGURES
+from schemas.reference import provinces, regions, unit_of, units
 from schemas.registry_client import RegistryClient
 from schemas.topics import ANALYTICS_GROUP as GROUP
 from schemas.topics import TOPIC_EVENTS
@@ -187,6 +188,9 @@ def custom_events() -> dict[str, dict]:
     e["dose_b1"] = _dose("079099000003", 60, "79", "moderna", 1)
     e["dose_b2"] = _dose("079099000003", 300, "01", "moderna", 2)
     e["dose_b1_void"] = _void(e["dose_b1"], 360)  # the earliest dose voided: the person moves 79 → 01
+    # doses in two 2008 provinces of one 2025 unit (74 Bình Dương, 79 in unit 79): one person there under 2025
+    e["dose_c1"] = _dose("074099000005", 30, "74", "pfizer", 1)
+    e["dose_c2"] = _dose("074099000005", 200, "79", "pfizer", 2)
     e["decl"] = _ev(
         "HealthDeclarationSubmitted",
         120,
@@ -209,7 +213,7 @@ def custom_expected(minutes: float | None) -> dict[str, dict[str, int]]:
             "people_vaccinated": 0,
             "people_fully_vaccinated": 0,
         }
-        for code in ("01", "48", "79")
+        for code in ("01", "48", "74", "79")
     }
     out["01"]["registrations"] += alive(60, 180)
     out["48"]["declarations_with_symptoms"] += alive(120, 90)
@@ -217,6 +221,11 @@ def custom_expected(minutes: float | None) -> dict[str, dict[str, int]]:
     out["01"]["doses_administered"] += a + b2
     out["79"]["doses_administered"] += b1
     out["01"]["people_vaccinated"] += a
+    c1, c2 = alive(30, float("inf")), alive(200, float("inf"))
+    out["74"]["doses_administered"] += c1
+    out["79"]["doses_administered"] += c2
+    out["74"]["people_vaccinated"] += c1
+    out["74"]["people_fully_vaccinated"] += c1 and c2
     if b1:  # earliest counted dose of person b is b1 (79) while it counts, else b2 (01)
         out["79"]["people_vaccinated"] += 1
         out["79"]["people_fully_vaccinated"] += b2
@@ -256,7 +265,7 @@ def world():
         caught_up(settings)  # the void of dose_a is in both sinks before dose_a arrives
         publish(settings, [custom[k] for k in ("dose_a", "reg_void", "dose_b1", "decl_void", "decl")])
         caught_up(settings)
-        publish(settings, [custom["dose_b2"], custom["dose_b1_void"]])
+        publish(settings, [custom["dose_b2"], custom["dose_b1_void"], custom["dose_c1"], custom["dose_c2"]])
         caught_up(settings)
         yield world
     finally:
@@ -283,17 +292,25 @@ class ApiEngine:
     def national_summary(self, as_of=None):
         return self._get("/v1/national/summary", as_of=as_of)
 
-    def all_provinces(self, as_of=None):
-        return self._get("/v1/provinces", as_of=as_of)
+    def all_provinces(self, as_of=None, scheme=None):
+        return self._get("/v1/provinces", as_of=as_of, scheme=scheme)
 
-    def province_summary(self, code, as_of=None):
-        return self._get(f"/v1/provinces/{code}/summary", as_of=as_of)
+    def province_summary(self, code, as_of=None, scheme=None):
+        return self._get(f"/v1/provinces/{code}/summary", as_of=as_of, scheme=scheme)
 
-    def doses(self, group_by=None, from_=None, to=None, province=None):
-        return self._get("/v1/analytics/doses", group_by=group_by, **{"from": from_}, to=to, province=province)
+    def doses(self, group_by=None, from_=None, to=None, province=None, scheme=None, as_of=None):
+        return self._get(
+            "/v1/analytics/doses",
+            group_by=group_by,
+            **{"from": from_},
+            to=to,
+            province=province,
+            scheme=scheme,
+            as_of=as_of,
+        )
 
-    def coverage(self, by="province", as_of=None):
-        return self._get("/v1/analytics/coverage", by=by, as_of=as_of)
+    def coverage(self, by="province", as_of=None, scheme=None):
+        return self._get("/v1/analytics/coverage", by=by, as_of=as_of, scheme=scheme)
 
 
 @pytest.fixture(params=["clickhouse", "chdb"])
@@ -399,9 +416,13 @@ def test_chdb_owner_answers_other_processes_over_http(world):
 # -- analytics endpoints ---------------------------------------------------------------------------------
 
 
-def _pg_doses(settings: Settings, group_by: list[str], first, last, codes) -> list[dict]:
+def _pg_doses(settings: Settings, group_by: list[str], first, last, codes, scheme: str = "2008") -> list[dict]:
+    """PostgreSQL's valid doses grouped; under 2025 each 2008 code mapped to its unit in SQL, and people
+    distinct within the unit (not a sum of its parts)."""
+    into = unit_of(scheme)
+    unit = "CASE province " + " ".join(f"WHEN '{o}' THEN '{n}'" for o, n in sorted(into.items())) + " END"
     cols = {
-        "province": "province",
+        "province": unit,
         "day": "(occurred_at AT TIME ZONE 'Asia/Ho_Chi_Minh')::date",
         "vaccine": "vaccine",
         "dose_number": "dose_number",
@@ -413,10 +434,11 @@ def _pg_doses(settings: Settings, group_by: list[str], first, last, codes) -> li
         sql += " AND (occurred_at AT TIME ZONE 'Asia/Ho_Chi_Minh')::date BETWEEN %s AND %s"
         params += [first, last]
     if codes:
-        sql += " AND province = ANY(%s)"
+        sql += f" AND {unit} = ANY(%s)"
         params.append(codes)
-    if group_by:
-        sql += f" GROUP BY {', '.join(group_by)} ORDER BY {', '.join(group_by)}"
+    if group_by:  # by position: a GROUP BY name would mean the input column `province`, not the unit
+        at = ", ".join(str(i + 1) for i in range(len(group_by)))
+        sql += f" GROUP BY {at} ORDER BY {at}"
     with psycopg.connect(settings.postgres_url) as conn:
         rows = conn.execute(sql, params).fetchall()
     return [
@@ -444,6 +466,103 @@ def test_doses_grouped_equal_postgres_valid_doses(engine, world, group_by, first
     )
     assert got["group_by"] == group_by
     assert got["rows"] == _pg_doses(world.settings, group_by, first, last, codes)
+
+
+# -- the 2025 units (scheme=2025): sums of their 2008 parts, people once per unit ----------------------
+
+ADDITIVE = [f for f in FIGURES if not f.endswith("coverage_pct")]
+
+
+def _sum_of_parts(rows_2008: dict[str, dict], parts: tuple[str, ...]) -> dict:
+    out: dict = {}
+    for figure in [*ADDITIVE, "population"]:
+        values = [rows_2008[p][figure] for p in parts]
+        if isinstance(values[0], dict):
+            keyed: dict = {}
+            for v in values:
+                for k, n in v.items():
+                    keyed[k] = keyed.get(k, 0) + n
+            out[figure] = {k: n for k, n in keyed.items() if n}
+        else:
+            out[figure] = sum(values)
+    return out
+
+
+@pytest.mark.parametrize("minutes", [None, 100, 250])
+def test_2025_units_are_the_sums_of_their_2008_parts(engine, minutes):
+    """Without as_of through the API: PostgreSQL's counters; with as_of, and chDB: ClickHouse."""
+    as_of = None if minutes is None else _as_of(T0 + timedelta(minutes=minutes))
+    old = {r["province_code"]: r for r in engine.all_provinces(as_of=as_of)}
+    new = engine.all_provinces(as_of=as_of, scheme="2025")
+    assert [r["province_code"] for r in new] == sorted(units("2025")) and len(new) == 34
+    for row in new:
+        unit = units("2025")[row["province_code"]]
+        want = _sum_of_parts(old, unit.parts)
+        assert {k: row[k] if not isinstance(row[k], dict) else dict(row[k]) for k in want} == want, unit.code
+        assert row["name"] == unit.name_vi
+        assert row["coverage_pct"] == round(row["people_vaccinated"] / row["population"] * 100, 6)
+        if unit.code in ("79", "01", "24"):
+            assert engine.province_summary(unit.code, as_of=as_of, scheme="2025") == row
+    national = engine.national_summary(as_of=as_of)
+    for figure in ("doses_administered", "people_vaccinated", "people_fully_vaccinated", "population"):
+        assert sum(r[figure] for r in new) == national[figure], figure
+    # person c (doses in 74, then 79; one 2025 unit) is one person there, in both schemes' sums
+    if minutes is None or minutes > 30:
+        assert old["74"]["people_vaccinated"] >= 1
+
+
+@pytest.mark.parametrize(
+    "group_by, codes",
+    [(["province"], None), (["province", "vaccine"], ["79", "24"]), ([], ["79"]), (["day"], None), (["day"], ["79"])],
+)
+def test_doses_in_2025_units_count_each_person_once_per_unit(engine, world, group_by, codes):
+    got = engine.doses(group_by=",".join(group_by) or None, province=",".join(codes) if codes else None, scheme="2025")
+    assert got["scheme"] == "2025"
+    assert got["rows"] == _pg_doses(world.settings, group_by, None, None, codes, "2025")
+
+
+@pytest.mark.parametrize("cut", [*CUTS[1:2], *(T0 + timedelta(minutes=m) for m in (100, 250, 359.999, 360))])
+def test_doses_as_of_equal_the_summaries_as_of(engine, cut):
+    """The dashboard's time travel: doses per province and per day as of T, voids too (those before T)."""
+    as_of = _as_of(cut)
+    got = {r["province"]: r["doses"] for r in engine.doses(group_by="province", as_of=as_of)["rows"]}
+    summaries = engine.all_provinces(as_of=as_of)
+    assert got == {r["province_code"]: r["doses_administered"] for r in summaries if r["doses_administered"]}
+    by_day = engine.doses(group_by="day", as_of=as_of, scheme="2025")["rows"]
+    assert sum(r["doses"] for r in by_day) == engine.national_summary(as_of=as_of)["doses_administered"]
+    assert max(r["day"] for r in by_day) <= cut.astimezone(HCM).date().isoformat()
+
+
+def test_people_of_a_2025_unit_are_distinct_not_the_sum_of_its_parts(engine):
+    by_2008 = {r["province"]: r for r in engine.doses(group_by="province")["rows"]}
+    by_2025 = {r["province"]: r for r in engine.doses(group_by="province", scheme="2025")["rows"]}
+    parts = units("2025")["79"].parts
+    assert by_2025["79"]["doses"] == sum(by_2008[p]["doses"] for p in parts if p in by_2008)
+    # person c has doses in 74 and 79: counted in both 2008 rows, once in the 2025 unit
+    assert by_2025["79"]["people"] < sum(by_2008[p]["people"] for p in parts if p in by_2008)
+
+
+def test_coverage_in_2025_units_and_why_not_by_region(engine, world):
+    got = engine.coverage(scheme="2025")
+    assert len(got["rows"]) == 34 and got["scheme"] == "2025"
+    old = {r["province_code"]: r for r in engine.coverage()["rows"]}
+    for row in got["rows"]:
+        parts = units("2025")[row["province_code"]].parts
+        for figure in ("population", "people_vaccinated", "people_fully_vaccinated"):
+            assert row[figure] == sum(old[p][figure] for p in parts), (row["province_code"], figure)
+    assert sorted(r["rank"] for r in got["rows"])[0] == 1
+    with pytest.raises((ParameterError, AssertionError), match="regions are groups of the 2008 units"):
+        engine.coverage(by="region", scheme="2025")
+
+
+def test_an_unknown_scheme_or_unit_is_named(world):
+    with api(world.settings) as client:
+        bad = client.get("/v1/provinces", params={"scheme": "2021"})
+        assert bad.status_code == 400 and "use 2008 (63 units) or 2025 (34 units)" in bad.json()["error"]
+        gone = client.get("/v1/provinces/02/summary", params={"scheme": "2025"})  # Hà Giang is in Tuyên Quang now
+        assert gone.status_code == 404 and "the 34 two-digit 2025 codes" in gone.json()["error"]
+        doses = client.get("/v1/analytics/doses", params={"scheme": "2025", "province": "02"})
+        assert doses.status_code == 400 and doses.json()["error"].startswith("province: unknown province code '02'")
 
 
 def _doses_daily_current(store, timeout_s: float = 120.0) -> None:

@@ -74,6 +74,11 @@ EXPECTED = [
     ("GET", "/v1/analytics/doses?province=01", None, (401, 200, 403, 200, 200, 403, 200, 403, 403)),
     ("GET", "/v1/analytics/coverage?by=province", None, (401, 200, 200, 200, 200, 403, 200, 403, 403)),
     ("GET", "/v1/analytics/coverage?by=region", None, (401, 200, 403, 403, 200, 403, 200, 403, 403)),
+    # the 2025 units add other provinces' figures to a province's own: national and audit only
+    ("GET", "/v1/provinces?scheme=2025", None, (401, 200, 403, 403, 200, 403, 200, 403, 403)),
+    ("GET", "/v1/provinces/79/summary?scheme=2025", None, (401, 200, 403, 403, 200, 403, 200, 403, 403)),
+    ("GET", "/v1/analytics/doses?scheme=2025", None, (401, 200, 403, 403, 200, 403, 200, 403, 403)),
+    ("GET", "/v1/analytics/coverage?scheme=2025", None, (401, 200, 403, 403, 200, 403, 200, 403, 403)),
     ("GET", "/v1/citizens/{subject}/record", None, (401, 200, 200, 403, 200, 403, 200, 403, 403)),
     ("POST", "/v1/events", "events", (401, 403, 403, 403, 200, 200, 200, 200, 403)),
     ("GET", "/metrics", None, (401, 200, 403, 403, 200, 403, 200, 403, 403)),
@@ -84,6 +89,7 @@ EXPECTED = [
     ("POST", "/v1/checkins", "checkin", (401, 403, 403, 403, 403, 403, 403, 200, 403)),
     ("GET", "/v1/trust-list", None, (200,) * 9),  # public: any verifier, offline afterwards
     ("GET", "/v1/certificates/revoked", None, (200,) * 9),  # public, as the EU DCC revocation lists
+    ("GET", "/v1/me", None, (401, 200, 200, 200, 200, 200, 200, 200, 200)),  # any token: who it is
     ("GET", "/healthz", None, (200,) * 9),
     ("GET", "/docs", None, (200,) * 9),
 ]
