@@ -23,7 +23,7 @@ from infra.settings import Settings
 from producers.gateway import Gateway
 from producers.gateway import router as gateway_router
 from producers.healthbook import router as healthbook_router
-from projections import analytics_api
+from projections import analytics_api, dashboard
 from projections.api import Queries
 from projections.api import router as query_router
 from projections.backpressure import Backlog
@@ -146,6 +146,7 @@ def create_app(settings: Settings, *, with_gateway: bool = True, analytics: Any 
     app.include_router(analytics_api.router)
     app.include_router(api_auth.router)
     app.include_router(access_log.router)
+    dashboard.mount(app)
 
     @app.exception_handler(AccessDenied)
     async def denied(request: Request, exc: AccessDenied):
