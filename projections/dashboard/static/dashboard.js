@@ -49,6 +49,8 @@ const FIGURES = ["doses_administered", "people_vaccinated", "people_fully_vaccin
 const LIVE_MS = 1000;  // the summaries (PostgreSQL, coalesced by the API)
 const ANALYTICS_MS = 5000;  // the daily charts (ClickHouse)
 const BLUES = ["#eff6fc", "#c6dbef", "#9ecae1", "#6baed6", "#3182bd", "#08519c"];
+const VACCINE_COLOURS = { astrazeneca: "#4e79a7", pfizer: "#f28e2b", moderna: "#59a14f", sinopharm: "#e15759",
+  janssen: "#b07aa1", sputnik_v: "#76b7b2", abdala: "#edc948", hayat_vax: "#9c755f", covaxin: "#bab0ac" };
 const $ = (id) => document.getElementById(id);
 
 const state = {
@@ -58,7 +60,8 @@ const state = {
   tiles: null, rows: [], daily: [], timer: null, analyticsAt: 0, seq: 0, charts: {},
 };
 // For the browser tests and bench/bench_dashboard.py: when figures were first drawn and last changed.
-window.nhdp = { firstRender: null, renders: 0, changes: [] };
+// `seen`: when each live summary was drawn and the log positions it reflects (NHDP-Positions).
+window.nhdp = { firstRender: null, renders: 0, changes: [], seen: [] };
 
 const t = (key) => TEXT[state.lang][key] ?? key;
 const fmt = (v, figure) => {
@@ -215,6 +218,11 @@ function drawFreshness(headers) {
   const behind = lag === null || lag === "unknown" ? "?" : Number(lag);
   const el = $("freshness");
   el.dataset.lag = String(behind);
+  const positions = headers.get("NHDP-Positions");
+  if (positions !== null && !state.asOf) {
+    window.nhdp.seen.push({ at: performance.timeOrigin + performance.now(), positions });
+    if (window.nhdp.seen.length > 600) window.nhdp.seen.shift();
+  }
   el.classList.toggle("stale", behind !== 0);
   el.textContent = state.asOf
     ? `${t("asOfBanner")} ${state.asOf} · ${t("store_" + store)}`
@@ -335,15 +343,27 @@ async function loadDaily(params, seq) {
   drawDailyTable(byVaccine.body.rows);
 }
 
+function everyDay(listed) {
+  // every day from the first to the last, so that a day without doses shows as a gap, not as nothing
+  const sorted = [...new Set(listed)].sort();
+  if (!sorted.length) return [];
+  const out = [];
+  for (let d = new Date(`${sorted[0]}T00:00:00Z`); d <= new Date(`${sorted.at(-1)}T00:00:00Z`); d.setUTCDate(d.getUTCDate() + 1)) {
+    out.push(d.toISOString().slice(0, 10));
+  }
+  return out;
+}
+
 function drawChart(id, rows, key, title) {
   if (!window.echarts) return;
-  const days = [...new Set(rows.map((r) => r.day))].sort();
+  const days = everyDay(rows.map((r) => r.day));
   const keys = [...new Set(rows.map((r) => String(r[key])))].sort();
   const index = new Map(days.map((d, i) => [d, i]));
   const series = keys.map((k) => {
     const data = new Array(days.length).fill(0);
     for (const r of rows) if (String(r[key]) === k) data[index.get(r.day)] += r.doses;
-    return { name: key === "dose_number" ? `${t("dose")} ${k}` : k, type: "bar", stack: "all", data };
+    const colour = key === "vaccine" ? VACCINE_COLOURS[k] : undefined;  // one colour per vaccine in every view
+    return { name: key === "dose_number" ? `${t("dose")} ${k}` : k, type: "bar", stack: "all", data, itemStyle: colour && { color: colour } };
   });
   let chart = state.charts[id];
   if (!chart) chart = state.charts[id] = echarts.init($(id), null, { renderer: "svg" });
