@@ -161,8 +161,9 @@ def live_updates(browser, settings, token: str, producer: str, n: int, bars) -> 
 def summary(values: list[float]) -> dict[str, float]:
     return {
         "n": len(values),
-        "p50": round(percentile(values, 50), 3),
-        "p99": round(percentile(values, 99), 3),
+        "p50": round(percentile(values, 0.50), 3),
+        "p99": round(percentile(values, 0.99), 3),
+        "all": [round(v, 3) for v in values],
         "max": round(max(values), 3),
     }
 
@@ -170,7 +171,11 @@ def summary(values: list[float]) -> dict[str, float]:
 def bench(settings, args) -> dict:
     from playwright.sync_api import sync_playwright
 
-    run: dict = {"started_utc": datetime.now(UTC).isoformat(), "machine_before": machine(), "args": vars(args)}
+    run: dict = {
+        "started_utc": datetime.now(UTC).isoformat(),
+        "machine_before": machine(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
     national = issue_token(settings, "bench-dashboard", "national", ttl="2h").token
     producer = issue_token(
         settings, "bench-dashboard-events", "producer", ttl="2h", source="bench-dashboard", provinces=["79"]

@@ -136,6 +136,8 @@ def run(settings: Settings, console: Console, args: Namespace) -> int:
 
     console.print(
         f"\nAPI serving at [bold]{settings.api_url}[/] (docs: {settings.api_url}/docs). Ctrl-C stops the stack."
+        f"\nDashboard: [bold]{settings.api_url}/dashboard[/]; sign in with a token from "
+        "`.venv/bin/nhdp token issue --role national` (a province: --role province --province 79)."
     )
     failed = (bool(mismatches) and not mixed) or not certified
     if args.no_wait:
