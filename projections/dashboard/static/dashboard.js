@@ -270,7 +270,7 @@ function drawTiles() {
     box.append(b);
   }
   for (const island of layout.islands) {
-    const unit = state.rows.find((r) => r.province_code === island.unit || (state.scheme === "2025" && r.province_code === island.unit));
+    const unit = state.rows.find((r) => r.province_code === island.unit);  // 48 and 56 are codes in both schemes
     const s = document.createElement("span");
     s.className = "island";
     s.style.gridColumn = String(island.tile[0] + 1);
