@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -136,6 +137,16 @@ def platform_processes(settings: Settings) -> dict[str, int]:
     services = [step.service for step in stack.steps(settings)] + [stack.supervisor_service(settings)]
     services += extra_workers(settings, settings.kafka_partitions)
     return {svc.name: pid for svc in services if (pid := svc.pid()) is not None}
+
+
+def by_part(cpu: dict[str, float]) -> dict[str, float]:
+    """CPU seconds per part of the platform: a cluster's nodes (kafka-1…) and extra workers
+    (worker2…) add up under their part's name."""
+    out: dict[str, float] = {}
+    for name, seconds in cpu.items():
+        part = re.sub(r"-?\d+$", "", name) if name.startswith(("kafka", "worker")) else name
+        out[part] = out.get(part, 0.0) + seconds
+    return out
 
 
 # -- what the answers reflect -----------------------------------------------------------------
@@ -293,7 +304,7 @@ def throughput(settings: Settings, args, producer: str, watcher: Watcher, events
             if time.perf_counter() - t0 > args.timeout:
                 raise SystemExit(f"not all events reflected after {args.timeout:.0f} s")
             time.sleep(0.25)
-    cpu = meter.stop()
+    cpu = by_part(meter.stop())
     clients_cpu = client_meter.stop()
     for proc in profilers:
         proc.send_signal(signal.SIGINT)  # py-spy writes its samples on SIGINT
@@ -563,12 +574,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--workers", type=int, default=1, help="stream workers (the stack runs 1; the rest are started here)"
     )
+    ap.add_argument("--kafka-nodes", type=int, default=1, help="3: the stack on a 3-node Kafka cluster")
+    ap.add_argument("--api-processes", type=int, default=1, help="API processes sharing the port")
     ap.add_argument("--ceiling-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.ceiling_child:
         ceiling_child({int(p): o for p, o in orjson.loads(args.ceiling_child).items()})
         return 0
-    with own_stack() if not args.existing else contextlib.nullcontext(Settings()) as settings:
+    shape = {"kafka_nodes": args.kafka_nodes, "api_processes": args.api_processes}
+    with own_stack(**shape) if not args.existing else contextlib.nullcontext(Settings()) as settings:
         extra = extra_workers(settings, args.workers)
         try:
             for svc in extra:

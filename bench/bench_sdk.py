@@ -54,13 +54,14 @@ console = Console()
 
 
 @contextlib.contextmanager
-def own_stack(keep_data: bool = False) -> Iterator[Settings]:
-    """The whole local stack in a temporary folder on free loopback ports; stopped and wiped after."""
+def own_stack(keep_data: bool = False, **overrides) -> Iterator[Settings]:
+    """The whole local stack in a temporary folder on free loopback ports; stopped and wiped after.
+    overrides: settings of its shape (kafka_nodes=3, api_processes=2…)."""
     from nhdp import stack
 
     console.print("starting a private stack (temporary folder, free ports; stopped and wiped afterwards)")
     t0 = time.perf_counter()
-    with stack.private("bench", keep_data=keep_data) as settings:
+    with stack.private("bench", keep_data=keep_data, **overrides) as settings:
         console.print(
             f"private stack up in {time.perf_counter() - t0:.0f}s: Kafka {settings.kafka_bootstrap_servers}, "
             f"registry {settings.registry_url}, API {settings.api_url}"

@@ -1,11 +1,21 @@
-"""Kafka 4.x, KRaft, one node, run from Maven Central jars with the JVM."""
+"""Kafka 4.x, KRaft, run from Maven Central jars with the JVM: one node, or a cluster on loopback.
+
+One node (the default) lives in <data>/kafka as service `kafka`. A cluster
+(settings.kafka_nodes = 3) is nodes kafka-1…kafka-3 in <data>/kafka-N, each a
+broker and a voter of a static controller quorum, formatted with one cluster
+id: topics get replication factor 3 and min ISR 2, so an acknowledged write
+survives the loss of any one node.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
@@ -44,8 +54,29 @@ def require_tool(name: str, debian_package: str) -> str:
     return path
 
 
+@dataclass(frozen=True)
+class Node:
+    node_id: int
+    name: str  # the service: `kafka` alone, `kafka-N` in a cluster
+    host: str
+    port: int
+    controller_port: int
+    folder: Path
+
+
+def nodes(settings: Settings) -> list[Node]:
+    local = settings.kafka_local_nodes()
+    if len(local) == 1:
+        host, port, _ = local[0]
+        return [Node(1, "kafka", host, port, settings.kafka_controller_port, settings.data_dir / "kafka")]
+    return [
+        Node(i, f"kafka-{i}", host, port, ctl, settings.data_dir / f"kafka-{i}")
+        for i, (host, port, ctl) in enumerate(local, start=1)
+    ]
+
+
 def kafka_dir(settings: Settings) -> Path:
-    return settings.data_dir / "kafka"
+    return nodes(settings)[0].folder
 
 
 def ensure_jars(settings: Settings) -> Path:
@@ -91,13 +122,23 @@ CONTROLLER_SECRET = "kafka-controller"
 SECURED_MARKER = "nhdp-scram-formatted"
 
 
-def write_config(settings: Settings) -> Path:
-    base = kafka_dir(settings)
+def write_config(settings: Settings, node: Node) -> Path:
+    base = node.folder
     base.mkdir(parents=True, exist_ok=True)
+    every = nodes(settings)
+    if len(every) == 1:
+        quorum = f"controller.quorum.bootstrap.servers={node.host}:{node.controller_port}"
+    else:  # a static quorum: formatted without --standalone, every node a voter
+        quorum = "controller.quorum.voters=" + ",".join(f"{n.node_id}@{n.host}:{n.controller_port}" for n in every)
+    replication = settings.kafka_replication_factor
     text = Template((TEMPLATES / "kafka-server.properties.tmpl").read_text()).substitute(
-        host=settings.kafka_host,
-        port=settings.kafka_port,
-        controller_port=settings.kafka_controller_port,
+        node_id=node.node_id,
+        quorum=quorum,
+        replication=replication,
+        min_isr=max(1, replication - 1),
+        host=node.host,
+        port=node.port,
+        controller_port=node.controller_port,
         admin_user=ADMIN,
         admin_password=settings.password_of(ADMIN),
         controller_password=settings.secrets.get(CONTROLLER_SECRET),
@@ -115,22 +156,36 @@ def write_config(settings: Settings) -> Path:
     return path
 
 
-def format_storage(settings: Settings, config: Path) -> None:
+CLUSTER_ID_FILE = "kafka-cluster-id"  # in the data folder: every node of a cluster is formatted with it
+
+
+def cluster_id(settings: Settings) -> str:
+    path = settings.data_dir / CLUSTER_ID_FILE
+    if path.exists():
+        return path.read_text().strip()
+    uuid = subprocess.run(_java_cmd(settings, "kafka.tools.StorageTool", "random-uuid"), capture_output=True, text=True)
+    new = uuid.stdout.strip().splitlines()[-1] if uuid.returncode == 0 and uuid.stdout.strip() else ""
+    if not new:
+        raise ServiceError(f"kafka: StorageTool random-uuid failed:\n{uuid.stderr[-2000:]}")
+    path.write_text(new + "\n")
+    return new
+
+
+def format_storage(settings: Settings, node: Node, config: Path) -> None:
     """Format once; the broker refuses unformatted storage."""
-    secured = kafka_dir(settings) / SECURED_MARKER  # beside the log dir: the broker keeps that one to itself
-    if (kafka_dir(settings) / "data" / "meta.properties").exists():
+    secured = node.folder / SECURED_MARKER  # beside the log dir: the broker keeps that one to itself
+    if (node.folder / "data" / "meta.properties").exists():
         if not secured.exists():
             raise ServiceError(
-                f"kafka: {kafka_dir(settings) / 'data'} was formatted before Kafka required SASL sign-in, so it "
+                f"kafka: {node.folder / 'data'} was formatted before Kafka required SASL sign-in, so it "
                 "has no admin credential and the broker could never start. `nhdp reset` wipes the local data "
                 "(the next `nhdp up` formats it anew)"
             )
         return
-    uuid = subprocess.run(_java_cmd(settings, "kafka.tools.StorageTool", "random-uuid"), capture_output=True, text=True)
-    cluster_id = uuid.stdout.strip().splitlines()[-1] if uuid.returncode == 0 and uuid.stdout.strip() else ""
-    if not cluster_id:
-        raise ServiceError(f"kafka: StorageTool random-uuid failed:\n{uuid.stderr[-2000:]}")
-    cmd = _java_cmd(settings, "kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id, "-c", str(config))
+    standalone = ["--standalone"] if len(nodes(settings)) == 1 else []
+    cmd = _java_cmd(
+        settings, "kafka.tools.StorageTool", "format", *standalone, "-t", cluster_id(settings), "-c", str(config)
+    )
     # The admin's SCRAM credential must exist before the first start: the broker signs in
     # between its own listeners with it. Its password is kept out of the error message.
     scram = f"SCRAM-SHA-512=[name={ADMIN},password={settings.password_of(ADMIN)}]"
@@ -159,26 +214,65 @@ def metadata_ok(settings: Settings, timeout_ms: int = 2000) -> bool:
         admin.close()
 
 
-def service(settings: Settings) -> Managed:
-    config = kafka_dir(settings) / "server.properties"
+def _listening(host: str, port: int) -> bool:
+    with socket.create_connection((host, port), timeout=1.0):
+        return True
+
+
+def service(settings: Settings, node: Node | None = None) -> Managed:
+    """One node. Alone, it is ready when it answers metadata. In a cluster, a node cannot answer
+    before a quorum of its voters runs, and `nhdp up` starts them one after the other: a node is
+    ready once its controller listens, and `cluster_ready` then waits for every broker."""
+    node = node or nodes(settings)[0]
+    config = node.folder / "server.properties"
+    alone = len(nodes(settings)) == 1
     return Managed(
-        name="kafka",
+        name=node.name,
         run_dir=settings.run_dir,
         log_dir=settings.log_dir,
         command=_java_cmd(settings, "kafka.Kafka", str(config), heap=settings.kafka_heap)
         if shutil.which("java")
         else ["java", "kafka.Kafka", str(config)],
         marker=str(config),
-        ready=lambda: metadata_ok(as_admin(settings)),
-        port=settings.kafka_port,
-        url=f"kafka://{settings.kafka_bootstrap_servers}",
-        data_path=kafka_dir(settings),
+        ready=(lambda: metadata_ok(as_admin(settings)))
+        if alone
+        else (lambda: _listening(node.host, node.controller_port)),
+        port=node.port,
+        url=f"kafka://{node.host}:{node.port}",
+        data_path=node.folder,
+        # A node whose quorum is gone can hang in controlled shutdown; Managed then kills it.
+        stop_timeout_s=20.0 if alone else 15.0,
     )
 
 
-def prepare(settings: Settings) -> None:
+def services(settings: Settings) -> list[Managed]:
+    return [service(settings, node) for node in nodes(settings)]
+
+
+def prepare(settings: Settings, node: Node | None = None) -> None:
+    node = node or nodes(settings)[0]
     ensure_jars(settings)
-    format_storage(settings, write_config(settings))
+    format_storage(settings, node, write_config(settings, node))
+
+
+def cluster_ready(settings: Settings, timeout_s: float) -> None:
+    """Until every node is a registered broker (a cluster's nodes are started before any can answer)."""
+    want = len(nodes(settings))
+    deadline = time.monotonic() + timeout_s
+    seen: object = None
+    while time.monotonic() < deadline:
+        try:
+            admin = KafkaAdminClient(**as_admin(settings).kafka_python_config(), request_timeout_ms=3000)
+            try:
+                seen = len(admin.describe_cluster()["brokers"])
+            finally:
+                admin.close()
+            if seen >= want:
+                return
+        except Exception as exc:  # not up yet: the next round asks again
+            seen = exc
+        time.sleep(0.5)
+    raise ServiceError(f"kafka: the cluster did not have its {want} brokers within {timeout_s:.0f}s (last: {seen})")
 
 
 def ensure_topics(settings: Settings, topics: Sequence[tuple[str, int, dict[str, str]]]) -> None:
@@ -187,7 +281,10 @@ def ensure_topics(settings: Settings, topics: Sequence[tuple[str, int, dict[str,
     admin = KafkaAdminClient(**as_admin(settings).kafka_python_config(), client_id="nhdp-setup")
     try:
         existing = set(admin.list_topics())
-        wanted = [NewTopic(name, parts, 1, topic_configs=dict(configs)) for name, parts, configs in topics]
+        rf = settings.kafka_replication_factor
+        # Each topic carries its own durability, whatever the brokers' defaults become.
+        durable = {"min.insync.replicas": str(max(1, rf - 1)), "unclean.leader.election.enable": "false"}
+        wanted = [NewTopic(name, parts, rf, topic_configs=dict(configs) | durable) for name, parts, configs in topics]
         missing = [t for t in wanted if t.name not in existing]
         if missing:
             try:

@@ -6,13 +6,14 @@ checkout needs no configuration at all; production sets the variables.
 
 from __future__ import annotations
 
+import os
 from datetime import date
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import quote, urlparse
 
 from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, DotEnvSettingsSource, SettingsConfigDict
 
 from infra.secrets import Secrets
 from infra.tools import server_binary
@@ -22,6 +23,9 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 # Known to everyone who reads this file, so refused outside the local stack.
 LOCAL_DEV_SECRET = "nhdp-local-development-secret-not-for-production"
 MIN_SECRET_CHARS = 32
+
+# In the data folder: the settings `nhdp up --cluster` fixed for it (Settings.settings_customise_sources).
+STACK_FILE = "stack.env"
 KAFKA_SASL_MECHANISM = "SCRAM-SHA-512"
 
 
@@ -38,6 +42,11 @@ class Settings(BaseSettings):
 
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_controller_port: int = 9093
+    # KRaft nodes `nhdp up` starts: 1, or a cluster (3: replication factor 3, min ISR 2). With more
+    # than one, each node's broker port is its entry in kafka_bootstrap_servers and its controller
+    # port its entry in kafka_controller_ports; unlisted ones follow the first, two apart.
+    kafka_nodes: int = Field(default=1, ge=1, le=9)
+    kafka_controller_ports: str | None = None
     kafka_heap: str = "512m"
     kafka_partitions: int = 6
     # Clients authenticate with SASL/SCRAM (the local broker's listener); production may use SASL_SSL.
@@ -74,6 +83,8 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    # Processes serving the API on that one port (each with its own gateway producer and pools).
+    api_processes: int = Field(default=1, ge=1, le=64)
 
     # Bounded resources of the API (DESIGN §5). A body is refused while it arrives, past this size.
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
@@ -110,6 +121,25 @@ class Settings(BaseSettings):
     # Start-up budget for each service before `nhdp up` gives up and shows its log.
     start_timeout_s: float = 60.0
 
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
+        # After the environment: <data>/stack.env, the shape `nhdp up --cluster` chose for this
+        # data folder (its storage is formatted for it), so every later command finds that shape.
+        data_dir = Path(os.environ.get("NHDP_DATA_DIR") or CHECKOUT / ".nhdp")
+        stack_file = DotEnvSettingsSource(settings_cls, env_file=data_dir / STACK_FILE)
+        return init_settings, env_settings, stack_file, file_secret_settings
+
+    @model_validator(mode="after")
+    def _local_kafka_nodes(self) -> Settings:
+        hosts = self.kafka_bootstrap_servers.split(",")
+        if self.kafka_nodes > 1 and len(hosts) < self.kafka_nodes:
+            self.kafka_bootstrap_servers = ",".join(
+                f"{self.kafka_host}:{self.kafka_port + 2 * i}" for i in range(self.kafka_nodes)
+            )
+        return self
+
     @model_validator(mode="after")
     def _refuse_unsafe_secret(self) -> Settings:
         if self.env != "local" and self.pseudonym_secret in ("", LOCAL_DEV_SECRET):
@@ -134,6 +164,18 @@ class Settings(BaseSettings):
     @property
     def kafka_host(self) -> str:
         return self.kafka_bootstrap_servers.split(",")[0].rsplit(":", 1)[0]
+
+    def kafka_local_nodes(self) -> list[tuple[str, int, int]]:
+        """(host, broker port, controller port) of each KRaft node `nhdp up` runs."""
+        hosts = [h.rsplit(":", 1) for h in self.kafka_bootstrap_servers.split(",")][: self.kafka_nodes]
+        listed = [int(p) for p in (self.kafka_controller_ports or "").split(",") if p.strip()]
+        controllers = [listed[i] if i < len(listed) else self.kafka_controller_port + 2 * i for i in range(len(hosts))]
+        return [(h, int(p), c) for (h, p), c in zip(hosts, controllers, strict=True)]
+
+    @property
+    def kafka_replication_factor(self) -> int:
+        """Of the topics `nhdp up` creates: 3 on a cluster of three or more, else each node's count."""
+        return min(3, self.kafka_nodes)
 
     @property
     def local_postgres(self) -> bool:

@@ -165,3 +165,10 @@ def create_app(settings: Settings, *, with_gateway: bool = True, analytics: Any 
 
     app.include_router(query_router)
     return app
+
+
+def create_app_from_env() -> FastAPI:
+    """The app of one of several API processes (`nhdp api` with NHDP_API_PROCESSES > 1)."""
+    from infra.settings import get_settings
+
+    return create_app(get_settings())

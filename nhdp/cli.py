@@ -37,6 +37,8 @@ def cmd_up(args) -> int:
     from nhdp import stack
 
     settings = get_settings()
+    if args.cluster and settings.kafka_nodes == 1:
+        settings = stack.choose_cluster(settings)
 
     def on_ready(svc, pid, started):
         verb = "started" if started else "already running"
@@ -191,10 +193,16 @@ def cmd_api(args) -> int:
     from nhdp.app import create_app
 
     settings = get_settings()
+    # Several processes share the port (uvicorn's workers: one listening socket, each process
+    # accepts from it); each builds its own app from the same NHDP_* settings. Nothing an
+    # answer depends on lives in one process: the gateway's dedup and every read are in the stores.
+    several = settings.api_processes > 1
     # uvloop and httptools (both pinned): the event loop and HTTP parser in C, about
     # half the per-request CPU of asyncio + h11 on a core the API shares with Kafka.
     uvicorn.run(
-        create_app(settings),
+        "nhdp.app:create_app_from_env" if several else create_app(settings),
+        factory=several,
+        workers=settings.api_processes if several else None,
         host=settings.api_host,
         port=settings.api_port,
         log_level="warning",
@@ -351,7 +359,13 @@ def cmd_province_revoke(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nhdp", description="NHDP national health-data platform")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="start the local stack and its supervisor (idempotent)").set_defaults(fn=cmd_up)
+    u = sub.add_parser("up", help="start the local stack and its supervisor (idempotent)")
+    u.add_argument(
+        "--cluster",
+        action="store_true",
+        help="3 Kafka nodes (replication 3, min ISR 2) instead of one; kept for this data folder until `nhdp reset`",
+    )
+    u.set_defaults(fn=cmd_up)
     sub.add_parser("down", help="stop everything the project started, the supervisor first").set_defaults(fn=cmd_down)
     s = sub.add_parser("status", help="show each service and how often the supervisor restarted it")
     s.add_argument("--json", action="store_true", help="machine-readable, with every endpoint URL")

@@ -27,7 +27,7 @@ import psycopg
 
 from infra import clickhouse, kafka, kafka_access, postgres
 from infra.process import Managed, ServiceError, dir_size, recorded_process
-from infra.settings import CHECKOUT, Settings
+from infra.settings import CHECKOUT, STACK_FILE, Settings, get_settings
 from infra.supervisor import read_state
 from projections.clickhouse.remote import sink_url_path
 from projections.clickhouse.schema import ensure_schema
@@ -66,12 +66,15 @@ def private_settings(data_dir: Path, **overrides) -> Settings:
     """Settings of a private stack in data_dir on free loopback ports (tests, benchmarks),
     sharing the checkout's Kafka jar cache."""
 
-    kafka_port, controller, pg, ch, ch_http, registry, api = free_ports(7)
+    n = int(overrides.get("kafka_nodes", 1))
+    pg, ch, ch_http, registry, api, *kafka_ports = free_ports(5 + 2 * n)
+    brokers, controllers = kafka_ports[:n], kafka_ports[n:]
     values = dict(
         data_dir=data_dir,
         jar_cache=CHECKOUT / ".nhdp" / "cache" / "kafka-jars",
-        kafka_bootstrap_servers=f"127.0.0.1:{kafka_port}",
-        kafka_controller_port=controller,
+        kafka_bootstrap_servers=",".join(f"127.0.0.1:{p}" for p in brokers),
+        kafka_controller_port=controllers[0],
+        kafka_controller_ports=",".join(map(str, controllers)),
         postgres_port=pg,
         clickhouse_port=ch,
         clickhouse_http_port=ch_http,
@@ -220,13 +223,16 @@ def steps(settings: Settings) -> list[Step]:
             ensure_principals(settings)
 
         out.append(Step(postgres.service(settings), lambda: postgres.prepare(settings), after_postgres))
-    out.append(
-        Step(
-            kafka.service(settings),
-            lambda: kafka.prepare(settings),
-            lambda: kafka_ready(settings),
+    nodes = kafka.nodes(settings)
+    for node in nodes:  # a cluster's nodes all start before the last one's after_ready waits for them
+        last = node is nodes[-1]
+        out.append(
+            Step(
+                kafka.service(settings, node),
+                lambda node=node: kafka.prepare(settings, node),
+                (lambda: kafka_ready(settings)) if last else (lambda: None),
+            )
         )
-    )
     if settings.local_clickhouse_server:
         out.append(Step(clickhouse.server_service(settings), lambda: None, lambda: migrate_analytics(settings)))
     # With an external PostgreSQL there is no PostgreSQL step: the principals are written here.
@@ -238,8 +244,25 @@ def steps(settings: Settings) -> list[Step]:
     return out
 
 
+def choose_cluster(settings: Settings) -> Settings:
+    """Make this data folder a cluster's (3 Kafka nodes): written to its stack.env, which every later
+    command reads (infra.settings), because the nodes' storage is formatted for that shape."""
+    if (settings.data_dir / "kafka" / "data" / "meta.properties").exists():
+        raise ServiceError(
+            f"{settings.data_dir} holds a one-node Kafka; `nhdp down && nhdp reset` first, then `nhdp up --cluster`"
+        )
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    (settings.data_dir / STACK_FILE).write_text(
+        "# written by `nhdp up --cluster`; `nhdp reset` removes it\nNHDP_KAFKA_NODES=3\n"
+    )
+    get_settings.cache_clear()
+    return get_settings()
+
+
 def kafka_ready(settings: Settings) -> None:
     """The contract's topics, then every service's credential and least-privilege ACLs (schemas/kafka_acls.py)."""
+    if settings.kafka_nodes > 1:
+        kafka.cluster_ready(settings, settings.start_timeout_s)
     kafka.ensure_topics(settings, contract_topics(settings.kafka_partitions, province_codes()))
     kafka_access.ensure_access(settings, SERVICE_GRANTS)
 

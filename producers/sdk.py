@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -91,8 +92,10 @@ class EventProducer:
             max_block_ms=max_block_ms,
         )
         config.update(producer_config)
+        self._config = config
         self._producer = KafkaProducer(**config)
         self._sender = BatchSender(self._producer)
+        self._renewing = threading.Lock()
         self._delivery_timeout_s = config["delivery_timeout_ms"] / 1000
         self._max_request_size = self._producer.config["max_request_size"]
         self._brokers = [_host_port(hp) for hp in settings.kafka_bootstrap_servers.split(",") if hp.strip()]
@@ -126,12 +129,13 @@ class EventProducer:
         same clock; checking them again was a tenth of the gateway's CPU."""
         if not records:
             return []
+        producer, sender = self._producer, self._sender  # one producer for the whole call (see _renew)
         try:
             # One metadata look-up per call (it blocks up to max_block_ms when the topic
             # is unknown), not one per event; partitions are then chosen here exactly as
             # kafka-python's DefaultPartitioner would (murmur2 of the key over all
             # partitions), all keys of the call hashed at once.
-            partitions = sorted(self._producer.partitions_for(self.topic))
+            partitions = sorted(producer.partitions_for(self.topic))
         except KafkaError as exc:
             reason = f"{type(exc).__name__}: {exc}"
             raise PublishError({i: reason for i in range(len(records))}, [r["event_id"] for r in records], {}) from exc
@@ -165,11 +169,11 @@ class EventProducer:
                 if hb is None:
                     hb = header_bytes[t] = encode_headers([("trace_id", t), ("source", source)])
                 rows.append((i, keys[i], values[i], hb))
-            for batch, members in self._sender.build(self.topic, partition, rows, timestamp):
+            for batch, members in sender.build(self.topic, partition, rows, timestamp):
                 batches.append((batch, partition, members))
-        self._sender.enqueue([b for b, _, _ in batches])
+        sender.enqueue([b for b, _, _ in batches])
         try:
-            self._producer.flush(timeout=self._delivery_timeout_s + 5)
+            producer.flush(timeout=self._delivery_timeout_s + 5)
         except KafkaTimeoutError:
             pass  # the batches still open are reported below, each of its events by index
         positions: dict[int, Position] = {}
@@ -191,8 +195,30 @@ class EventProducer:
                 else:
                     positions[i] = Position(partition, base_offset + index_in_batch)
         if failed:
+            if any(not reason.startswith("MessageSizeTooLargeError") for reason in failed.values()):
+                self._renew(producer)
             raise PublishError(failed, [r["event_id"] for r in records], positions)
         return [positions[i] for i in range(len(records))]
+
+    def _renew(self, failed: KafkaProducer) -> None:
+        """A new producer (a new producer id) in place of one whose batches failed.
+
+        An idempotent kafka-python producer whose batch expired while in flight (a
+        leader that appended it but could not reach min ISR, e.g. a cluster that lost
+        its quorum) keeps that partition's sequence unresolved and sends nothing to it
+        again, even once the cluster is whole (seen with kafka-python 3.0). A fresh
+        producer id starts every sequence anew. Safe: what failed was not accepted and
+        is sent again by the caller, and an unacknowledged copy that still lands is a
+        repeated event_id, which every consumer drops. The old producer is closed once
+        calls already using it have had their delivery timeout."""
+        with self._renewing:
+            if self._producer is not failed:
+                return  # another call renewed it already
+            self._producer = KafkaProducer(**self._config)
+            self._sender = BatchSender(self._producer)
+        threading.Thread(
+            target=failed.close, kwargs={"timeout": self._delivery_timeout_s + 5}, daemon=True, name="nhdp-old-producer"
+        ).start()
 
     def publish_json(
         self, events: Sequence[dict[str, Any]], pseudonymiser, *, trace_id: str | None = None
