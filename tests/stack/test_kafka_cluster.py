@@ -18,6 +18,8 @@ import threading
 import time
 from collections import Counter
 
+import httpx
+import psutil
 import psycopg
 import pytest
 from kafka import KafkaAdminClient
@@ -39,7 +41,8 @@ LEADER = re.compile(r"\[RaftManager id=(\d+)\] Completed transition to Leader\(.
 @pytest.fixture(scope="module")
 def cluster():
     with private_data_dir("cluster") as data:
-        settings = stack.private_settings(data, kafka_nodes=3, start_timeout_s=180.0)
+        # and two API processes on one port: the campaign below goes through both
+        settings = stack.private_settings(data, kafka_nodes=3, api_processes=2, start_timeout_s=180.0)
         try:
             stack.up(settings)
             yield settings
@@ -105,6 +108,18 @@ def test_topics_are_replicated_three_times_with_two_in_sync_required(cluster):
     assert values["min.insync.replicas"]["value"] == "2"
     assert values["unclean.leader.election.enable"]["value"] == "false"
     assert values["retention.ms"]["value"] == "-1"  # the log of record is kept
+
+
+def test_two_api_processes_share_the_port(cluster):
+    master = psutil.Process(stack.api_service(cluster).pid())
+    # (multiprocessing's resource tracker is a child too)
+    children = [c for c in master.children() if "resource_tracker" not in " ".join(c.cmdline())]
+    assert len(children) == 2
+    for child in children:  # each accepts from the one listening socket
+        listening = [c for c in child.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+        assert [c.laddr.port for c in listening] == [cluster.api_port], child
+    for _ in range(20):
+        assert httpx.get(f"{cluster.api_url}/healthz", timeout=10).status_code == 200
 
 
 def test_killing_nodes_mid_campaign_loses_and_duplicates_nothing(cluster):
