@@ -25,7 +25,7 @@ import httpx
 import psutil
 import psycopg
 
-from infra import clickhouse, kafka, kafka_access, postgres
+from infra import clickhouse, kafka, kafka_access, postgres, zookeeper
 from infra.process import Managed, ServiceError, dir_size, recorded_process
 from infra.settings import CHECKOUT, Settings
 from infra.supervisor import read_state
@@ -66,7 +66,11 @@ def private_settings(data_dir: Path, **overrides) -> Settings:
     """Settings of a private stack in data_dir on free loopback ports (tests, benchmarks),
     sharing the checkout's Kafka jar cache."""
 
-    kafka_port, controller, pg, ch, ch_http, registry, api = free_ports(7)
+    # cluster mode: ZooKeeper's port and (tcp, http, interserver) for each of 2 × shards servers
+    shards = int(overrides.get("clickhouse_cluster_shards", 0))
+    kafka_port, controller, pg, ch, ch_http, registry, api, *cluster = free_ports(7 + (1 + 6 * shards if shards else 0))
+    if cluster:
+        ch, ch_http = cluster[1], cluster[2]  # the first server's, which the analytics URL names
     values = dict(
         data_dir=data_dir,
         jar_cache=CHECKOUT / ".nhdp" / "cache" / "kafka-jars",
@@ -78,6 +82,8 @@ def private_settings(data_dir: Path, **overrides) -> Settings:
         registry_port=registry,
         api_port=api,
     )
+    if cluster:
+        values |= dict(zookeeper_port=cluster[0], clickhouse_cluster_ports=",".join(map(str, cluster[1:])))
     return Settings(**(values | overrides))
 
 
@@ -228,7 +234,7 @@ def steps(settings: Settings) -> list[Step]:
         )
     )
     if settings.local_clickhouse_server:
-        out.append(Step(clickhouse.server_service(settings), lambda: None, lambda: migrate_analytics(settings)))
+        out += clickhouse_steps(settings)
     # With an external PostgreSQL there is no PostgreSQL step: the principals are written here.
     prepare_registry = (lambda: None) if settings.local_postgres else (lambda: ensure_principals(settings))
     out.append(Step(registry_service(settings), prepare_registry, lambda: register_catalog(settings)))
@@ -236,6 +242,18 @@ def steps(settings: Settings) -> list[Step]:
     out.append(Step(sink_service(settings), retry=True))  # kafka-python's group join can stall too
     out.append(Step(api_service(settings)))
     return out
+
+
+def clickhouse_steps(settings: Settings) -> list[Step]:
+    """The local server; in cluster mode ZooKeeper, then every server, migrated once the last is up."""
+    if not settings.clickhouse_cluster_shards:
+        return [Step(clickhouse.server_service(settings), lambda: None, lambda: migrate_analytics(settings))]
+    *first, last = clickhouse.cluster_services(settings)
+    return [
+        Step(zookeeper.service(settings), lambda: zookeeper.prepare(settings)),
+        *(Step(server) for server in first),
+        Step(last, after_ready=lambda: migrate_analytics(settings)),  # ON CLUSTER DDL needs them all
+    ]
 
 
 def kafka_ready(settings: Settings) -> None:
