@@ -11,6 +11,12 @@ between the two). Its generated config keeps everything under
 ports from the settings, and logs to stdout, which Managed puts in
 `<data>/logs/clickhouse.log`. The `default` user has a generated password
 (settings.analytics_password()); users.xml holds only its sha256 and is 0600.
+
+Cluster mode (NHDP_CLICKHOUSE_CLUSTER_SHARDS=n): n shards × 2 replicas, each server in
+`<data>/clickhouse-<shard>-<replica>/` with the same config.xml and users.xml plus a
+`config.d/cluster.xml` (its macros, its interserver HTTP port on loopback, the cluster,
+ZooKeeper from infra/zookeeper.py, the distributed DDL queue). 18.16 cannot authenticate the
+interserver port (no interserver credentials yet): any local user could fetch parts from it.
 """
 
 from __future__ import annotations
