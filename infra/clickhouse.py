@@ -11,6 +11,12 @@ between the two). Its generated config keeps everything under
 ports from the settings, and logs to stdout, which Managed puts in
 `<data>/logs/clickhouse.log`. The `default` user has a generated password
 (settings.analytics_password()); users.xml holds only its sha256 and is 0600.
+
+Cluster mode (NHDP_CLICKHOUSE_CLUSTER_SHARDS=n): n shards × 2 replicas, each server in
+`<data>/clickhouse-<shard>-<replica>/` with the same config.xml and users.xml plus a
+`config.d/cluster.xml` (its macros, its interserver HTTP port on loopback, the cluster,
+ZooKeeper from infra/zookeeper.py, the distributed DDL queue). 18.16 cannot authenticate the
+interserver port (no interserver credentials yet): any local user could fetch parts from it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import os
 import re
 from pathlib import Path
 from string import Template
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 from xml.sax.saxutils import escape
 
 from infra.process import Managed
@@ -43,25 +49,25 @@ def config_path(settings: Settings) -> Path:
     return server_dir(settings) / "config.xml"
 
 
-def write_config(settings: Settings) -> Path:
-    """Render config.xml and users.xml into <data>/clickhouse/; returns the config path.
+def write_config(settings: Settings, root: Path | None = None, tcp_port: int = 0, http_port: int = 0) -> Path:
+    """Render config.xml and users.xml into <data>/clickhouse/ (or root); returns the config path.
 
     Files are rewritten only when their content changes: a running server
     watches them and would reload on every touch.
     """
-    root = server_dir(settings)
+    root = root or server_dir(settings)
     data = root / "data"
     data.mkdir(parents=True, exist_ok=True)
     users = root / "users.xml"
     values = {
-        "tcp_port": str(int(settings.clickhouse_port)),
-        "http_port": str(int(settings.clickhouse_http_port)),
+        "tcp_port": str(int(tcp_port or settings.clickhouse_port)),
+        "http_port": str(int(http_port or settings.clickhouse_http_port)),
         "data_path": escape(str(data)),
         "users_config": escape(str(users)),
         "max_memory_usage": str(MAX_MEMORY_USAGE),
         "password_sha256_hex": hashlib.sha256((settings.analytics_password() or "").encode()).hexdigest(),
     }
-    config = config_path(settings)
+    config = root / "config.xml"
     for target, template in ((users, "clickhouse-users.xml.tmpl"), (config, "clickhouse-config.xml.tmpl")):
         text = Template((TEMPLATES / template).read_text()).substitute(values)
         if not target.exists() or target.read_text() != text:
@@ -84,19 +90,19 @@ def _client(host: str, port: int, database: str = "default", **kwargs):
     return Client(host=host, port=port, database=database, connect_timeout=2, send_receive_timeout=10, **kwargs)
 
 
-def _is_our_server(settings: Settings) -> bool:
+def _is_our_server(settings: Settings, port: int = 0, root: Path | None = None) -> bool:
     """SELECT over the native protocol succeeds, and from the server whose data is ours.
 
     Checking the data path keeps another stack's server that happens to hold the
     port from being taken for ours; ours then fails with "address in use" and
     Managed reports its log.
     """
-    client = _client("127.0.0.1", settings.clickhouse_port, password=settings.analytics_password() or "")
+    client = _client("127.0.0.1", port or settings.clickhouse_port, password=settings.analytics_password() or "")
     try:
         rows = client.execute("SELECT data_path FROM system.databases WHERE name = 'system'")
     finally:
         client.disconnect()
-    return bool(rows) and str(rows[0][0]).startswith(str(server_dir(settings) / "data"))
+    return bool(rows) and str(rows[0][0]).startswith(str((root or server_dir(settings)) / "data"))
 
 
 def server_service(settings: Settings) -> Managed:
@@ -119,6 +125,85 @@ def server_service(settings: Settings) -> Managed:
     )
 
 
+# -- cluster mode: n shards × 2 replicas on loopback, coordinated by infra/zookeeper.py ----------------
+# A killed replica's ZooKeeper session (and its "is_active" node) outlives it by this much;
+# its restarted server waits that long before it takes its place again. Short, on loopback.
+SESSION_TIMEOUT_MS = 3000
+
+
+def cluster_server_dir(settings: Settings, shard: int, replica: int) -> Path:
+    return (settings.data_dir / f"clickhouse-{shard}-{replica}").resolve()
+
+
+def _cluster_xml(settings: Settings, shard: int, replica: int, interserver_port: int) -> str:
+    """config.d/cluster.xml of one server: its macros and interserver port, the cluster, ZooKeeper.
+
+    The Distributed engine signs in to the other servers as `default`, so the password is
+    here in clear (18.16 has no inter-server secret): the file is 0600 like users.xml.
+    """
+    password = escape(settings.analytics_password() or "")
+    servers = settings.clickhouse_cluster_servers()
+    shards = []
+    for s in sorted({srv[0] for srv in servers}):
+        replicas = "".join(
+            f"<replica><host>127.0.0.1</host><port>{tcp}</port><user>default</user>"
+            f"<password>{password}</password></replica>"
+            for sh, _r, tcp, _h, _i in servers
+            if sh == s
+        )
+        # internal_replication: a Distributed insert writes one replica, the table replicates it.
+        shards.append(f"<shard><internal_replication>true</internal_replication>{replicas}</shard>")
+    return f"""<?xml version="1.0"?>
+<!-- Generated by infra/clickhouse.py for cluster mode; edits are overwritten. 0600: it holds the password. -->
+<yandex>
+    <interserver_http_host>127.0.0.1</interserver_http_host>
+    <interserver_http_port>{int(interserver_port)}</interserver_http_port>
+    <macros><shard>{shard}</shard><replica>s{shard}r{replica}</replica></macros>
+    <remote_servers><{settings.clickhouse_cluster}>{"".join(shards)}</{settings.clickhouse_cluster}></remote_servers>
+    <zookeeper>
+        <node><host>127.0.0.1</host><port>{int(settings.zookeeper_port)}</port></node>
+        <session_timeout_ms>{SESSION_TIMEOUT_MS}</session_timeout_ms>
+        <operation_timeout_ms>2000</operation_timeout_ms>
+    </zookeeper>
+    <!-- A restarted replica retries taking its place (its old session must expire first) this often, in s. -->
+    <merge_tree><zookeeper_session_expiration_check_period>2</zookeeper_session_expiration_check_period></merge_tree>
+    <!-- ON CLUSTER DDL: the migrations run once, every server applies them from this queue. -->
+    <distributed_ddl><path>/clickhouse/task_queue/ddl</path></distributed_ddl>
+</yandex>
+"""
+
+
+def cluster_services(settings: Settings) -> list[Managed]:
+    """Every server of the local cluster as a Managed service, its config written first."""
+    prefix = server_binary() or ["clickhouse-server"]
+    out = []
+    for shard, replica, tcp, http, interserver in settings.clickhouse_cluster_servers():
+        root = cluster_server_dir(settings, shard, replica)
+        config = write_config(settings, root, tcp, http)
+        extra = root / "config.d"
+        extra.mkdir(exist_ok=True)
+        text = _cluster_xml(settings, shard, replica, interserver)
+        target = extra / "cluster.xml"
+        if not target.exists() or target.read_text() != text:
+            _write_private(target, text)
+        out.append(
+            Managed(
+                name=f"clickhouse-{shard}-{replica}",
+                run_dir=settings.run_dir,
+                log_dir=settings.log_dir,
+                command=[*prefix, f"--config-file={config}"],
+                marker=str(config),
+                ready=lambda tcp=tcp, root=root: _is_our_server(settings, tcp, root),
+                port=tcp,
+                url=f"clickhouse://127.0.0.1:{tcp}/{settings.clickhouse_db}",
+                data_path=root,
+                cwd=root,
+                stop_timeout_s=30.0,
+            )
+        )
+    return out
+
+
 def ensure_database(settings: Settings) -> None:
     """CREATE DATABASE IF NOT EXISTS for the configured server.
 
@@ -138,7 +223,11 @@ def ensure_database(settings: Settings) -> None:
         password=settings.analytics_password() or url.password or "",
         secure=url.scheme == "clickhouses",
     )
+    cluster = parse_qs(url.query).get("cluster", [""])[0]
+    if cluster and not _IDENTIFIER.match(cluster):
+        raise ValueError(f"ClickHouse cluster name {cluster!r} must be a plain identifier")
     try:
-        client.execute(f"CREATE DATABASE IF NOT EXISTS `{database}`")
+        # On every server of a cluster: each holds the local tables of its shard.
+        client.execute(f"CREATE DATABASE IF NOT EXISTS `{database}`" + (f" ON CLUSTER `{cluster}`" if cluster else ""))
     finally:
         client.disconnect()

@@ -74,6 +74,15 @@ class Settings(BaseSettings):
     # The server's password for the URL's user (default `default`). Unset on the local stack: generated
     # into <data>/secrets/clickhouse-default. Never put it in NHDP_CLICKHOUSE_URL: URLs get printed.
     clickhouse_password: SecretStr | None = None
+    # Cluster mode of the local ClickHouse: 0 = the one server above; n = n shards × 2 replicas of
+    # clickhouse-server and a ZooKeeper, the tables Replicated…MergeTree behind Distributed ones
+    # (projections/clickhouse/schema.py). The URL then names the first server and `?cluster=NAME`.
+    clickhouse_cluster_shards: int = Field(default=0, ge=0, le=8)
+    clickhouse_cluster: str = Field(default="nhdp", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+    # "tcp,http,interserver" ports of every server, comma-separated, in shard then replica order;
+    # empty: clickhouse_port + i, clickhouse_http_port + i, clickhouse_port + 100 + i.
+    clickhouse_cluster_ports: str = ""
+    zookeeper_port: int = 2181
     # Processes the ClickHouse sink decodes Avro in, beside its own (streams/sink/).
     sink_decoders: int = Field(default=2, ge=1)
 
@@ -219,6 +228,9 @@ class Settings(BaseSettings):
         """`clickhouse://host:port/db` or `chdb:///path`, resolving the local default."""
         if self.clickhouse_url:
             return self.clickhouse_url
+        if server_binary() is not None and self.clickhouse_cluster_shards:
+            first = self.clickhouse_cluster_servers()[0]
+            return f"clickhouse://127.0.0.1:{first[2]}/{self.clickhouse_db}?cluster={self.clickhouse_cluster}"
         if server_binary() is not None:
             return f"clickhouse://127.0.0.1:{self.clickhouse_port}/{self.clickhouse_db}"
         return f"chdb://{(self.data_dir / 'chdb').resolve()}"
@@ -230,6 +242,17 @@ class Settings(BaseSettings):
         if self.local_clickhouse_server:
             return self.secrets.get("clickhouse-default")
         return None
+
+    def clickhouse_cluster_servers(self) -> list[tuple[int, int, int, int, int]]:
+        """(shard, replica, tcp, http, interserver) of each local cluster server, shards and replicas from 1."""
+        n = 2 * self.clickhouse_cluster_shards
+        ports = [int(p) for p in self.clickhouse_cluster_ports.split(",") if p.strip()]
+        if not ports:
+            for i in range(n):
+                ports += [self.clickhouse_port + i, self.clickhouse_http_port + i, self.clickhouse_port + 100 + i]
+        if len(ports) != 3 * n:
+            raise ConfigError(f"NHDP_CLICKHOUSE_CLUSTER_PORTS needs 3 ports for each of {n} servers, not {len(ports)}")
+        return [(i // 2 + 1, i % 2 + 1, *ports[3 * i : 3 * i + 3]) for i in range(n)]
 
     @property
     def local_clickhouse_server(self) -> bool:

@@ -363,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument(
         "--cluster",
         action="store_true",
-        help="3 Kafka nodes (replication 3, min ISR 2) instead of one; kept for this data folder until `nhdp reset`",
+        help="3 Kafka nodes (replication 3, min ISR 2) and, with clickhouse-server installed, 2 ClickHouse shards "
+        "× 2 replicas with ZooKeeper; kept for this data folder until `nhdp reset`",
     )
     u.set_defaults(fn=cmd_up)
     sub.add_parser("down", help="stop everything the project started, the supervisor first").set_defaults(fn=cmd_down)

@@ -25,10 +25,11 @@ import httpx
 import psutil
 import psycopg
 
-from infra import clickhouse, kafka, kafka_access, postgres
+from infra import clickhouse, kafka, kafka_access, postgres, zookeeper
 from infra.process import Managed, ServiceError, dir_size, recorded_process
 from infra.settings import CHECKOUT, STACK_FILE, Settings, get_settings
 from infra.supervisor import read_state
+from infra.tools import server_binary
 from projections.clickhouse.remote import sink_url_path
 from projections.clickhouse.schema import ensure_schema
 from schemas import principals
@@ -67,8 +68,13 @@ def private_settings(data_dir: Path, **overrides) -> Settings:
     sharing the checkout's Kafka jar cache."""
 
     n = int(overrides.get("kafka_nodes", 1))
-    pg, ch, ch_http, registry, api, *kafka_ports = free_ports(5 + 2 * n)
-    brokers, controllers = kafka_ports[:n], kafka_ports[n:]
+    # cluster mode: ZooKeeper's port and (tcp, http, interserver) for each of 2 × shards servers
+    shards = int(overrides.get("clickhouse_cluster_shards", 0))
+    ports = free_ports(5 + 2 * n + (1 + 6 * shards if shards else 0))
+    pg, ch, ch_http, registry, api = ports[:5]
+    brokers, controllers, cluster = ports[5 : 5 + n], ports[5 + n : 5 + 2 * n], ports[5 + 2 * n :]
+    if cluster:
+        ch, ch_http = cluster[1], cluster[2]  # the first server's, which the analytics URL names
     values = dict(
         data_dir=data_dir,
         jar_cache=CHECKOUT / ".nhdp" / "cache" / "kafka-jars",
@@ -81,6 +87,8 @@ def private_settings(data_dir: Path, **overrides) -> Settings:
         registry_port=registry,
         api_port=api,
     )
+    if cluster:
+        values |= dict(zookeeper_port=cluster[0], clickhouse_cluster_ports=",".join(map(str, cluster[1:])))
     return Settings(**(values | overrides))
 
 
@@ -234,7 +242,7 @@ def steps(settings: Settings) -> list[Step]:
             )
         )
     if settings.local_clickhouse_server:
-        out.append(Step(clickhouse.server_service(settings), lambda: None, lambda: migrate_analytics(settings)))
+        out += clickhouse_steps(settings)
     # With an external PostgreSQL there is no PostgreSQL step: the principals are written here.
     prepare_registry = (lambda: None) if settings.local_postgres else (lambda: ensure_principals(settings))
     out.append(Step(registry_service(settings), prepare_registry, lambda: register_catalog(settings)))
@@ -245,18 +253,31 @@ def steps(settings: Settings) -> list[Step]:
 
 
 def choose_cluster(settings: Settings) -> Settings:
-    """Make this data folder a cluster's (3 Kafka nodes): written to its stack.env, which every later
-    command reads (infra.settings), because the nodes' storage is formatted for that shape."""
-    if (settings.data_dir / "kafka" / "data" / "meta.properties").exists():
+    """Make this data folder a cluster's: 3 Kafka nodes and, with a clickhouse-server installed,
+    2 ClickHouse shards × 2 replicas. Written to its stack.env, which every later command reads
+    (infra.settings), because the nodes' storage is formatted for that shape."""
+    single = [settings.data_dir / "kafka" / "data" / "meta.properties", clickhouse.server_dir(settings) / "data"]
+    if any(path.exists() for path in single):
         raise ServiceError(
-            f"{settings.data_dir} holds a one-node Kafka; `nhdp down && nhdp reset` first, then `nhdp up --cluster`"
+            f"{settings.data_dir} holds a one-node stack; `nhdp down && nhdp reset` first, then `nhdp up --cluster`"
         )
+    shape = "NHDP_KAFKA_NODES=3\n" + ("NHDP_CLICKHOUSE_CLUSTER_SHARDS=2\n" if server_binary() is not None else "")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    (settings.data_dir / STACK_FILE).write_text(
-        "# written by `nhdp up --cluster`; `nhdp reset` removes it\nNHDP_KAFKA_NODES=3\n"
-    )
+    (settings.data_dir / STACK_FILE).write_text("# written by `nhdp up --cluster`; `nhdp reset` removes it\n" + shape)
     get_settings.cache_clear()
     return get_settings()
+
+
+def clickhouse_steps(settings: Settings) -> list[Step]:
+    """The local server; in cluster mode ZooKeeper, then every server, migrated once the last is up."""
+    if not settings.clickhouse_cluster_shards:
+        return [Step(clickhouse.server_service(settings), lambda: None, lambda: migrate_analytics(settings))]
+    *first, last = clickhouse.cluster_services(settings)
+    return [
+        Step(zookeeper.service(settings), lambda: zookeeper.prepare(settings)),
+        *(Step(server) for server in first),
+        Step(last, after_ready=lambda: migrate_analytics(settings)),  # ON CLUSTER DDL needs them all
+    ]
 
 
 def kafka_ready(settings: Settings) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import quote, urlparse
+from urllib.parse import parse_qs, quote, urlencode, urlparse
 
 from projections.clickhouse.driver_internals import insert_block, native, server_timezone, takes_blocks
 from projections.clickhouse.store import (
@@ -24,6 +24,24 @@ from projections.clickhouse.store import (
     transpose,
     typed_columns,
 )
+
+# Every session with a cluster (a URL with `?cluster=NAME`, schema.py's second shape) reads and
+# writes through Distributed tables with these, so that what was acknowledged is what every
+# later read sees, whichever replica answers it (checked on 18.16 through clickhouse-driver):
+CLUSTER_SETTINGS = {
+    # an INSERT into a Distributed table returns once the shards have the rows, not once queued
+    "insert_distributed_sync": 1,
+    # ... once both replicas of the shard have them: a read served by either sees them. The cost:
+    # a shard with a replica down takes no writes (they wait, then fail and are retried) until it is back
+    "insert_quorum": 2,
+    "insert_quorum_timeout": 30_000,
+    # a replica that lacks a part written with a quorum (one restarted, catching up) refuses to
+    # answer rather than answer without it
+    "select_sequential_consistency": 1,
+    # `x IN (SELECT … FROM voids)` inside a query over a Distributed table: the subquery runs once and
+    # its result goes to every shard (GLOBAL IN); 18.16 refuses the double-distributed query otherwise
+    "distributed_product_mode": "global",
+}
 
 
 def _is_server_side(exc: Exception) -> bool:
@@ -49,12 +67,20 @@ class NativeStore:
 
         self.url = url
         self.password = password
-        self.database = urlparse(url).path.strip("/") or "default"
+        parsed = urlparse(url)
+        self.database = parsed.path.strip("/") or "default"
+        query = parse_qs(parsed.query)
+        # The cluster whose Distributed tables this database holds (schema.py); not a driver setting.
+        self.cluster = query.pop("cluster", [None])[0]
         self._lock = threading.Lock()
         try:
-            self._client = Client.from_url(_with_password(url, password))
+            self._client = Client.from_url(
+                _with_password(parsed._replace(query=urlencode(query, doseq=True)).geturl(), password)
+            )
         except Exception as exc:  # e.g. compression asked for without clickhouse-cityhash
             raise AnalyticsStoreError(f"cannot use analytics URL {url}: {exc}", engine=self.engine) from exc
+        if self.cluster:
+            self._client.settings.update(CLUSTER_SETTINGS)
         self.execute("SELECT 1")  # fail here, with the reason, rather than at first use
 
     def _error(self, exc: Exception, sql: str) -> AnalyticsStoreError:

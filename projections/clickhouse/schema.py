@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
@@ -216,8 +217,79 @@ ORDER BY version
 """
 
 
+# -- the cluster shape ---------------------------------------------------------------------------
+# One set of migrations, two shapes. On one server (or chDB) each statement runs as written. On a
+# cluster (a store whose URL names one, `?cluster=NAME`) each table becomes a local
+# Replicated…MergeTree `<table>_local` on every server (its shard's replicas share a ZooKeeper path)
+# plus a Distributed table under the table's own name, so every query and insert runs unchanged.
+# The DDL runs ON CLUSTER: the store knows one server, the distributed DDL queue reaches all of them.
+#
+# The sharding key is the dedup key: ReplacingMergeTree collapses versions only within a shard, and
+# FINAL runs per shard, so every version of a key must land on the same shard.
+SHARDING_KEYS = {
+    "events": "cityHash64(event_id)",
+    "event_index": "cityHash64(event_id)",
+    # by target: a target's voids together (queries ask `NOT IN (SELECT target_id FROM voids)`)
+    "voids": "cityHash64(target_id)",
+    "subjects": "cityHash64(subject_id)",
+    # a subject's points, or a retracted event's, by key_id (the first column of their key after hour)
+    "points": "cityHash64(key_id)",
+    # Rollups and marks are recomputed by INSERT … SELECT over the Distributed tables (GROUP BY merges
+    # the shards' partial states), never read-modify-written in Python, so they shard by their key too.
+    "figures_hourly": "cityHash64(hour)",
+    "figures_daily": "cityHash64(day)",
+    "doses_daily": "cityHash64(day)",
+    "hour_marks": "cityHash64(hour)",
+    "sink_owners": "cityHash64(instance)",
+    "sink_batches": "cityHash64(version)",
+    "schema_migrations": "cityHash64(version)",
+}
+
+
+_CREATE = re.compile(
+    r"^\s*CREATE TABLE IF NOT EXISTS (?P<table>\w+) \((?P<columns>.*)\)\s*"
+    r"ENGINE = (?P<engine>\w*MergeTree)(?:\((?P<args>[^)]*)\))?(?P<rest>.*)$",
+    re.DOTALL,
+)
+
+
+def cluster_statements(statement: str, database: str, cluster: str) -> list[str]:
+    """One CREATE TABLE of a migration in the cluster shape: the replicated local table, then the Distributed one.
+
+    MATERIALIZED columns become DEFAULT in the local table: the Distributed table computes them
+    (the same expression, on the same server version) and sends them with the rows, which a
+    MATERIALIZED column would refuse. Nothing inserts them explicitly, and nothing reads `SELECT *`.
+    """
+    m = _CREATE.match(statement)
+    if m is None:
+        raise ValueError(f"a migration statement the cluster shape cannot translate: {statement.strip()[:120]}")
+    table, engine = m["table"], m["engine"]
+    local = f"{table}_local"
+    columns = m["columns"].replace(" MATERIALIZED ", " DEFAULT ")
+    args = ", ".join(
+        [f"'/clickhouse/tables/{{shard}}/{database}/{local}'", "'{replica}'"] + ([m["args"]] if m["args"] else [])
+    )
+    on = f"ON CLUSTER `{cluster}`"
+    return [
+        f"CREATE TABLE IF NOT EXISTS `{database}`.`{local}` {on} ({columns}) "
+        f"ENGINE = Replicated{engine}({args}){m['rest']}",
+        f"CREATE TABLE IF NOT EXISTS `{database}`.`{table}` {on} AS `{database}`.`{local}` "
+        f"ENGINE = Distributed(`{cluster}`, `{database}`, `{local}`, {SHARDING_KEYS[table]})",
+    ]
+
+
+def shaped(store: AnalyticsStore, statement: str) -> list[str]:
+    """The statements that carry out one migration statement on this store (see cluster_statements)."""
+    cluster = getattr(store, "cluster", None)  # chDB has none: it can never be a replica
+    return cluster_statements(statement, store.database, cluster) if cluster else [statement]
+
+
 def applied_versions(store: AnalyticsStore) -> set[int]:
-    store.execute(MIGRATIONS_DDL)
+    # Only if missing: ON CLUSTER DDL waits for every server, so a sink (re)starting while one
+    # replica is down would otherwise wait for it.
+    if not store.execute("EXISTS TABLE schema_migrations")[0][0]:
+        for statement in shaped(store, MIGRATIONS_DDL):
+            store.execute(statement)
     return {int(v) for (v,) in store.execute("SELECT DISTINCT version FROM schema_migrations")}
 
 
@@ -234,7 +306,8 @@ def migrate(store: AnalyticsStore, migrations: Sequence[Migration] = MIGRATIONS)
         if m.version in done:
             continue
         for statement in m.statements:
-            store.execute(statement)
+            for part in shaped(store, statement):
+                store.execute(part)
         store.insert(
             "schema_migrations",
             ["version", "name", "applied_at"],

@@ -97,9 +97,11 @@ def _reset_database(url: str, password: str | None) -> None:
         return
     database = parsed.path.strip("/")
     admin = open_store(urlunparse(parsed._replace(path="/default")), password=password)
+    cluster = getattr(admin, "cluster", None)
+    on = f" ON CLUSTER `{cluster}`" if cluster else ""  # a cluster's database is on every server
     try:
-        admin.execute(f"DROP DATABASE IF EXISTS `{database}`")
-        admin.execute(f"CREATE DATABASE `{database}`")
+        admin.execute(f"DROP DATABASE IF EXISTS `{database}`{on}")
+        admin.execute(f"CREATE DATABASE `{database}`{on}")
     finally:
         admin.close()
 
