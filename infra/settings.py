@@ -33,8 +33,16 @@ class ConfigError(RuntimeError):
     """A setting is missing or unsafe; the message says which and why."""
 
 
+def credentials_dir() -> str | None:
+    """Where a secret may also come from: one file per setting, named as its variable (NHDP_PSEUDONYM_SECRET).
+
+    systemd's LoadCredential= puts them in $CREDENTIALS_DIRECTORY (infra/systemd/), so a secret is never in
+    an environment block that `systemctl show` or /proc/PID/environ would reveal. A variable wins over a file."""
+    return os.environ.get("CREDENTIALS_DIRECTORY") or None
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="NHDP_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="NHDP_", extra="ignore", secrets_dir=credentials_dir())
 
     # "local": the stack started by `nhdp up`. Anything else is a real deployment.
     env: str = "local"

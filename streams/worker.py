@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import sys
 import threading
 import time
@@ -76,6 +77,17 @@ class Worker(faust.Worker):
         self.spinner = None
 
 
+def broker_credentials(settings: Settings) -> faust.SASLCredentials:
+    """SCRAM as this process's principal; TLS too under NHDP_KAFKA_SECURITY_PROTOCOL=SASL_SSL.
+
+    Faust picks SASL_SSL only when given an SSL context, never from a protocol name. The default
+    context verifies the brokers against the system's CAs (a private CA: SSL_CERT_FILE)."""
+    tls = ssl.create_default_context() if settings.kafka_security_protocol == "SASL_SSL" else None
+    return faust.SASLCredentials(
+        username=settings.principal, password=settings.password, mechanism=KAFKA_SASL_MECHANISM, ssl_context=tls
+    )
+
+
 def create_app(
     settings: Settings, *, namespace: str = "proj", group: str = PROJECTOR_GROUP, ready_file: Path | None = None
 ) -> faust.App:
@@ -83,9 +95,7 @@ def create_app(
     app = faust_internals.App(
         group,
         broker=f"kafka://{settings.kafka_bootstrap_servers}",
-        broker_credentials=faust.SASLCredentials(
-            username=settings.principal, password=settings.password, mechanism=KAFKA_SASL_MECHANISM
-        ),
+        broker_credentials=broker_credentials(settings),
         store="memory://",
         web_enabled=False,
         topic_allow_declare=False,  # the contract's topics are created by `nhdp up`

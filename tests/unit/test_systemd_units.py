@@ -41,11 +41,13 @@ def test_the_four_services_and_the_target_are_there():
         "nhdp-registry.service",
         "nhdp-worker@.service",
         "nhdp-sink.service",
-        "nhdp-api.service",
+        "nhdp-api@.service",
     }
     target = parse(UNITS / "nhdp.target")
     wanted = set(target["Unit"]["Wants"].split())
-    assert wanted == {p.name.replace("@.", "@1.") for p in SERVICES}
+    # a template's default instance: worker 1, the API on port 8000
+    assert wanted == {p.name.replace("@.", f"@{parse(p)['Install'].get('DefaultInstance')}.") for p in SERVICES}
+    assert {"nhdp-worker@1.service", "nhdp-api@8000.service"} <= wanted
 
 
 @pytest.mark.parametrize("path", SERVICES, ids=lambda p: p.name)
