@@ -140,11 +140,11 @@ def platform_processes(settings: Settings) -> dict[str, int]:
 
 
 def by_part(cpu: dict[str, float]) -> dict[str, float]:
-    """CPU seconds per part of the platform: a cluster's nodes (kafka-1…) and extra workers
-    (worker2…) add up under their part's name."""
+    """CPU seconds per part of the platform: a cluster's nodes (kafka-1…, clickhouse-1-2…) and
+    extra workers (worker2…) add up under their part's name."""
     out: dict[str, float] = {}
     for name, seconds in cpu.items():
-        part = re.sub(r"-?\d+$", "", name) if name.startswith(("kafka", "worker")) else name
+        part = re.sub(r"(-\d+)+$|\d+$", "", name) if name.startswith(("kafka", "worker", "clickhouse")) else name
         out[part] = out.get(part, 0.0) + seconds
     return out
 
@@ -458,7 +458,9 @@ def freshness(settings: Settings, args, producer: str, watcher: Watcher) -> dict
 # -- report -----------------------------------------------------------------------------------
 
 
-ORDER = ["api", "worker", "sink", "sink (children)", "kafka", "postgres", "clickhouse", "registry", "supervisor"]
+ORDER = [
+    "api", "worker", "sink", "sink (children)", "kafka", "postgres", "clickhouse", "zookeeper", "registry", "supervisor"
+]  # fmt: skip
 LABELS = {"api": "API (gateway + queries)", "sink (children)": "sink decoders"}
 
 
@@ -576,12 +578,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--kafka-nodes", type=int, default=1, help="3: the stack on a 3-node Kafka cluster")
     ap.add_argument("--api-processes", type=int, default=1, help="API processes sharing the port")
+    ap.add_argument(
+        "--clickhouse-shards", type=int, default=0, help="2: ClickHouse as 2 shards × 2 replicas with ZooKeeper"
+    )
     ap.add_argument("--ceiling-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.ceiling_child:
         ceiling_child({int(p): o for p, o in orjson.loads(args.ceiling_child).items()})
         return 0
-    shape = {"kafka_nodes": args.kafka_nodes, "api_processes": args.api_processes}
+    shape = {
+        "kafka_nodes": args.kafka_nodes,
+        "api_processes": args.api_processes,
+        "clickhouse_cluster_shards": args.clickhouse_shards,
+    }
     with own_stack(**shape) if not args.existing else contextlib.nullcontext(Settings()) as settings:
         extra = extra_workers(settings, args.workers)
         try:
