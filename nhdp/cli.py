@@ -37,7 +37,7 @@ def cmd_up(args) -> int:
     from nhdp import stack
 
     settings = get_settings()
-    if args.cluster and settings.kafka_nodes == 1:
+    if getattr(args, "cluster", False) and settings.kafka_nodes == 1:  # `demo` runs this too, without the option
         settings = stack.choose_cluster(settings)
 
     def on_ready(svc, pid, started):

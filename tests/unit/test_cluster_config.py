@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import stat
+
+import pytest
 
 from infra import kafka
 from infra.settings import STACK_FILE, Settings
 from nhdp.stack import private_settings
+
+
+@pytest.fixture(autouse=True)
+def no_stack_environment(monkeypatch):
+    """Settings from defaults and what each test gives: a whole run's stack fixtures export NHDP_*."""
+    for name in [k for k in os.environ if k.startswith("NHDP_")]:
+        monkeypatch.delenv(name)
 
 
 def props(path) -> dict[str, str]:
