@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 from pathlib import Path
 from string import Template
 from urllib.parse import parse_qs, urlparse
@@ -97,7 +98,12 @@ def _is_our_server(settings: Settings, port: int = 0, root: Path | None = None) 
     port from being taken for ours; ours then fails with "address in use" and
     Managed reports its log.
     """
-    client = _client("127.0.0.1", port or settings.clickhouse_port, password=settings.analytics_password() or "")
+    port = port or settings.clickhouse_port
+    try:  # not listening yet: say so without the driver, which logs a traceback for every refused connect
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        return False
+    client = _client("127.0.0.1", port, password=settings.analytics_password() or "")
     try:
         rows = client.execute("SELECT data_path FROM system.databases WHERE name = 'system'")
     finally:
