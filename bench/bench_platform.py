@@ -281,6 +281,7 @@ def throughput(settings: Settings, args, producer: str, watcher: Watcher, events
         ld.go()
     total = per_client * args.clients
     t_posted = t_summary = t_analytics = None
+    timeline: list[tuple[float, int, int, int]] = []  # (s, accepted, in the summary, in the analytics)
     with progress_bars() as bars:
         posted = bars.add_task("accepted by the gateway", total=total, info="")
         in_summary = bars.add_task("in the national summary", total=total, info="")
@@ -293,14 +294,17 @@ def throughput(settings: Settings, args, producer: str, watcher: Watcher, events
             if t_posted is None and all(ld.proc.poll() is not None for ld in loads):
                 t_posted = time.perf_counter()
                 end = watcher.ends()
+            reflected = []
             for task, fetch, done in ((in_summary, watcher.summary, "s"), (in_analytics, watcher.analytics, "a")):
                 positions = fetch()
-                bars.update(task, completed=count(positions, start_ends))
+                reflected.append(count(positions, start_ends))
+                bars.update(task, completed=reflected[-1])
                 if end is not None and positions is not None and reached(positions, end):
                     if done == "s" and t_summary is None:
                         t_summary = time.perf_counter()
                     if done == "a" and t_analytics is None:
                         t_analytics = time.perf_counter()
+            timeline.append((round(now, 2), accepted, *reflected))
             if time.perf_counter() - t0 > args.timeout:
                 raise SystemExit(f"not all events reflected after {args.timeout:.0f} s")
             time.sleep(0.25)
@@ -332,6 +336,7 @@ def throughput(settings: Settings, args, producer: str, watcher: Watcher, events
         "backoffs": sum(r.get("backoffs", 0) for r in results),
         "request_p99_ms": percentile([x for r in results for x in r["latency_ms"]], 0.99),
         "ends": end,
+        "timeline": timeline,
     }
 
 

@@ -79,22 +79,26 @@ def kafka_dir(settings: Settings) -> Path:
     return nodes(settings)[0].folder
 
 
-def ensure_jars(settings: Settings) -> Path:
-    """Resolve the broker jars once into the cache folder; later runs reuse them."""
-    jars = settings.jar_dir
-    if any(jars.glob("kafka_2.13-*.jar")) and any(jars.glob("log4j-core-*.jar")):
+def resolve_jars(service: str, pom: Path, jars: Path, wanted: Sequence[str]) -> Path:
+    """Copy a pom's dependencies once into the folder `jars`; later runs find the `wanted` globs there."""
+    if all(any(jars.glob(pattern)) for pattern in wanted):
         return jars
     require_tool("java", "openjdk-17-jre-headless")
     mvn = require_tool("mvn", "maven")
     jars.mkdir(parents=True, exist_ok=True)
-    cmd = [mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies", f"-Dnhdp.jars={jars}"]
+    cmd = [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies", f"-Dnhdp.jars={jars}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 or not any(jars.glob("kafka_2.13-*.jar")):
+    if proc.returncode != 0 or not all(any(jars.glob(pattern)) for pattern in wanted):
         raise ServiceError(
-            f"kafka: resolving jars failed.\n  command: {' '.join(cmd)}\n"
+            f"{service}: resolving jars failed.\n  command: {' '.join(cmd)}\n"
             f"  last lines:\n{(proc.stdout + proc.stderr)[-3000:]}"
         )
     return jars
+
+
+def ensure_jars(settings: Settings) -> Path:
+    """The broker jars, resolved once into the cache folder."""
+    return resolve_jars("kafka", POM, settings.jar_dir, ("kafka_2.13-*.jar", "log4j-core-*.jar"))
 
 
 def _java_cmd(settings: Settings, main: str, *args: str, heap: str | None = None) -> list[str]:

@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     # Back-pressure: past this many events of health.events not yet applied by the live
     # projections or by the analytics sink, the gateway answers 503 + Retry-After. 0: never.
     gateway_max_backlog: int = Field(default=200_000, ge=0)
+    # Before that, pacing: past this many events behind, each ingest request waits before
+    # it is read, longer the further behind (projections/backpressure.py). 0: never.
+    gateway_pace_backlog: int = Field(default=20_000, ge=0)
     api_analytics_concurrency: int = Field(default=16, ge=1)
     api_general_concurrency: int = Field(default=128, ge=1)
     # The API's ClickHouse connections, how long a call waits for one, and each query's limits.

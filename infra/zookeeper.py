@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
 from pathlib import Path
 
-from infra.kafka import require_tool
-from infra.process import Managed, ServiceError
+from infra.kafka import resolve_jars
+from infra.process import Managed
 from infra.settings import Settings
 
 POM = Path(__file__).resolve().parent / "zookeeper-pom.xml"
@@ -35,21 +34,8 @@ def jar_dir(settings: Settings) -> Path:
 
 
 def ensure_jars(settings: Settings) -> Path:
-    """Resolve the jars once into their cache folder; later runs reuse them."""
-    jars = jar_dir(settings)
-    if any(jars.glob("zookeeper-3.*.jar")) and any(jars.glob("snappy-java-*.jar")):
-        return jars
-    require_tool("java", "openjdk-17-jre-headless")
-    mvn = require_tool("mvn", "maven")
-    jars.mkdir(parents=True, exist_ok=True)
-    cmd = [mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies", f"-Dnhdp.jars={jars}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 or not any(jars.glob("zookeeper-3.*.jar")):
-        raise ServiceError(
-            f"zookeeper: resolving jars failed.\n  command: {' '.join(cmd)}\n"
-            f"  last lines:\n{(proc.stdout + proc.stderr)[-3000:]}"
-        )
-    return jars
+    """The ZooKeeper jars, resolved once into their own cache folder."""
+    return resolve_jars("zookeeper", POM, jar_dir(settings), ("zookeeper-3.*.jar", "snappy-java-*.jar"))
 
 
 def write_config(settings: Settings) -> Path:

@@ -104,8 +104,10 @@ def create_app(settings: Settings, *, with_gateway: bool = True, analytics: Any 
         app.state.access_log = AccessLog(settings.postgres_url)
         app.state.queries = Queries(settings)
         if with_gateway:  # back-pressure is the gateway's: a queries-only API measures no backlog
-            app.state.backlog = Backlog(app.state.queries.backlog, settings.gateway_max_backlog)
-            app.state.gateway = Gateway(settings, refusal=app.state.backlog.refusal)
+            app.state.backlog = Backlog(
+                app.state.queries.backlog, settings.gateway_max_backlog, settings.gateway_pace_backlog
+            )
+            app.state.gateway = Gateway(settings, refusal=app.state.backlog.refusal, pace=app.state.backlog.pace)
             app.state.keyring = KeyRing(settings.postgres_url, settings.secrets)
             app.state.health_records = HealthRecords(app.state.queries)
         # The start-up objects (FastAPI routes, pydantic models, the codec) are

@@ -16,6 +16,7 @@ bounded PostgreSQL table (`gateway.seen_events`):
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import threading
@@ -51,6 +52,9 @@ SEEN_RETENTION = "7 days"
 REFUSED = Counter("nhdp_gateway_backpressure_refusals_total", "Requests refused because the consumers are behind")
 # The consumers apply tens of thousands of events a second: a second is enough to make room.
 BACKPRESSURE_RETRY_AFTER_S = 1
+PACED = Histogram(
+    "nhdp_gateway_pace_seconds", "How long requests waited because the consumers were behind (paced ones only)"
+)
 EVENTS = Counter("nhdp_gateway_events_total", "Events posted to the gateway, by outcome", ["outcome"])
 REQUEST_SECONDS = Histogram(
     "nhdp_gateway_request_seconds",
@@ -83,10 +87,12 @@ class Gateway:
         settings: Settings,
         producer: EventProducer | None = None,
         refusal: Callable[[], str | None] = lambda: None,
+        pace: Callable[[], float] = lambda: 0.0,
     ):
-        """refusal: why nothing is accepted now (back-pressure from the consumers), or None."""
+        """refusal: why nothing is accepted now (back-pressure from the consumers), or None;
+        pace: how long a request waits before it is read (the consumers are falling behind)."""
         self.settings = settings
-        self.refusal = refusal
+        self.refusal, self.pace = refusal, pace
         self.pseudonymiser = Pseudonymiser.from_settings(settings)
         self.pool = ConnectionPool(
             settings.postgres_url, min_size=1, max_size=16, open=True, check=ConnectionPool.check_connection
@@ -366,6 +372,10 @@ async def post_events(
     if refusal:  # before the body is parsed: refusing costs the gateway almost nothing
         REFUSED.inc()
         return _error(503, refusal, retry_after=BACKPRESSURE_RETRY_AFTER_S)
+    wait = gateway.pace()
+    if wait > 0:  # unread, the body waits in the socket: the producer slows to the consumers' pace
+        PACED.observe(wait)
+        await asyncio.sleep(wait)
     try:
         body = await read_body(request, gateway.settings.max_body_bytes)
     except BodyTooLarge as exc:

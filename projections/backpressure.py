@@ -7,6 +7,13 @@ instead, past `gateway_max_backlog` events not yet applied by either, the gatewa
 answers 503 with Retry-After before it reads a request's body, and producers
 retry the same events (duplicates are answered as such, never published twice).
 
+Before that hard limit, the gateway paces: past `gateway_pace_backlog` events behind,
+each ingest request waits before its body is read, longer the further behind the
+consumers are (pace()). Producers then post at about the rate the consumers apply,
+so the answers stay fresh, and on shared cores the consumers get the CPU the
+gateway would have spent accepting events that only queue up. The wait costs no
+CPU (the body stays in the socket) and answers nothing differently.
+
 The backlog is measured off the request path: a thread asks every POLL_S for the
 log's end and both consumers' positions (the same long-lived clients the
 freshness headers use). A measurement that fails or grows old refuses nothing:
@@ -24,7 +31,12 @@ from prometheus_client import Gauge
 
 log = logging.getLogger("nhdp.backpressure")
 
-POLL_S = 0.5
+POLL_S = 0.25
+# pace(): the wait grows by PACE_STEP_S for every `pace_backlog` events behind past
+# `pace_backlog`, up to PACE_MAX_S; a proportional controller, stable because a wait
+# of a few hundred ms already slows a posting client several-fold.
+PACE_STEP_S = 0.2
+PACE_MAX_S = 1.0
 STALE_S = 10.0  # a measurement older than this refuses nothing
 BACKLOG = Gauge("nhdp_backlog_events", "Events in health.events not yet applied, by consumer", ["consumer"])
 
@@ -32,12 +44,14 @@ BACKLOG = Gauge("nhdp_backlog_events", "Events in health.events not yet applied,
 class Backlog:
     """measure() -> (events the projections have not applied, events the sink has not written)."""
 
-    def __init__(self, measure: Callable[[], tuple[int, int]], limit: int, poll_s: float = POLL_S):
-        self.measure, self.limit, self.poll_s = measure, limit, poll_s
+    def __init__(
+        self, measure: Callable[[], tuple[int, int]], limit: int, pace_backlog: int = 0, poll_s: float = POLL_S
+    ):
+        self.measure, self.limit, self.pace_backlog, self.poll_s = measure, limit, pace_backlog, poll_s
         self.last: tuple[float, int, int] | None = None  # (monotonic time, projections, sink)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="nhdp-backlog", daemon=True)
-        if limit > 0:
+        if limit > 0 or pace_backlog > 0:
             self._thread.start()
 
     def _loop(self) -> None:
@@ -59,10 +73,23 @@ class Backlog:
             return None
         return refusal(last[1], last[2], self.limit)
 
+    def pace(self) -> float:
+        """Seconds an ingest request waits before it is read (0: none)."""
+        last = self.last
+        if self.pace_backlog <= 0 or last is None or time.monotonic() - last[0] > STALE_S:
+            return 0.0
+        return pace(max(last[1], last[2]), self.pace_backlog)
+
     def close(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(5)
+
+
+def pace(behind: int, pace_backlog: int) -> float:
+    if behind <= pace_backlog:
+        return 0.0
+    return min(PACE_MAX_S, PACE_STEP_S * (behind - pace_backlog) / pace_backlog)
 
 
 def refusal(projections: int, sink: int, limit: int) -> str | None:

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -31,7 +34,7 @@ import httpx
 import orjson
 from kafka import KafkaConsumer, TopicPartition
 
-from infra.settings import Settings
+from infra.settings import CHECKOUT, Settings
 from nhdp.stack import private_settings
 from schemas.api_auth import issue_token
 from schemas.topics import TOPIC_EVENTS
@@ -50,6 +53,20 @@ def stack_env(data_dir: Path) -> dict[str, str]:
 def settings_for(env: dict[str, str]) -> Settings:
     """Settings from NHDP_* variables without touching os.environ."""
     return Settings(**{k.removeprefix("NHDP_").lower(): v for k, v in env.items()})
+
+
+def nhdp_cli(settings: Settings, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The real CLI in a child process, configured for this stack only (NHDP_* from its settings)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NHDP_")} | settings.as_env()
+    env["COLUMNS"] = "250"  # rich wraps at 80 columns without a terminal
+    return subprocess.run(
+        [sys.executable, "-m", "nhdp.cli", *args],
+        env=env,
+        cwd=CHECKOUT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @contextmanager

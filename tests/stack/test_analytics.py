@@ -26,11 +26,8 @@ The pure parts (the timeline, the figure view) are in tests/unit/test_analytics.
 from __future__ import annotations
 
 import gc
-import os
 import random
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -46,7 +43,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
 from infra.clickhouse import server_service
-from infra.settings import CHECKOUT, Settings
+from infra.settings import Settings
 from infra.tools import server_binary
 from nhdp import stack
 from producers.pseudonym import Pseudonymiser
@@ -69,6 +66,7 @@ from streams.routing import Router
 from streams.sink.audit import wait_caught_up
 from streams.sink.runner import Runner
 from tests.helpers import api, settings_for, stack_env
+from tests.helpers import nhdp_cli as nhdp
 from tests.helpers import wait_caught_up as wait_postgres
 
 pytestmark = pytest.mark.stack
@@ -376,18 +374,6 @@ def test_voids_before_and_after_their_targets(engine, minutes):
 
 
 # -- agreement with PostgreSQL -----------------------------------------------------------------------
-
-
-def nhdp(settings: Settings, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NHDP_")} | settings.as_env()
-    return subprocess.run(
-        [sys.executable, "-m", "nhdp.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=CHECKOUT,
-    )
 
 
 def test_verify_analytics_agrees_with_postgres(world):

@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -26,7 +24,6 @@ import psycopg
 import pytest
 
 from infra import clickhouse
-from infra.settings import CHECKOUT
 from infra.tools import server_binary
 from nhdp import stack
 from producers.pseudonym import Pseudonymiser
@@ -36,6 +33,7 @@ from projections.clickhouse.connect import open_store
 from projections.postgres import read_models
 from streams.sink.audit import verify, wait_caught_up
 from tests.helpers import api
+from tests.helpers import nhdp_cli as nhdp
 from tests.helpers import wait_caught_up as wait_postgres
 
 pytestmark = [pytest.mark.stack, pytest.mark.cluster]
@@ -175,18 +173,6 @@ def test_analytics_equal_postgres(cluster):
             doses = client.get("/v1/analytics/doses", params={"group_by": ",".join(group_by)} if group_by else {})
             assert doses.status_code == 200, doses.text
             assert doses.json()["rows"] == pg_doses(cluster, group_by), group_by
-
-
-def nhdp(settings, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NHDP_")} | settings.as_env()
-    return subprocess.run(
-        [sys.executable, "-m", "nhdp.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=CHECKOUT,
-    )
 
 
 def test_verify_analytics_and_a_replay_on_the_cluster(cluster):

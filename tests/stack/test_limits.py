@@ -564,3 +564,46 @@ def test_the_gateway_refuses_while_the_projections_are_behind_and_accepts_once_t
             assert time.monotonic() < deadline, again.text
             time.sleep(0.5)
         assert again.status_code == 200 and again.json()["accepted"] == 1, again.text
+
+
+def test_the_gateway_paces_requests_while_the_projections_fall_behind(stack_settings, tmp_path):
+    """Past NHDP_GATEWAY_PACE_BACKLOG events not yet projected, a request waits before it is read
+    (counted in nhdp_gateway_pace_seconds) and is then accepted whole: pacing slows, never refuses."""
+    from nhdp.stack import worker_service
+    from tests.helpers import wait_caught_up
+
+    worker = worker_service(stack_settings)
+    producer = bearer(stack_settings, "producer", source=SOURCE, provinces=["*"])
+    national = bearer(stack_settings, "national")
+
+    def paced(client: httpx.Client) -> float:
+        text = client.get("/metrics", headers=national).text
+        return sum(
+            float(line.split()[-1]) for line in text.splitlines() if line.startswith("nhdp_gateway_pace_seconds_count")
+        )
+
+    with (
+        private_api(stack_settings, tmp_path, gateway_pace_backlog=50) as url,
+        httpx.Client(base_url=url, timeout=60) as client,
+    ):
+        assert paced(client) == 0
+        worker.stop()
+        try:
+            first = client.post(
+                "/v1/events", headers=producer, content=orjson.dumps([valid_event() for _ in range(150)])
+            )
+            assert first.status_code == 200 and first.json()["accepted"] == 150, first.text
+            deadline = time.monotonic() + 30
+            while paced(client) == 0:  # the backlog is measured off the request path, 4 times a second
+                answer = client.post("/v1/events", headers=producer, content=orjson.dumps([valid_event()]))
+                assert answer.status_code == 200 and answer.json()["accepted"] == 1, answer.text
+                assert time.monotonic() < deadline, "never paced with 150 events unprojected and a pace backlog of 50"
+                time.sleep(0.2)
+        finally:
+            worker.start(stack_settings.start_timeout_s)
+        wait_caught_up(stack_settings)
+        time.sleep(1)  # measured again with the worker caught up: no more waiting
+        count = paced(client)
+        again = client.post("/v1/events", headers=producer, content=orjson.dumps([valid_event()]))
+        assert again.status_code == 200 and again.json()["accepted"] == 1, again.text
+        assert paced(client) == count

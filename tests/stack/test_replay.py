@@ -12,11 +12,8 @@ messages so that the DLQ decisions are replayed too), through the real CLI:
 
 from __future__ import annotations
 
-import os
 import shutil
 import struct
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -24,7 +21,7 @@ import psycopg
 import pytest
 from kafka import KafkaProducer
 
-from infra.settings import CHECKOUT, Settings
+from infra.settings import Settings
 from nhdp import stack
 from producers.pseudonym import Pseudonymiser
 from producers.sdk import EventProducer
@@ -32,6 +29,7 @@ from producers.simulator import simulate
 from projections.postgres import read_models
 from projections.postgres.read_models import diff_namespaces
 from schemas.topics import TOPIC_EVENTS
+from tests.helpers import nhdp_cli as nhdp
 from tests.helpers import settings_for, stack_env, wait_caught_up
 
 pytestmark = pytest.mark.stack
@@ -87,21 +85,6 @@ def replay_stack() -> Settings:
     finally:
         stack.down(settings)
         shutil.rmtree(data, ignore_errors=True)
-
-
-def nhdp(settings: Settings, *args: str) -> subprocess.CompletedProcess:
-    """The real CLI in a child process, configured for this stack only (NHDP_* from the settings)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NHDP_")}
-    env.update(settings.as_env())
-    env["COLUMNS"] = "250"  # rich wraps at 80 columns without a terminal
-    return subprocess.run(
-        [sys.executable, "-m", "nhdp.cli", *args],
-        env=env,
-        cwd=CHECKOUT,
-        capture_output=True,
-        text=True,
-        timeout=280,
-    )
 
 
 def test_verify_reports_zero_differences(replay_stack):

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import time
 
-from projections.backpressure import Backlog, refusal
+import pytest
+
+from projections.backpressure import PACE_MAX_S, PACE_STEP_S, Backlog, pace, refusal
 
 
 def test_within_the_limit_nothing_is_refused():
@@ -62,3 +64,29 @@ def test_the_latest_measurement_decides_and_an_old_one_refuses_nothing(monkeypat
 def test_a_limit_of_zero_turns_it_off():
     backlog = Backlog(lambda: (10**9, 10**9), limit=0)
     assert backlog.refusal() is None and not backlog._thread.is_alive()
+
+
+def test_pacing_waits_nothing_up_to_its_backlog_then_grows_with_it_to_a_bound():
+    assert pace(0, 20_000) == 0 and pace(20_000, 20_000) == 0
+    assert pace(30_000, 20_000) == pytest.approx(PACE_STEP_S / 2)
+    assert pace(40_000, 20_000) == pytest.approx(PACE_STEP_S)
+    waits = [pace(n, 20_000) for n in range(0, 400_000, 5_000)]
+    assert waits == sorted(waits) and max(waits) == PACE_MAX_S
+
+
+def test_pacing_follows_the_larger_backlog_and_an_old_measurement_paces_nothing():
+    backlog = Backlog(lambda: (1_000, 40_000), limit=0, pace_backlog=20_000, poll_s=0.01)
+    try:
+        wait_measured(backlog)
+        assert backlog.pace() == pytest.approx(PACE_STEP_S)
+        assert backlog.refusal() is None  # pacing alone never refuses
+    finally:
+        backlog.close()
+    at, projections, sink = backlog.last
+    backlog.last = (at - 60, projections, sink)
+    assert backlog.pace() == 0
+
+
+def test_a_pace_backlog_of_zero_turns_pacing_off():
+    backlog = Backlog(lambda: (10**9, 10**9), limit=0, pace_backlog=0)
+    assert backlog.pace() == 0 and not backlog._thread.is_alive()
