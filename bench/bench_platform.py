@@ -79,6 +79,10 @@ class CpuMeter:
         self.roots, self.split = roots, split_children
         self.first: dict[tuple[int, float], float] = {}
         self.last: dict[tuple[int, float], tuple[str, float]] = {}
+        # The JVMs' JIT compiler threads, by (pid, tid): part of their process's CPU, reported
+        # apart because it is a cost of a young JVM, not of the events.
+        self.jit_first: dict[tuple[int, int], float] = {}
+        self.jit_last: dict[tuple[int, int], float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -102,6 +106,29 @@ class CpuMeter:
                     self.first[key] = cpu
                 self.first.setdefault(key, 0.0)  # appeared during the window: all its CPU counts
                 self.last[key] = (label, cpu)
+                if label.startswith("kafka"):
+                    self._sample_jit(proc, initial)
+
+    def _sample_jit(self, proc: psutil.Process, initial: bool) -> None:
+        try:
+            threads = proc.threads()
+        except psutil.Error:
+            return
+        for th in threads:
+            try:
+                name = Path(f"/proc/{proc.pid}/task/{th.id}/comm").read_text()
+            except OSError:
+                continue
+            if "CompilerThre" in name:  # "C2 CompilerThre", "C1 CompilerThre"
+                key = (proc.pid, th.id)
+                if initial:
+                    self.jit_first[key] = th.user_time + th.system_time
+                self.jit_first.setdefault(key, 0.0)
+                self.jit_last[key] = th.user_time + th.system_time
+
+    def jit_s(self) -> float:
+        """CPU seconds of the JVMs' JIT compilers over the window (after stop())."""
+        return sum(cpu - self.jit_first[key] for key, cpu in self.jit_last.items())
 
     def _loop(self) -> None:
         while not self._stop.wait(0.5):
@@ -333,6 +360,7 @@ def throughput(settings: Settings, args, producer: str, watcher: Watcher, events
         "end_to_end_rate": events / (t_done - t0),
         "cpu_s": cpu,
         "clients_cpu_s": sum(clients_cpu.values()),
+        "kafka_jit_s": meter.jit_s(),
         "backoffs": sum(r.get("backoffs", 0) for r in results),
         "request_p99_ms": percentile([x for r in results for x in r["latency_ms"]], 0.99),
         "ends": end,
@@ -495,6 +523,11 @@ def report(run: dict) -> None:
         f"an event); the platform ran at [bold]{tp['end_to_end_rate'] / ceil['rate']:.2f}[/] of it",
         f"CPU: [bold]{total / ev * 1e6:.0f} µs per event[/] in all (target ≤ {TARGET_CPU_US})",
     ]
+    if tp.get("kafka_jit_s"):
+        lines.append(
+            f"of Kafka's CPU, its JVM's JIT compiler: {tp['kafka_jit_s'] / ev * 1e6:.0f} µs an event "
+            "(compiling the broker's code, a cost of a young JVM: see --warmup-events)"
+        )
     if fr:
         lines.append(
             f"freshness at {fr['rate']:,}/s offered ({fr['accepted']:,} accepted): summary p50 "
