@@ -45,7 +45,11 @@ MAX_BATCH_ROWS = 50_000  # while catching up, what is already fetched joins the 
 QUIET_S = 0.2  # no message for this long: the batches in the pipeline are finished and committed
 
 
-ROLLUP_EVERY_S = 5.0  # recompute dirty hours at most this often while busy (always when idle)
+ROLLUP_EVERY_S = 5.0  # recompute dirty hours at most this often while busy…
+# …and this often when idle. Each recomputation reads its hours whole (FINAL), and a sink that
+# keeps up with a steady stream is idle between most batches: refreshing at every one of those
+# pauses made ClickHouse's work per event grow with the size of the current hour.
+IDLE_ROLLUP_EVERY_S = 1.0
 
 
 COLLECT_EVERY_S = 10.0  # the sink's cyclic garbage collection (Runner.run)
@@ -202,7 +206,8 @@ class Runner:
                     not self._buffer
                     and not self._decoding
                     and self._writing is None
-                    and (not polled or time.monotonic() - self.sink.last_rollup > self.rollup_every_s)
+                    and time.monotonic() - self.sink.last_rollup
+                    > (self.rollup_every_s if polled else min(self.rollup_every_s, IDLE_ROLLUP_EVERY_S))
                 ):
                     self._with_retry(
                         consumer,
