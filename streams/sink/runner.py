@@ -45,11 +45,12 @@ MAX_BATCH_ROWS = 50_000  # while catching up, what is already fetched joins the 
 QUIET_S = 0.2  # no message for this long: the batches in the pipeline are finished and committed
 
 
-ROLLUP_EVERY_S = 5.0  # recompute dirty hours at most this often while busy…
-# …and this often when idle. Each recomputation reads its hours whole (FINAL), and a sink that
-# keeps up with a steady stream is idle between most batches: refreshing at every one of those
-# pauses made ClickHouse's work per event grow with the size of the current hour.
-IDLE_ROLLUP_EVERY_S = 1.0
+ROLLUP_EVERY_S = 15.0  # recompute dirty hours at most this often while busy, and after each lull:
+# each recomputation reads its hours whole (FINAL), and the hour being written is dirty again
+# a moment later, so refreshing it at every pause of a steady stream (as before) made
+# ClickHouse's work per event grow with the size of the current hour. Queries read dirty hours
+# from the raw rows, so how often this runs changes how fast they are, never what they answer.
+LULL_S = 1.0  # no message for this long is a lull
 
 
 COLLECT_EVERY_S = 10.0  # the sink's cyclic garbage collection (Runner.run)
@@ -206,8 +207,14 @@ class Runner:
                     not self._buffer
                     and not self._decoding
                     and self._writing is None
-                    and time.monotonic() - self.sink.last_rollup
-                    > (self.rollup_every_s if polled else min(self.rollup_every_s, IDLE_ROLLUP_EVERY_S))
+                    and (
+                        time.monotonic() - self.sink.last_rollup > self.rollup_every_s
+                        or (
+                            not polled
+                            and time.monotonic() - last_polled >= LULL_S
+                            and self.sink.last_rollup <= last_polled
+                        )
+                    )
                 ):
                     self._with_retry(
                         consumer,
