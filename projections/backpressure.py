@@ -66,17 +66,22 @@ class Backlog:
             if self._stop.wait(self.poll_s):
                 return
 
+    def _current(self) -> tuple[float, int, int] | None:
+        """The last measurement, unless there is none or it has grown old."""
+        last = self.last
+        return None if last is None or time.monotonic() - last[0] > STALE_S else last
+
     def refusal(self) -> str | None:
         """Why the gateway accepts nothing now, or None."""
-        last = self.last
-        if self.limit <= 0 or last is None or time.monotonic() - last[0] > STALE_S:
+        last = self._current()
+        if self.limit <= 0 or last is None:
             return None
         return refusal(last[1], last[2], self.limit)
 
     def pace(self) -> float:
         """Seconds an ingest request waits before it is read (0: none)."""
-        last = self.last
-        if self.pace_backlog <= 0 or last is None or time.monotonic() - last[0] > STALE_S:
+        last = self._current()
+        if self.pace_backlog <= 0 or last is None:
             return 0.0
         return pace(max(last[1], last[2]), self.pace_backlog)
 

@@ -69,6 +69,23 @@ def nhdp_cli(settings: Settings, *args: str, timeout: float = 600) -> subprocess
     )
 
 
+def local_services(tmp_path) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """What `nhdp up` runs for each service: its argv after the interpreter, and its environment."""
+    from nhdp import stack
+
+    settings = stack.private_settings(tmp_path)
+    out = {}
+    for svc in (
+        stack.api_service(settings),
+        stack.worker_service(settings),
+        stack.sink_service(settings),
+        stack.registry_service(settings),
+    ):
+        argv = list(svc.command)
+        out[svc.name] = (argv[1 : argv.index("--nhdp-data")], svc.env)
+    return out
+
+
 @contextmanager
 def private_data_dir(name: str) -> Iterator[Path]:
     """A fresh data folder for a stack, removed afterwards: /tmp/nhdp-test-<name>-XXXXXXXX.

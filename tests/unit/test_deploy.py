@@ -20,9 +20,9 @@ from kubernetes_validate import utils as k8s_schemas
 from pydantic import SecretStr
 
 from infra.settings import Settings, credentials_dir
-from nhdp import stack
 from schemas.kafka_acls import SERVICE_GRANTS
 from schemas.principals import SERVICES as PRINCIPALS
+from tests.helpers import local_services
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "infra" / "deploy"
@@ -318,21 +318,6 @@ def test_no_password_in_any_url():
 
 
 # -- each service: the same process, principal and secrets everywhere ------------------------------
-def local_services(tmp_path) -> dict[str, tuple[list[str], dict[str, str]]]:
-    """What `nhdp up` runs for each service: its argv after the interpreter, and its environment."""
-    settings = stack.private_settings(tmp_path)
-    out = {}
-    for svc in (
-        stack.api_service(settings),
-        stack.worker_service(settings),
-        stack.sink_service(settings),
-        stack.registry_service(settings),
-    ):
-        argv = list(svc.command)
-        out[svc.name] = (argv[1 : argv.index("--nhdp-data")], svc.env)
-    return out
-
-
 def _module_and_command(argv: list[str]) -> tuple[str, ...]:
     """`python -m nhdp.cli api` and `nhdp api` are the same command: the module and its subcommand."""
     if argv[0] == "nhdp":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nhdp import stack
+from tests.helpers import local_services
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "infra" / "systemd"
@@ -76,18 +76,11 @@ def test_each_service_is_hardened(path):
 
 
 def test_each_service_runs_what_the_local_stack_runs(tmp_path):
-    settings = stack.private_settings(tmp_path)
     local = {}
-    for svc in (
-        stack.registry_service(settings),
-        stack.worker_service(settings),
-        stack.sink_service(settings),
-        stack.api_service(settings),
-    ):
-        argv = list(svc.command)
-        args = argv[3 : argv.index("--nhdp-data")]
+    for argv, _env in local_services(tmp_path).values():
+        module, args = argv[1], argv[2:]
         # the subcommand, if any (`nhdp.cli api`); the registry's --host/--port come from the env file there
-        local[argv[2]] = args[:1] if args and not args[0].startswith("-") else []
+        local[module] = args[:1] if args and not args[0].startswith("-") else []
     units = {}
     for path in SERVICES:
         module, args = module_of(parse(path)["Service"]["ExecStart"])
