@@ -57,6 +57,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from infra.settings import Settings
+from projections.clickhouse.connect import open_store
 from projections.freshness import HEADER_POSITIONS, reached
 from schemas.api_auth import issue_token
 
@@ -154,6 +155,34 @@ def extra_workers(settings: Settings, workers: int) -> list:
     from nhdp.stack import worker_service
 
     return [worker_service(settings, f"worker{i}") for i in range(2, workers + 1)]
+
+
+# ClickHouse's own counters (system.events) of what its CPU went on: inserted, merged and read rows.
+CLICKHOUSE_WORK = (
+    "InsertQuery",
+    "InsertedRows",
+    "Merge",
+    "MergedRows",
+    "SelectQuery",
+    "SelectedRows",
+    "UserTimeMicroseconds",
+    "SystemTimeMicroseconds",
+)
+
+
+def clickhouse_work(settings: Settings) -> dict[str, int] | None:
+    """The server's counters now; None when the analytics are chDB's (no server) or it does not answer."""
+    if not settings.analytics_url().startswith("clickhouse"):
+        return None
+    try:
+        store = open_store(settings.analytics_url(), password=settings.analytics_password())
+        try:
+            return {name: int(value) for name, value in store.execute("SELECT event, value FROM system.events")}
+        finally:
+            store.close()
+    except Exception as exc:  # a figure of the report, never a reason to fail the run
+        console.print(f"[yellow]ClickHouse's counters unread: {type(exc).__name__}: {exc}[/]")
+        return None
 
 
 def platform_processes(settings: Settings) -> dict[str, int]:
@@ -303,6 +332,8 @@ def throughput(settings: Settings, args, producer: str, watcher: Watcher, events
     meter = CpuMeter(platform_processes(settings), split_children=frozenset({"sink"})).start()
     client_meter = CpuMeter({f"load client {i + 1}": ld.proc.pid for i, ld in enumerate(loads)}).start()
     profilers = profile(settings, profile_to) if profile_to else []
+    ch_before = clickhouse_work(settings)
+    machine_before = psutil.cpu_times()
     t0 = time.perf_counter()
     for ld in loads:
         ld.go()
@@ -336,6 +367,13 @@ def throughput(settings: Settings, args, producer: str, watcher: Watcher, events
                 raise SystemExit(f"not all events reflected after {args.timeout:.0f} s")
             time.sleep(0.25)
     cpu = by_part(meter.stop())
+    machine_cpu = psutil.cpu_times()
+    ch_after = clickhouse_work(settings)
+    ch_work = (
+        {k: ch_after.get(k, 0) - ch_before.get(k, 0) for k in CLICKHOUSE_WORK}
+        if ch_before is not None and ch_after is not None
+        else None
+    )
     clients_cpu = client_meter.stop()
     for proc in profilers:
         proc.send_signal(signal.SIGINT)  # py-spy writes its samples on SIGINT
@@ -365,6 +403,10 @@ def throughput(settings: Settings, args, producer: str, watcher: Watcher, events
         "request_p99_ms": percentile([x for r in results for x in r["latency_ms"]], 0.99),
         "ends": end,
         "timeline": timeline,
+        "clickhouse_work": ch_work,
+        # the hypervisor's share: time this VM's cores were runnable but ran someone else
+        "steal_s": getattr(machine_cpu, "steal", 0.0) - getattr(machine_before, "steal", 0.0),
+        "idle_s": machine_cpu.idle - machine_before.idle,
     }
 
 
@@ -527,6 +569,19 @@ def report(run: dict) -> None:
         lines.append(
             f"of Kafka's CPU, its JVM's JIT compiler: {tp['kafka_jit_s'] / ev * 1e6:.0f} µs an event "
             "(compiling the broker's code, a cost of a young JVM: see --warmup-events)"
+        )
+    if "steal_s" in tp:
+        window = max(tp["summary_s"], tp["analytics_s"]) * (os.cpu_count() or 1)
+        lines.append(
+            f"the machine's cores in that window: {tp['idle_s'] / window:.0%} idle, "
+            f"{tp['steal_s'] / window:.1%} stolen by the hypervisor"
+        )
+    if tp.get("clickhouse_work"):
+        w = tp["clickhouse_work"]
+        lines.append(
+            f"ClickHouse, per event: {w['InsertedRows'] / ev:.1f} rows inserted ({w['InsertQuery']:,} inserts), "
+            f"{w['MergedRows'] / ev:.1f} merged ({w['Merge']:,} merges), {w['SelectedRows'] / ev:.1f} read "
+            f"({w['SelectQuery']:,} selects); its queries' CPU {(w['UserTimeMicroseconds'] + w['SystemTimeMicroseconds']) / ev:.0f} µs"
         )
     if fr:
         lines.append(
