@@ -128,13 +128,45 @@ def dirty_dose_days(store: AnalyticsStore) -> dict[date, list[int]]:
     return out
 
 
+# One recomputation reads the doses of several stale days at once (a lull after a backfill
+# or a replay leaves dozens, most with few doses: one query each was most of the sink's
+# ClickHouse time after such a lull), but at most this many doses unless one day alone has
+# more: uniqExact keeps every id of a group in memory, for each of the 8 groupings.
+DOSES_PER_REFRESH = 200_000
+
+
+_DOSES_PER_DAY_SQL = "SELECT day, count() FROM events WHERE hour IN %(hours)s AND kind = 3 GROUP BY day"
+
+
+def packed(days: Sequence[tuple[date, list[int]]], doses: dict[date, int], budget: int) -> list[list]:
+    """Consecutive runs of `days` whose doses add up to at most `budget` (a day over it alone)."""
+    groups: list[list] = []
+    total = budget + 1
+    for day in days:
+        n = doses.get(day[0], 0)
+        if total + n > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(day)
+        total += n
+    return groups
+
+
 def refresh_doses(store: AnalyticsStore, version: int, limit: int = 31) -> int:
     """Recompute doses_daily for stale local days (at most `limit`, oldest first); returns how many.
     `version` as for refresh_rollups; safe to repeat at any time."""
     todo = sorted(dirty_dose_days(store).items())[:limit]
-    for day, changed in todo:
+    if not todo:
+        return 0
+    every_hour = tuple(_dt(h) for day, _ in todo for h in day_hours(day))
+    doses = {day: int(n) for day, n in store.execute(_DOSES_PER_DAY_SQL, {"hours": every_hour})}
+    for group in packed(todo, doses, DOSES_PER_REFRESH):
+        days = tuple(day for day, _ in group)
         store.execute(
-            REFRESH_DOSES_SQL, {"hours": tuple(_dt(h) for h in day_hours(day)), "days": (day,), "version": version}
+            REFRESH_DOSES_SQL,
+            {"hours": tuple(_dt(h) for day in days for h in day_hours(day)), "days": days, "version": version},
         )
-        store.insert("hour_marks", ["hour", "mark", "version"], [(h, 2, version) for h in changed])
+        store.insert(
+            "hour_marks", ["hour", "mark", "version"], [(h, 2, version) for _, changed in group for h in changed]
+        )
     return len(todo)

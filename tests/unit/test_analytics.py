@@ -8,10 +8,13 @@ tests/stack/test_analytics.py.
 
 from __future__ import annotations
 
+from datetime import date, timedelta
+
 from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
+from projections.clickhouse.rollups import packed
 from projections.clickhouse.schema import NEVER_MS, PEOPLE
 from projections.clickhouse.shaping import Fact, shape, timeline
 from projections.counting import DOSE
@@ -83,3 +86,15 @@ def test_figure_view_is_the_projectors(pair):
     assert fact.flag == (1 if flag else 0) and fact.amount == (amount or 0)
     if kind == DOSE:
         assert (fact.subject, fact.vaccine, fact.dose_number) == (subject, vaccine, number)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=500), max_size=40), st.integers(min_value=1, max_value=600))
+def test_stale_days_are_packed_in_order_within_the_dose_budget(counts, budget):
+    """doses_daily recomputes runs of days together: every day once, in order, and a run over
+    the budget only when it is a single day."""
+    days = [(date(2021, 7, 1) + timedelta(days=i), [i]) for i in range(len(counts))]
+    doses = {day: n for (day, _), n in zip(days, counts)}
+    groups = packed(days, doses, budget)
+    assert [d for g in groups for d in g] == days
+    for g in groups:
+        assert g and (len(g) == 1 or sum(doses[day] for day, _ in g) <= budget)
