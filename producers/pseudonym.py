@@ -23,7 +23,9 @@ class Pseudonymiser:
     def __init__(self, secret: str):
         if not secret:
             raise ValueError("pseudonymisation secret is empty")
-        self._key = secret.encode()
+        # The key's HMAC state, copied for each id: keying it anew for every event (hmac.new)
+        # was two thirds of the pseudonymisation's cost at the gateway.
+        self._keyed = hmac.new(secret.encode(), digestmod=hashlib.sha256)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Pseudonymiser:
@@ -32,7 +34,9 @@ class Pseudonymiser:
     def subject_id(self, citizen_id: str) -> str:
         if not CITIZEN_ID.match(citizen_id):
             raise ValueError("citizen_id must be 9 or 12 digits")
-        return hmac.new(self._key, citizen_id.encode(), hashlib.sha256).hexdigest()
+        h = self._keyed.copy()
+        h.update(citizen_id.encode())
+        return h.hexdigest()
 
 
 def edge_record(validated, pseudonymiser: Pseudonymiser) -> dict:

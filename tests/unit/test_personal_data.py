@@ -7,11 +7,15 @@ real stack in tests/stack/test_personal_data.py.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import subprocess
 import sys
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from infra.settings import LOCAL_DEV_SECRET, ConfigError, Settings
 
@@ -67,3 +71,18 @@ def test_the_pseudonymiser_refuses_an_empty_secret():
 
     with pytest.raises(ValueError, match="secret is empty"):
         Pseudonymiser("")
+
+
+@given(
+    st.text(alphabet="0123456789", min_size=9, max_size=9) | st.text(alphabet="0123456789", min_size=12, max_size=12)
+)
+def test_a_subject_id_is_the_hmac_sha256_of_the_citizen_id_under_the_secret(citizen_id):
+    """The keyed state is copied per id, never updated: every id gets RFC 2104's HMAC, however many came before."""
+    from producers.pseudonym import Pseudonymiser
+
+    pseudonymiser = Pseudonymiser("a secret of this deployment")
+    for _ in range(2):
+        assert (
+            pseudonymiser.subject_id(citizen_id)
+            == hmac.new(b"a secret of this deployment", citizen_id.encode(), hashlib.sha256).hexdigest()
+        )
