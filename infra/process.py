@@ -30,6 +30,13 @@ from pathlib import Path
 
 import psutil
 
+# Python's cyclic collector in the long-running services (the sink, the stream worker, the API)
+# is switched off after start-up, with the start-up heap frozen out of every scan, and run on
+# this schedule instead. Their records are acyclic and freed by reference counts; left to
+# itself, the collector rescanned each batch's records while they lived (a quarter of the
+# worker's CPU, a quarter of the sink's, measured with bench/bench_platform.py).
+COLLECT_EVERY_S = 10.0
+
 
 class ServiceError(RuntimeError):
     """A service failed to start or stop. The message names it, its command and its log."""

@@ -7,6 +7,7 @@ requests share which lane) is here.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import ORJSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from infra.process import COLLECT_EVERY_S
 from infra.settings import Settings
 from producers.gateway import Gateway
 from producers.gateway import router as gateway_router
@@ -93,6 +95,12 @@ class Lanes:
             self.active[lane] -= 1
 
 
+async def _collect_cycles() -> None:
+    while True:
+        await asyncio.sleep(COLLECT_EVERY_S)
+        gc.collect()
+
+
 def create_app(settings: Settings, *, with_gateway: bool = True, analytics: Any = None) -> FastAPI:
     """`analytics`: an Analytics object to answer from instead of the one opened from the
     settings on first use (a test's private API with slow calls)."""
@@ -112,12 +120,20 @@ def create_app(settings: Settings, *, with_gateway: bool = True, analytics: Any 
             app.state.health_records = HealthRecords(app.state.queries)
         # The start-up objects (FastAPI routes, pydantic models, the codec) are
         # permanent: left out of every collection, full collections stop pausing
-        # the answers of everyone waiting.
+        # the answers of everyone waiting. Then the collector runs on a schedule
+        # (infra.process.COLLECT_EVERY_S), not after every 700 allocations: a request's
+        # thousand events outlived the young collections that rescanned them.
         gc.collect()
         gc.freeze()
+        collecting = gc.isenabled()
+        gc.disable()
+        collector = asyncio.create_task(_collect_cycles())
         try:
             yield
         finally:
+            collector.cancel()
+            if collecting:
+                gc.enable()
             if with_gateway:
                 app.state.backlog.close()  # before the queries whose clients it uses
                 app.state.gateway.close()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
-from infra.process import write_atomically
+from infra.process import COLLECT_EVERY_S, write_atomically
 from infra.settings import Settings
 from projections.clickhouse.connect import open_store
 from projections.clickhouse.shaping import Shaped
@@ -51,9 +51,6 @@ ROLLUP_EVERY_S = 15.0  # recompute dirty hours at most this often while busy, an
 # ClickHouse's work per event grow with the size of the current hour. Queries read dirty hours
 # from the raw rows, so how often this runs changes how fast they are, never what they answer.
 LULL_S = 1.0  # no message for this long is a lull
-
-
-COLLECT_EVERY_S = 10.0  # the sink's cyclic garbage collection (Runner.run)
 
 
 class Runner:
