@@ -85,6 +85,7 @@ class CpuMeter:
         # apart because it is a cost of a young JVM, not of the events.
         self.jit_first: dict[tuple[int, int], float] = {}
         self.jit_last: dict[tuple[int, int], float] = {}
+        self.roles: dict[tuple[int, float], str] = {}  # PostgreSQL's processes: what each is for
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -110,6 +111,8 @@ class CpuMeter:
                 self.last[key] = (label, cpu)
                 if label.startswith("kafka"):
                     self._sample_jit(proc, initial)
+                if label == "postgres" and key not in self.roles:
+                    self.roles[key] = postgres_role(proc)
 
     def _sample_jit(self, proc: psutil.Process, initial: bool) -> None:
         try:
@@ -127,6 +130,14 @@ class CpuMeter:
                     self.jit_first[key] = th.user_time + th.system_time
                 self.jit_first.setdefault(key, 0.0)
                 self.jit_last[key] = th.user_time + th.system_time
+
+    def postgres_s(self) -> dict[str, float]:
+        """CPU seconds over the window of PostgreSQL's processes by role (after stop())."""
+        out: dict[str, float] = {}
+        for key, (label, cpu) in self.last.items():
+            if key in self.roles:
+                out[self.roles[key]] = out.get(self.roles[key], 0.0) + cpu - self.first[key]
+        return out
 
     def jit_s(self) -> float:
         """CPU seconds of the JVMs' JIT compilers over the window (after stop())."""
@@ -149,6 +160,20 @@ class CpuMeter:
         for key, (label, cpu) in self.last.items():
             out[label] = out.get(label, 0.0) + cpu - self.first[key]
         return out
+
+
+def postgres_role(proc: psutil.Process) -> str:
+    """What a PostgreSQL process is for, from the title it sets itself ("postgres: autovacuum worker …")."""
+    try:
+        title = " ".join(proc.cmdline())
+    except psutil.Error:
+        return "other"
+    if not title.startswith("postgres: "):
+        return "postmaster"
+    for role in ("autovacuum", "walwriter", "checkpointer", "background writer", "logical replication"):
+        if role in title:
+            return role
+    return "client connections"
 
 
 def extra_workers(settings: Settings, workers: int) -> list:
@@ -400,6 +425,7 @@ def throughput(settings: Settings, args, producer: str, watcher: Watcher, events
         "cpu_s": cpu,
         "clients_cpu_s": sum(clients_cpu.values()),
         "kafka_jit_s": meter.jit_s(),
+        "postgres_s": meter.postgres_s(),
         "backoffs": sum(r.get("backoffs", 0) for r in results),
         "request_p99_ms": percentile([x for r in results for x in r["latency_ms"]], 0.99),
         "ends": end,
@@ -571,6 +597,9 @@ def report(run: dict) -> None:
             f"of Kafka's CPU, its JVM's JIT compiler: {tp['kafka_jit_s'] / ev * 1e6:.0f} µs an event "
             "(compiling the broker's code, a cost of a young JVM: see --warmup-events)"
         )
+    if tp.get("postgres_s"):
+        parts = sorted(tp["postgres_s"].items(), key=lambda kv: -kv[1])
+        lines.append("PostgreSQL, µs an event: " + ", ".join(f"{role} {s / ev * 1e6:.1f}" for role, s in parts))
     if "steal_s" in tp:
         window = max(tp["summary_s"], tp["analytics_s"]) * (os.cpu_count() or 1)
         lines.append(
