@@ -170,6 +170,11 @@ class CpuMeter:
         return out
 
 
+def platform_meter(settings: Settings) -> CpuMeter:
+    """A started CpuMeter of every platform process, the sink's decoders apart."""
+    return CpuMeter(platform_processes(settings), split_children=frozenset({"sink"})).start()
+
+
 def postgres_role(proc: psutil.Process) -> str:
     """What a PostgreSQL process is for, from the title it sets itself ("postgres: autovacuum worker …")."""
     try:
@@ -196,7 +201,7 @@ def settle(settings: Settings, timeout_s: float = 120.0) -> tuple[float, dict[st
     parts. Left running into the next measured window, that work was counted
     against the next run's events or not, depending on a second's timing: the
     largest part of the run-to-run spread of ClickHouse's CPU (11 to 36 µs an event)."""
-    meter = CpuMeter(platform_processes(settings), split_children=frozenset({"sink"})).start()
+    meter = platform_meter(settings)
     t0 = time.perf_counter()
     before, quiet = 0.0, 0
     # Quiet for IDLE_FOR_S in a row: the sink starts its rollups only after a lull of a second.
@@ -387,7 +392,7 @@ def throughput(settings: Settings, args, producer: str, watcher: Watcher, events
     max_load = ("--mode", "max", "--seconds", "3600", "--batch", str(args.batch), "--connections", "1")
     loads = [Load.start(settings, producer, *max_load, "--events", str(per_client)) for _ in range(args.clients)]
     start_ends = watcher.ends()
-    meter = CpuMeter(platform_processes(settings), split_children=frozenset({"sink"})).start()
+    meter = platform_meter(settings)
     client_meter = CpuMeter({f"load client {i + 1}": ld.proc.pid for i, ld in enumerate(loads)}).start()
     profilers = profile(settings, profile_to) if profile_to else []
     ch_before = clickhouse_work(settings)

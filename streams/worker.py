@@ -193,8 +193,10 @@ def create_app(
 
     app.subscribe(events, project, within=BATCH_WITHIN_S)
 
-    @app.task  # the collector's schedule (infra.process.COLLECT_EVERY_S): full collections were
-    async def freeze_startup_heap() -> None:  # a quarter of this process's CPU, rescanning Faust's heap
+    # The collector on a schedule (infra.process.COLLECT_EVERY_S): left to itself, its full
+    # collections rescanned Faust's heap every few batches, a quarter of this process's CPU.
+    @app.task
+    async def freeze_startup_heap() -> None:
         gc.collect()
         gc.freeze()
         gc.disable()
