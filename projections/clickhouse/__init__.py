@@ -91,9 +91,12 @@ than their last change:
 1. the sink marks an hour dirty (hour_marks, its batch's version) *before*
    it writes the batch's rows of that hour, so no row can be in ClickHouse
    without its hour being dirty;
-2. a recompute reads after those writes and marks the hour clean with a
-   later version; the daily rollup of a day is recomputed from its hourly
-   rows in the same round, and used only while none of the day's hours is dirty;
+2. a recompute marks the hours it read clean with the version of the last
+   batch whose writes all returned (Sink.refresh_version), so it may run
+   beside the writes: a batch still being written has a higher version and
+   its hours stay dirty, whatever part of its rows the recompute saw. The
+   daily rollup of a day is recomputed from its hourly rows in the same
+   round, and used only while none of the day's hours is dirty;
 3. a query answers dirty hours from `events` + `points` directly (FINAL).
 
 So a crash, a re-delivery or a lagging recompute makes a query slower, never

@@ -171,6 +171,12 @@ class Sink:
         self._version = int(last or 0)
         (done,) = store.execute("SELECT max(version) FROM sink_batches")[0]
         self._completed = int(done or 0)  # every write of batches up to this version is in ClickHouse
+        (refreshed,) = store.execute(
+            "SELECT greatest(greatest((SELECT max(version) FROM hour_marks WHERE mark > 0), "
+            "(SELECT max(version) FROM figures_hourly)), greatest((SELECT max(version) FROM figures_daily), "
+            "(SELECT max(version) FROM doses_daily)))"
+        )[0]
+        self._refreshed = int(refreshed or 0)  # the version of the latest recompute (refresh_version)
         self._void_targets: set[str] = {
             t for (t,) in store.execute("SELECT DISTINCT UUIDNumToString(target_id) FROM voids")
         }
@@ -479,15 +485,37 @@ class Sink:
         return rows
 
     # -- rollups ---------------------------------------------------------------------------------
-    def refresh_rollups(self, limit: int = 240, doses_every_s: float = DOSES_EVERY_S) -> int:
-        """Recompute dirty figure rollups, and doses_daily if it is due; returns how many hours/days."""
+    def refresh_rollups(
+        self, limit: int = 240, doses_every_s: float = DOSES_EVERY_S, store: AnalyticsStore | None = None
+    ) -> int:
+        """Recompute dirty figure rollups, and doses_daily if it is due; returns how many hours/days.
+
+        May run while a batch is written (`store`: another connection, as for write()): see
+        refresh_version."""
+        store = store or self.store
         self.last_rollup = time.monotonic()
-        self.check_owner()
-        n = refresh_rollups(self.store, self.next_version(), limit=limit)
+        self.check_owner(store)
+        version = self.refresh_version()
+        n = refresh_rollups(store, version, limit=limit)
         if self.last_rollup - self.last_doses >= doses_every_s:
             self.last_doses = self.last_rollup
-            n += refresh_doses(self.store, self.next_version())
+            n += refresh_doses(store, version)
         return n
+
+    def stale(self) -> bool:
+        """A batch was written since the last recompute began."""
+        return self._completed > self._refreshed
+
+    def refresh_version(self) -> int:
+        """The version a recompute marks hours clean with: the last batch whose write returned.
+
+        Every batch at or below it is wholly in ClickHouse, and every batch still being written
+        has a higher one (versions are given in plan() and written in that order), so an hour
+        such a batch touches stays dirty whatever part of its rows the recompute saw. Never
+        lower than an earlier recompute's: a rollup row of a lower version would lose to older
+        ones."""
+        self._refreshed = max(self._refreshed, self._completed)
+        return self._refreshed
 
     def refresh_all(self) -> int:
         total = 0

@@ -16,10 +16,11 @@ Kafka → sink: at least once.
     says exactly when an offset is committed, and pauses the partitions
     (keeps polling, so it stays in the group) while ClickHouse is down.
 
-batching: ≥ 10,000 messages or 1 s after the first message of the batch,
-    whichever comes first (BATCH_ROWS, BATCH_WITHIN_S); when catching up, the
-    messages already fetched join the batch up to 50,000. One INSERT per
-    table per batch.
+batching: ≥ 10,000 messages or 0.4 s after the batch's oldest message
+    reached Kafka (its timestamp, not when a poll returned it), whichever
+    comes first (BATCH_ROWS, BATCH_WITHIN_S); when catching up, the messages
+    already fetched join the batch up to 50,000. One INSERT per table per
+    batch. Each stage hands its batch on within 10 ms of finishing (HANDOFF_S).
 
 decode: the worker's Router (codec + semantic checks) and the projector's own
     `_prepare`, so exactly the events the PostgreSQL projections count reach
@@ -39,6 +40,14 @@ the pipeline: three stages at once, each in log order. The decoders decode
     memory (Sink.plan's `writing`). Writes still go one batch at a time, and
     k+1's offsets are committed after k's, so a crash loses only batches
     that were never committed, which are delivered again.
+
+rollups: recomputed on a third thread with its own connection, beside the
+    writes, every 15 s and after each lull (ROLLUP_EVERY_S, LULL_S). A
+    recompute marks hours clean with the version of the last batch whose
+    write returned (Sink.refresh_version); every batch still being written
+    has a higher version, so the hours it touches stay dirty and are read
+    from the raw rows. On the loop, as before, each recompute held the
+    batches behind it, and under a steady stream it never ran at all.
 
 ClickHouse down: back-pressure. The batch is held, the partitions are
     paused, and the writes are retried with backoff until they succeed;

@@ -15,7 +15,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaException, Producer, TopicPartition
 
 from infra.process import COLLECT_EVERY_S, write_atomically
 from infra.settings import Settings
@@ -37,6 +37,11 @@ BATCH_ROWS = 10_000  # a batch is written once it has this many messages…
 # …or this long after its first one. With decoding and writing after it, this is most of the
 # analytics' freshness at a steady rate (DESIGN §5: p99 within 1 s at 5,000 events/s).
 BATCH_WITHIN_S = 0.4
+
+
+# While a batch is being decoded or written, the loop looks this often whether it is done: each
+# stage's hand-off waited for the next poll, up to three of them per batch before it is committed.
+HANDOFF_S = 0.01
 
 
 MAX_BATCH_ROWS = 50_000  # while catching up, what is already fetched joins the batch, up to this
@@ -92,6 +97,8 @@ class Runner:
         self._decoding: collections.deque = collections.deque()
         self._writing: tuple | None = None  # (future, Planned, offsets to commit, records): the batch in flight
         self._write_store: AnalyticsStore | None = None
+        self._refreshing = None  # the future of the rollups' recompute under way
+        self._refresh_store: AnalyticsStore | None = None
         self._next_collection = 0.0  # run() collects garbage itself (_collect_if_due)
         # The store takes ready-made Native blocks: the decoders encode the rows only they make.
         column_types = getattr(sink.store, "column_types", None)
@@ -150,6 +157,9 @@ class Runner:
         # this thread plans batch k+1, the writer thread writes batch k (mostly ClickHouse's
         # own work, outside the GIL).
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nhdp-sink-write")
+        # The rollups are recomputed beside the writes, on their own connection (Sink.refresh_version
+        # says why that is safe): on this loop they held every batch behind them for up to a second.
+        refresher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nhdp-sink-rollups")
         for _ in range(self.settings.sink_decoders):  # start them now, while the group forms, not with the first batch
             self._decoder_pool().submit(int)
         first_at = None
@@ -163,9 +173,10 @@ class Runner:
         try:
             while not self.stop_event.is_set():
                 self._collect_if_due()
-                wait_s = self.within_s if first_at is None else max(0.0, first_at + self.within_s - time.monotonic())
+                took_at = time.monotonic()
+                wait_s = self.within_s if first_at is None else max(0.0, first_at + self.within_s - took_at)
                 if self._decoding or self._writing is not None:  # move them on soon after they are done
-                    wait_s = min(wait_s, 0.05)
+                    wait_s = min(wait_s, HANDOFF_S)
                 # returns when the batch is full or the wait is over, whichever comes first
                 polled = self._take(consumer, self.batch_rows - len(self._buffer), wait_s)
                 if self.ready_file is not None and not self.ready_file.exists():
@@ -173,7 +184,7 @@ class Runner:
                     # member's session has to expire first); the listener records them when they do.
                     write_atomically(self.ready_file, "[]")
                 if self._buffer and first_at is None:
-                    first_at = time.monotonic()
+                    first_at = self._first_arrived(took_at)
                 full = len(self._buffer) >= self.batch_rows
                 # Catching up: take what is already fetched, while the pipeline is busy anyway (an
                 # idle one gets the first BATCH_ROWS at once: the sooner it fills, the sooner it flows).
@@ -200,23 +211,13 @@ class Runner:
                 # committed as soon as written, not when the next batch is handed to the writer
                 if self._writing is not None and (self._writing[0].done() or (quiet and not self._decoding)):
                     self._finish(consumer)
-                if (
-                    not self._buffer
-                    and not self._decoding
-                    and self._writing is None
-                    and (
-                        time.monotonic() - self.sink.last_rollup > self.rollup_every_s
-                        or (
-                            not polled
-                            and time.monotonic() - last_polled >= LULL_S
-                            and self.sink.last_rollup <= last_polled
-                        )
-                    )
-                ):
-                    self._with_retry(
-                        consumer,
-                        lambda polled=polled: self.sink.refresh_rollups(doses_every_s=DOSES_EVERY_S if polled else 0.0),
-                    )
+                lull = not polled and time.monotonic() - last_polled >= LULL_S
+                self._refresh_if_due(
+                    refresher,
+                    # after the lull's last batch is written: the recompute then leaves nothing dirty
+                    after_lull=lull and not self._buffer and not self._decoding and self._writing is None,
+                    doses_every_s=DOSES_EVERY_S if polled else 0.0,
+                )
             # Stopping: the batch being written is finished and committed; the ones still being
             # decoded were not committed and will be delivered again.
             self._finish(consumer)
@@ -224,6 +225,10 @@ class Runner:
             if collecting:
                 gc.enable()
             writer.shutdown(wait=True)
+            refresher.shutdown(wait=True)
+            if self._refresh_store is not None:
+                self._refresh_store.close()
+                self._refresh_store = None
             if self._decoder is not None:
                 self._decoder.shutdown(wait=True, cancel_futures=True)
                 self._decoder = None
@@ -232,6 +237,43 @@ class Runner:
                 self._write_store.close()
                 self._write_store = None
             consumer.close()
+
+    def _refresh_if_due(self, refresher, *, after_lull: bool, doses_every_s: float) -> None:
+        """Recompute the rollups every ROLLUP_EVERY_S, busy or not, and once after each lull that
+        followed a write; one recompute at a time."""
+        if self._refreshing is not None:
+            if not self._refreshing.done():
+                return
+            future, self._refreshing = self._refreshing, None
+            exc = future.exception()
+            if isinstance(exc, AnalyticsStoreError | OSError) and not is_permanent(exc):
+                # ClickHouse down: the writes hold the batches meanwhile. Answers stay exact (they
+                # read dirty hours from the raw rows), only slower, until the next recompute.
+                log.warning("recomputing the rollups failed (%s); again in %.0f s", exc, self.rollup_every_s)
+                if self._refresh_store is not None:
+                    self._refresh_store.close()
+                    self._refresh_store = None
+            elif exc is not None:  # fenced by a newer sink, or a fault of ours: stop
+                raise exc
+        if (after_lull and self.sink.stale()) or time.monotonic() - self.sink.last_rollup > self.rollup_every_s:
+            self.sink.last_rollup = time.monotonic()
+            self._refreshing = refresher.submit(self._refresh, doses_every_s)
+
+    def _refresh(self, doses_every_s: float) -> int:
+        if self._refresh_store is None:
+            self._refresh_store = open_store(
+                self.sink.store.url, purpose="nhdp sink (rollups thread)", password=self.settings.analytics_password()
+            )
+        return self.sink.refresh_rollups(doses_every_s=doses_every_s, store=self._refresh_store)
+
+    def _first_arrived(self, took_at: float) -> float:
+        """When the buffer's oldest message reached Kafka, on this clock: its timestamp, but not
+        before the take that brought it began (a backlog's old messages start a new batch's
+        window now, and a producer's clock ahead or behind can only shorten a window)."""
+        now = time.monotonic()
+        stamps = [ms for kind, ms in (m.timestamp() for m in self._buffer) if kind != TIMESTAMP_NOT_AVAILABLE]
+        age = time.time() - min(stamps) / 1000 if stamps else 0.0
+        return min(now, max(took_at, now - age))
 
     def _collect_if_due(self) -> None:
         if time.monotonic() >= self._next_collection:

@@ -685,6 +685,65 @@ def test_unknown_province_as_of_is_404_and_as_of_with_plus_offset_is_read(world)
 # -- duplicates: a re-processed batch counts once ---------------------------------------------------------
 
 
+class _RecomputingBeforeTheRows:
+    """The database, but each batch's write lets the rollups be recomputed after its hours are
+    marked dirty and before its rows go in: where the sink's rollups thread, running beside the
+    writer thread, can fall."""
+
+    def __init__(self, store, sink: Sink):
+        self.store, self.sink = store, sink
+
+    def insert(self, table: str, columns, rows):
+        if table == "events":
+            self.sink.refresh_rollups(doses_every_s=0)
+        return self.store.insert(table, columns, rows)
+
+    def __getattr__(self, name: str):
+        return getattr(self.store, name)
+
+
+def test_a_recompute_beside_the_writes_never_marks_an_hour_clean_too_early(world):
+    """Every batch's write is interrupted by a recompute of the rollups and doses_daily between its
+    dirty marks and its rows. The recompute marks hours clean with the last completed batch's
+    version, so the hours of the batch being written stay dirty: the answers, with no recompute
+    after the last write and after one, equal those of writes and recomputes taking turns."""
+    records = _first_records(world.settings, 10**9)
+    good, _ = Router(Codec(RegistryClient.for_settings(world.settings))).split([r.value for r in records])
+    messages = [(records[i].partition, records[i].offset, ev) for i, ev in good]
+    batches = [messages[i : i + 2000] for i in range(0, len(messages), 2000)]
+    answers = {}
+    for name in ("in_turn", "beside"):
+        store = open_store(f"chdb://{world.chdb_store.path}?database={name}", purpose="tests/test_analytics.py")
+        try:
+            store.execute(f"DROP DATABASE IF EXISTS {name}")
+            store.execute(f"CREATE DATABASE {name}")
+            sink = Sink(store)
+            analytics = Analytics(store)
+            if name == "in_turn":
+                for batch in batches:
+                    sink.process(batch)
+                    sink.refresh_rollups(doses_every_s=0)
+            else:
+                beside = _RecomputingBeforeTheRows(store, sink)
+                for batch in batches:
+                    sink.write(sink.plan(shape(batch, sink._regions), len(batch)), beside)
+                answers["beside, before the last recompute"] = _figures(analytics), _doses_by_day(analytics)
+                assert answers["beside, before the last recompute"] == answers["in_turn"]
+                ((hours,),) = store.execute("SELECT uniqExact(hour) FROM hour_marks")
+                assert 0 < len(dirty_hours(store)) < hours  # the recomputes marked hours clean, not the last batch's
+                sink.refresh_rollups(doses_every_s=0)
+            assert not dirty_hours(store) and not dirty_dose_days(store)
+            answers[name] = _figures(analytics), _doses_by_day(analytics)
+        finally:
+            store.close()
+    assert len(batches) >= 3
+    assert answers["beside"] == answers["in_turn"]
+
+
+def _doses_by_day(analytics) -> list:
+    return analytics.doses(group_by="province,day,vaccine,dose_number")
+
+
 def _figures(analytics) -> tuple:
     return analytics.national_summary(), analytics.all_provinces(), analytics.national_summary(as_of=_as_of(T_SNAP))
 
