@@ -11,14 +11,20 @@ from projections.clickhouse.store import AnalyticsStore, chunks
 DIRTY_HOURS_SQL = """
 SELECT hour FROM hour_marks
 GROUP BY hour
-HAVING maxIf(version, mark = 0) > maxIf(version, mark = 1)
+HAVING maxIf(version, mark = 0) > maxIf(version, mark = 1) {through}
 ORDER BY hour
 """
 
+# A recompute at version v leaves an hour changed by a later batch dirty whatever it reads: such an
+# hour (a batch being written beside it) is skipped, and a loop of recomputes always ends.
+_THROUGH = "AND maxIf(version, mark = 0) <= %(through)s"
 
-def dirty_hours(store: AnalyticsStore) -> list[int]:
-    """Hours (epoch seconds) whose data changed after their rollups were last recomputed."""
-    return [int(h.timestamp()) for (h,) in store.execute(DIRTY_HOURS_SQL)]
+
+def dirty_hours(store: AnalyticsStore, through: int | None = None) -> list[int]:
+    """Hours (epoch seconds) whose data changed after their rollups were last recomputed;
+    `through`: only those whose last change a recompute at that version can mark clean."""
+    sql = DIRTY_HOURS_SQL.format(through="" if through is None else _THROUGH)
+    return [int(h.timestamp()) for (h,) in store.execute(sql, None if through is None else {"through": through})]
 
 
 # The rows of one hour, in the one shape every figure query sums. Voids and
@@ -72,7 +78,7 @@ def refresh_rollups(store: AnalyticsStore, version: int, hours: Sequence[int] | 
     `version` must be greater than every version used to mark data dirty so
     far (the sink's batch counter). Safe to run at any time, any number of times.
     """
-    todo = sorted(dirty_hours(store) if hours is None else hours)[:limit]
+    todo = sorted(dirty_hours(store, through=version) if hours is None else hours)[:limit]
     if not todo:
         return 0
     for part in chunks(todo, 200):
@@ -114,15 +120,16 @@ GROUP BY d, g, gp, gv, gn
 DIRTY_DOSE_HOURS_SQL = """
 SELECT hour FROM hour_marks
 GROUP BY hour
-HAVING maxIf(version, mark = 0) > maxIf(version, mark = 2)
+HAVING maxIf(version, mark = 0) > maxIf(version, mark = 2) {through}
 ORDER BY hour
 """
 
 
-def dirty_dose_days(store: AnalyticsStore) -> dict[date, list[int]]:
-    """Local days whose doses_daily rows are stale, with their changed hours."""
+def dirty_dose_days(store: AnalyticsStore, through: int | None = None) -> dict[date, list[int]]:
+    """Local days whose doses_daily rows are stale, with their changed hours (`through` as for dirty_hours)."""
     out: dict[date, list[int]] = {}
-    for (h,) in store.execute(DIRTY_DOSE_HOURS_SQL):
+    sql = DIRTY_DOSE_HOURS_SQL.format(through="" if through is None else _THROUGH)
+    for (h,) in store.execute(sql, None if through is None else {"through": through}):
         hour = int(h.timestamp())
         out.setdefault(local_day(hour), []).append(hour)
     return out
@@ -155,7 +162,7 @@ def packed(days: Sequence[tuple[date, list[int]]], doses: dict[date, int], budge
 def refresh_doses(store: AnalyticsStore, version: int, limit: int = 31) -> int:
     """Recompute doses_daily for stale local days (at most `limit`, oldest first); returns how many.
     `version` as for refresh_rollups; safe to repeat at any time."""
-    todo = sorted(dirty_dose_days(store).items())[:limit]
+    todo = sorted(dirty_dose_days(store, through=version).items())[:limit]
     if not todo:
         return 0
     every_hour = tuple(_dt(h) for day, _ in todo for h in day_hours(day))
