@@ -94,7 +94,8 @@ than their last change:
 2. a recompute marks the hours it read clean with the version of the last
    batch whose writes all returned (Sink.refresh_version), so it may run
    beside the writes: a batch still being written has a higher version and
-   its hours stay dirty, whatever part of its rows the recompute saw. The
+   its hours stay dirty, whatever part of its rows the recompute saw (so it
+   skips them: dirty_hours(through=version)). The
    daily rollup of a day is recomputed from its hourly rows in the same
    round, and used only while none of the day's hours is dirty;
 3. a query answers dirty hours from `events` + `points` directly (FINAL).

@@ -75,8 +75,8 @@ GROUP BY bucket, province_code, kind, vaccine, dose_number
 def refresh_rollups(store: AnalyticsStore, version: int, hours: Sequence[int] | None = None, limit: int = 240) -> int:
     """Recompute the rollups of dirty hours (at most `limit`, oldest first); returns how many.
 
-    `version` must be greater than every version used to mark data dirty so
-    far (the sink's batch counter). Safe to run at any time, any number of times.
+    `version`: every batch at or below it is wholly written (Sink.refresh_version); an hour
+    changed by a later one is left dirty. Safe to run at any time, any number of times.
     """
     todo = sorted(dirty_hours(store, through=version) if hours is None else hours)[:limit]
     if not todo:
