@@ -256,7 +256,6 @@ class Runner:
             elif exc is not None:  # fenced by a newer sink, or a fault of ours: stop
                 raise exc
         if (after_lull and self.sink.stale()) or time.monotonic() - self.sink.last_rollup > self.rollup_every_s:
-            self.sink.last_rollup = time.monotonic()
             self._refreshing = refresher.submit(self._refresh, doses_every_s)
 
     def _refresh(self, doses_every_s: float) -> int:

@@ -707,16 +707,11 @@ def test_a_recompute_beside_the_writes_never_marks_an_hour_clean_too_early(world
     dirty marks and its rows. The recompute marks hours clean with the last completed batch's
     version, so the hours of the batch being written stay dirty: the answers, with no recompute
     after the last write and after one, equal those of writes and recomputes taking turns."""
-    records = _first_records(world.settings, 10**9)
-    good, _ = Router(Codec(RegistryClient.for_settings(world.settings))).split([r.value for r in records])
-    messages = [(records[i].partition, records[i].offset, ev) for i, ev in good]
-    batches = [messages[i : i + 2000] for i in range(0, len(messages), 2000)]
+    batches = _whole_log_in_batches(world.settings, 2000)
     answers = {}
     for name in ("in_turn", "beside"):
-        store = open_store(f"chdb://{world.chdb_store.path}?database={name}", purpose="tests/test_analytics.py")
+        store = _empty_chdb_database(world, name)
         try:
-            store.execute(f"DROP DATABASE IF EXISTS {name}")
-            store.execute(f"CREATE DATABASE {name}")
             sink = Sink(store)
             analytics = Analytics(store)
             if name == "in_turn":
@@ -744,6 +739,26 @@ def test_a_recompute_beside_the_writes_never_marks_an_hour_clean_too_early(world
             store.close()
     assert len(batches) >= 3
     assert answers["beside"] == answers["in_turn"]
+
+
+def _whole_log_in_batches(settings: Settings, size: int) -> list[list]:
+    """Every valid event of the log as the sink decodes it, (partition, offset, event), in batches of `size`."""
+    records = _first_records(settings, 10**9)
+    good, _ = Router(Codec(RegistryClient.for_settings(settings))).split([r.value for r in records])
+    messages = [(records[i].partition, records[i].offset, ev) for i, ev in good]
+    return [messages[i : i + size] for i in range(0, len(messages), size)]
+
+
+def _empty_chdb_database(world, name: str):
+    """A store on a new, empty database `name` in the world's chDB folder."""
+    store = open_store(f"chdb://{world.chdb_store.path}?database={name}", purpose="tests/test_analytics.py")
+    try:
+        store.execute(f"DROP DATABASE IF EXISTS {name}")
+        store.execute(f"CREATE DATABASE {name}")
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 def _doses_by_day(analytics) -> list:
@@ -1004,16 +1019,11 @@ def test_planning_while_the_batch_before_is_written_gives_the_same_figures(world
     """The Runner plans batch k+1 before batch k's write has returned, taking k's rows from memory.
     Over the whole log in small batches (so voids, their targets and people's later doses fall in
     consecutive batches), that gives exactly what planning after each write gives."""
-    records = _first_records(world.settings, 10**9)
-    good, _ = Router(Codec(RegistryClient.for_settings(world.settings))).split([r.value for r in records])
-    messages = [(records[i].partition, records[i].offset, ev) for i, ev in good]
-    batches = [messages[i : i + 300] for i in range(0, len(messages), 300)]
+    batches = _whole_log_in_batches(world.settings, 300)
     figures = []
     for name in ("after_each_write", "overlapped"):
-        store = open_store(f"chdb://{world.chdb_store.path}?database={name}", purpose="tests/test_analytics.py")
+        store = _empty_chdb_database(world, name)
         try:
-            store.execute(f"DROP DATABASE IF EXISTS {name}")
-            store.execute(f"CREATE DATABASE {name}")
             sink = Sink(store)
             if name == "after_each_write":
                 for batch in batches:
